@@ -1,0 +1,429 @@
+"""LLaMA in Flax linen, with the decoder stack under `nn.scan` emitting every layer's output.
+
+SoFT needs the hidden state after each layer (exit n reads `hidden[n - 1]`), so the scan returns
+them as its stacked output `[L, B, T, D]`: the same tensors the backward pass keeps anyway.
+Weights sit on a leading `layers` axis, so the sub-model of depth k is the same params sliced
+`[:k]` run by a scan of length k (see `slice_layers`), costing k layers of compute.
+
+Layouts follow Hugging Face so its weights load with transposes only: rotate-half rotary,
+q/k/v kernels `[embed, heads, head_dim]`, o_proj `[heads, head_dim, embed]`.
+
+A KV cache is threaded through the scan as a per-layer input/output (`KVCache`), so decoding
+reuses this exact code: no second model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from sorted_jax.config import LlamaConfig, rope_inv_freq
+
+Array = jax.Array
+Dtype = Any
+
+# Logical axis names of activations. Parameters use `embed`, `mlp`, `heads`, `kv_heads`,
+# `head_dim`, `vocab`, `layers`; activations get their own names so the rules table can shard
+# a weight's embed axis over `fsdp` without also sharding the residual stream's features.
+BATCH, LENGTH = "batch", "length"
+ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
+    "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def remat_policies() -> dict[str, Callable[..., bool] | None]:
+    """Named rematerialisation policies for the scanned layer (`none` = no remat at all)."""
+    cp = jax.checkpoint_policies
+    return {
+        "full": cp.nothing_saveable,
+        "nothing_saveable": cp.nothing_saveable,
+        "dots_saveable": cp.dots_saveable,
+        "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
+        # Keep the projections' outputs, recompute the cheap elementwise work and attention.
+        "save_qkv_proj": cp.save_only_these_names("query_proj", "key_proj", "value_proj"),
+        "save_out_proj": cp.save_only_these_names("attention_out", "mlp_out"),
+        "save_qkv_and_out_proj": cp.save_only_these_names(
+            "query_proj", "key_proj", "value_proj", "attention_out", "mlp_out"),
+    }
+
+
+REMAT_POLICY_NAMES = ("none", *remat_policies().keys())
+
+
+def resolve_attention_impl(impl: str, dtype: Dtype) -> str:
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    return impl
+
+
+def _init(std: float, names: tuple[str, ...]) -> Callable[..., Array]:
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer for `S` slots, plus each slot's token position per row.
+
+    `positions[b, s]` is the position id of the token stored in slot s of row b, or -1 when the
+    slot holds padding or nothing. `index` is the next slot to write; all rows write the same
+    slots, rows of different lengths differ only in their positions. Rolling back (speculative
+    decoding) is setting `index` back: slots at or past `index` are never attended.
+    """
+
+    k: Array  # [L, B, S, K, Dh]
+    v: Array  # [L, B, S, K, Dh]
+    positions: Array  # [B, S] int32
+    index: Array  # [] int32
+
+    @classmethod
+    def init(cls, config: LlamaConfig, batch: int, max_len: int,
+             dtype: Dtype = jnp.bfloat16) -> KVCache:
+        shape = (config.num_hidden_layers, batch, max_len, config.kv_heads, config.dim_per_head)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   positions=jnp.full((batch, max_len), -1, jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def layers(self, start: int, stop: int) -> KVCache:
+        return self.replace(k=self.k[start:stop], v=self.v[start:stop])
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (as HF does), scaled in the compute dtype."""
+
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        return rms_norm(x, scale, self.eps, self.dtype)
+
+
+def rms_norm(x: Array, scale: Array, eps: float, dtype: Dtype) -> Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(dtype) * normed.astype(dtype)
+
+
+def rotary_cos_sin(positions: Array, config: LlamaConfig) -> tuple[Array, Array]:
+    """cos/sin tables `[B, T, head_dim]` in fp32 for HF's rotate-half layout."""
+    inv_freq = jnp.asarray(np.asarray(rope_inv_freq(config), np.float32))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """x `[B, T, H, Dh]`; rotates (x1, x2) halves as HF's `rotate_half` does."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+@flax.struct.dataclass
+class AttentionInputs:
+    """What every layer's attention shares: computed once, broadcast through the scan."""
+
+    cos: Array
+    sin: Array
+    mask: Array | None  # [B, 1, T, S] bool, or None for the causal + lengths fast path
+    kv_lengths: Array | None  # [B] int32 (fast path only)
+    cache_index: Array | None  # [] int32 when decoding with a cache
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: Array, inputs: AttentionInputs,
+                 cache: tuple[Array, Array] | None) -> tuple[Array, tuple[Array, Array] | None]:
+        cfg = self.config
+        n, k, dh = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
+        std = 0.02
+
+        def proj(name: str, heads: int, head_axis: str) -> nn.DenseGeneral:
+            return nn.DenseGeneral((heads, dh), use_bias=False, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name=name,
+                                   kernel_init=_init(std, ("embed", head_axis, "head_dim")))
+
+        q = proj("q_proj", n, "heads")(x)
+        kk = proj("k_proj", k, "kv_heads")(x)
+        v = proj("v_proj", k, "kv_heads")(x)
+        q = nn.with_logical_constraint(q, (BATCH, LENGTH, ACT_HEADS, "head_dim"))
+        kk = nn.with_logical_constraint(kk, (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
+        v = nn.with_logical_constraint(v, (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
+        q = checkpoint_name(apply_rotary(q, inputs.cos, inputs.sin), "query_proj")
+        kk = checkpoint_name(apply_rotary(kk, inputs.cos, inputs.sin), "key_proj")
+        v = checkpoint_name(v, "value_proj")
+
+        new_cache = None
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache = jax.lax.dynamic_update_slice_in_dim(
+                k_cache, kk.astype(k_cache.dtype), inputs.cache_index, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(
+                v_cache, v.astype(v_cache.dtype), inputs.cache_index, axis=1)
+            new_cache = (k_cache, v_cache)
+            kk, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
+
+        if inputs.mask is None:
+            out = jax.nn.dot_product_attention(
+                q, kk, v, is_causal=True, key_value_seq_lengths=inputs.kv_lengths,
+                implementation=self.implementation)
+        else:
+            out = jax.nn.dot_product_attention(q, kk, v, mask=inputs.mask,
+                                               implementation=self.implementation)
+        out = nn.with_logical_constraint(out, (BATCH, LENGTH, ACT_HEADS, "head_dim"))
+        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="o_proj",
+                              kernel_init=_init(std, ("heads", "head_dim", "embed")))(out)
+        return checkpoint_name(out, "attention_out"), new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: LlamaConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+
+        def dense(name: str, features: int, names: tuple[str, str]) -> nn.Dense:
+            return nn.Dense(features, use_bias=False, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=name,
+                            kernel_init=_init(0.02, names))
+
+        gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, (BATCH, LENGTH, ACT_MLP))
+        out = dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h)
+        return checkpoint_name(out, "mlp_out")
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm LLaMA block, written as a scan body: (h, cache_slice) -> (h, (h, cache))."""
+
+    config: LlamaConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, h: Array, cache: tuple[Array, Array] | None, inputs: AttentionInputs):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.with_logical_constraint(h, (BATCH, LENGTH, ACT_EMBED))
+        attn_out, cache = Attention(cfg, implementation=self.attention_impl, name="self_attn",
+                                    **kw)(RMSNorm(cfg.rms_norm_eps, name="input_layernorm",
+                                                  **kw)(h), inputs, cache)
+        h = h + attn_out
+        mlp_out = MLP(cfg, name="mlp", **kw)(
+            RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(h))
+        h = nn.with_logical_constraint(h + mlp_out, (BATCH, LENGTH, ACT_EMBED))
+        return h, (h, cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    hidden: Array  # [L, B, T, D]: the hidden state after every layer (not normed)
+    cache: KVCache | None
+
+
+class Llama(nn.Module):
+    """LLaMA decoder; `__call__` returns every layer's hidden state, `head` makes logits.
+
+    Exit n's logits are `head(out.hidden[n - 1])`; the full model's are exit L's.
+    """
+
+    config: LlamaConfig
+    dtype: Dtype = jnp.float32  # compute dtype
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    remat_policy: str = "none"
+    scan_unroll: int = 1
+
+    def setup(self) -> None:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, name="embed_tokens",
+            embedding_init=_init(0.02, ("vocab", "embed")), **kw)
+        if self.remat_policy not in REMAT_POLICY_NAMES:
+            raise ValueError(f"unknown remat policy {self.remat_policy!r}; "
+                             f"known: {', '.join(REMAT_POLICY_NAMES)}")
+        block: Any = DecoderLayer
+        if self.remat_policy != "none":
+            block = nn.remat(DecoderLayer, policy=remat_policies()[self.remat_policy],
+                             prevent_cse=False)
+        stack = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast), length=cfg.num_hidden_layers, unroll=self.scan_unroll,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        self.layers = stack(cfg, attention_impl=resolve_attention_impl(
+            self.attention_impl, self.dtype), name="layers", **kw)
+        self.norm = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head",
+                                    kernel_init=_init(0.02, ("embed", "vocab")), **kw)
+
+    def __call__(self, input_ids: Array, positions: Array | None = None,
+                 attention_mask: Array | None = None, segment_ids: Array | None = None,
+                 cache: KVCache | None = None) -> ModelOutput:
+        h = self.embed(input_ids)
+        return self.run_layers(h, positions, attention_mask, segment_ids, cache)
+
+    def embed(self, input_ids: Array) -> Array:
+        h = self.embed_tokens(input_ids.astype(jnp.int32)).astype(self.dtype)
+        return nn.with_logical_constraint(h, (BATCH, LENGTH, ACT_EMBED))
+
+    def run_layers(self, h: Array, positions: Array | None = None,
+                   attention_mask: Array | None = None, segment_ids: Array | None = None,
+                   cache: KVCache | None = None) -> ModelOutput:
+        """The decoder stack alone, from an input hidden state `[B, T, D]`.
+
+        positions: `[B, T]` position ids (default `arange(T)`); attention_mask: `[B, T]`, true
+        for real tokens; segment_ids: `[B, T]` for packed rows (tokens attend within their
+        segment). Without a cache, mask and segments absent, attention is plain causal with
+        right padding given by the mask's row sums (the path cuDNN runs fastest).
+        """
+        inputs = self._attention_inputs(h, positions, attention_mask, segment_ids, cache)
+        layer_cache = None if cache is None else (cache.k, cache.v)
+        _, (hidden, new_kv) = self.layers(h, layer_cache, inputs)
+        hidden = nn.with_logical_constraint(hidden, ("layers", BATCH, LENGTH, ACT_EMBED))
+        new_cache = None
+        if cache is not None:
+            t = h.shape[1]
+            valid = jnp.ones(h.shape[:2], bool) if attention_mask is None else attention_mask
+            pos = jnp.where(valid.astype(bool), self._positions(h, positions), -1)
+            new_cache = KVCache(
+                k=new_kv[0], v=new_kv[1],
+                positions=jax.lax.dynamic_update_slice_in_dim(
+                    cache.positions, pos.astype(jnp.int32), cache.index, axis=1),
+                index=cache.index + t)
+        return ModelOutput(hidden=hidden, cache=new_cache)
+
+    def head(self, h: Array) -> Array:
+        """Final RMSNorm + lm_head (or the tied embedding): logits in the compute dtype."""
+        x = self.norm(h)
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        return nn.with_logical_constraint(logits, (*([None] * (x.ndim - 3)), BATCH, LENGTH,
+                                                   ACT_VOCAB))
+
+    # -- helpers -----------------------------------------------------------------------------
+    @staticmethod
+    def _positions(h: Array, positions: Array | None) -> Array:
+        if positions is not None:
+            return positions.astype(jnp.int32)
+        b, t = h.shape[:2]
+        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+    def _attention_inputs(self, h: Array, positions: Array | None, attention_mask: Array | None,
+                          segment_ids: Array | None, cache: KVCache | None) -> AttentionInputs:
+        b, t = h.shape[:2]
+        pos = self._positions(h, positions)
+        cos, sin = rotary_cos_sin(pos, self.config)
+        if cache is None and segment_ids is None and positions is None:
+            lengths = None
+            if attention_mask is not None:
+                lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
+            return AttentionInputs(cos, sin, None, lengths, None)
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if cache is None:
+            k_pos = jnp.where(valid, pos, -1)
+            slot_ok = jnp.ones((b, t), bool)
+            index = None
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+            index = cache.index
+            k_pos = jax.lax.dynamic_update_slice_in_dim(
+                cache.positions, jnp.where(valid, pos, -1), index, axis=1)
+            slot_ok = jnp.broadcast_to(jnp.arange(cache.max_len) < index + t,
+                                       (b, cache.max_len))
+        mask = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= pos[:, :, None])
+        mask &= slot_ok[:, None, :]
+        if segment_ids is not None:
+            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        return AttentionInputs(cos, sin, mask[:, None], None, index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional helpers
+
+
+def make_model(config: LlamaConfig, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, attention_impl: str = "xla",
+               remat_policy: str = "none", scan_unroll: int = 1) -> Llama:
+    return Llama(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                 remat_policy=remat_policy, scan_unroll=scan_unroll)
+
+
+def init_params(model: Llama, rng: Array, seq_len: int = 8) -> dict:
+    """Random params (unboxed from their logical-axis metadata)."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return nn.unbox(model.init(rng, ids)["params"])
+
+
+def abstract_params(model: Llama, seq_len: int = 8) -> dict:
+    """Shapes/dtypes of params with their logical-axis metadata, without allocating."""
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    return jax.eval_shape(lambda i: model.init(jax.random.PRNGKey(0), i), ids)["params"]
+
+
+def logical_axes(model: Llama) -> dict:
+    """The logical axis names of every parameter, as a tree of `PartitionSpec`s."""
+    return nn.get_partition_spec(abstract_params(model))
+
+
+def slice_layers(params: dict, start: int, stop: int) -> dict:
+    """Params whose `layers` stack holds only layers [start, stop) (same embed/norm/head)."""
+    out = dict(params)
+    out["layers"] = jax.tree.map(lambda x: x[start:stop], params["layers"])
+    return out
+
+
+def head_weights(params: dict, config: LlamaConfig) -> tuple[Array, Array]:
+    """(final-norm scale `[D]`, head kernel `[D, V]`): what the chunked SoFT loss needs."""
+    if config.tie_word_embeddings:
+        return params["norm"]["scale"], params["embed_tokens"]["embedding"].T
+    return params["norm"]["scale"], params["lm_head"]["kernel"]

@@ -1,0 +1,69 @@
+"""Data for SoFT: prompt templates, record sources, tokenizers, deterministic batching.
+
+Importing this package is light (numpy only); sentencepiece, transformers and
+tensorflow-datasets are imported when a loader needs them.
+"""
+
+from sorted_jax.data.builtin import builtin_records
+from sorted_jax.data.pipeline import (
+    BATCH_KEYS,
+    DataIterator,
+    EvalIterator,
+    TokenizedDataset,
+    choose_bucket,
+    collate,
+    default_buckets,
+    encode_prompt_response,
+    epoch_permutation,
+    steps_per_epoch,
+    tokenize_example,
+    tokenize_records,
+)
+from sorted_jax.data.sources import (
+    DataError,
+    Record,
+    holdout_split,
+    load_records,
+    read_json_records,
+    read_tfds_records,
+)
+from sorted_jax.data.templates import TEMPLATES, format_example, format_prompt
+from sorted_jax.data.tokenizers import (
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    save_tokenizer_files,
+)
+
+__all__ = [
+    "BATCH_KEYS",
+    "TEMPLATES",
+    "ByteTokenizer",
+    "DataError",
+    "DataIterator",
+    "EvalIterator",
+    "HFTokenizer",
+    "Record",
+    "SentencePieceTokenizer",
+    "TokenizedDataset",
+    "Tokenizer",
+    "builtin_records",
+    "choose_bucket",
+    "collate",
+    "default_buckets",
+    "encode_prompt_response",
+    "epoch_permutation",
+    "format_example",
+    "format_prompt",
+    "holdout_split",
+    "load_records",
+    "load_tokenizer",
+    "read_json_records",
+    "read_tfds_records",
+    "save_tokenizer_files",
+    "steps_per_epoch",
+    "tokenize_example",
+    "tokenize_records",
+]

@@ -1,0 +1,218 @@
+"""Tokenizers behind one small protocol, loaded from a spec string.
+
+Specs accepted by :func:`load_tokenizer`:
+
+* ``"builtin"`` -- a byte-level tokenizer that needs no file (the default tiny job);
+* a path to a SentencePiece ``.model`` file (e.g. LLaMA-2's ``tokenizer.model``);
+* a directory: a model dir written by :func:`save_tokenizer_files` for ``builtin``, or a
+  Hugging Face tokenizer dir (``tokenizer.model`` and/or ``tokenizer.json``) loaded with
+  ``transformers.AutoTokenizer``.
+
+``encode`` never adds BOS/EOS: the pipeline adds them itself, because transformers 5.x adds BOS on
+some loading paths and not on others. Text is always encoded as plain text: a literal ``"</s>"``
+in the data is *not* turned into the EOS id.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+BUILTIN_MARKER = "sorted_jax_tokenizer.json"
+# Files of a Hugging Face tokenizer dir that are copied into an exported model dir.
+HF_TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data pipeline, generation and evaluation need from a tokenizer."""
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int:
+        """Id written into padding slots; always masked out, so any valid id works."""
+        ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS."""
+        ...
+
+    def decode(self, ids: Any) -> str:
+        """Text of ``ids``; special ids (pad/BOS/EOS) are skipped."""
+        ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: pad=0, bos=1, eos=2, byte b -> 3 + b.
+
+    Needs no file, so the default job runs anywhere. Ids 259..263 are reserved (never produced)
+    so that the vocabulary (264) divides by 8 and shards evenly on a ``vocab`` mesh axis.
+    """
+
+    PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
+    VOCAB_SIZE = 264
+
+    bos_id = BOS
+    eos_id = EOS
+    pad_id = PAD
+    vocab_size = VOCAB_SIZE
+    spec = "builtin"
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.OFFSET for b in text.encode("utf-8")]
+
+    def decode(self, ids: Any) -> str:
+        data = bytes(int(i) - self.OFFSET for i in ids if self.OFFSET <= int(i) < self.OFFSET + 256)
+        return data.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece ``.model`` file read with the ``sentencepiece`` package."""
+
+    def __init__(self, model_file: str | Path):
+        import sentencepiece as spm
+
+        self.model_file = Path(model_file)
+        self.spec = str(model_file)
+        self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.bos_id = int(self._sp.bos_id())
+        self.eos_id = int(self._sp.eos_id())
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{model_file}: SentencePiece model has no BOS/EOS piece")
+        pad = int(self._sp.pad_id())
+        # LLaMA models have no pad piece (pad_id = -1); padded slots are masked, so use unk/0.
+        self.pad_id = pad if pad >= 0 else max(int(self._sp.unk_id()), 0)
+        self.vocab_size = int(self._sp.vocab_size())
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text, out_type=int))
+
+    def decode(self, ids: Any) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({str(self.model_file)!r})"
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer dir loaded offline with ``AutoTokenizer``.
+
+    BOS/EOS are never added by transformers here (``add_special_tokens=False``) and special-token
+    strings in the text are split like ordinary text, so ids equal SentencePiece's own encoding.
+    """
+
+    def __init__(self, directory: str | Path):
+        from transformers import AutoTokenizer  # lazy: heavy import
+
+        self.directory = Path(directory)
+        self.spec = str(directory)
+        self._tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        bos, eos = self._tok.bos_token_id, self._tok.eos_token_id
+        if bos is None or eos is None:
+            raise ValueError(f"{directory}: tokenizer has no BOS/EOS token (bos={bos}, eos={eos})")
+        self.bos_id, self.eos_id = int(bos), int(eos)
+        pad = self._tok.pad_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+        self.vocab_size = len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def decode(self, ids: Any) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.directory)!r})"
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """Load a tokenizer from ``"builtin"``, a ``.model`` file, or a tokenizer/model dir."""
+    if str(spec) == "builtin":
+        return ByteTokenizer()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer {str(spec)!r} not found: expected 'builtin', a SentencePiece .model file, "
+            "or a directory with tokenizer.model / tokenizer.json"
+        )
+    if path.is_file():
+        return SentencePieceTokenizer(path)
+    if (path / BUILTIN_MARKER).is_file():
+        marker = json.loads((path / BUILTIN_MARKER).read_text())
+        if marker.get("type") != "builtin_bytes":
+            raise ValueError(f"{path / BUILTIN_MARKER}: unknown tokenizer type {marker!r}")
+        return ByteTokenizer()
+    if any((path / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        return HFTokenizer(path)
+    raise FileNotFoundError(
+        f"tokenizer dir {str(path)!r} has no {BUILTIN_MARKER}, tokenizer.model or tokenizer.json"
+    )
+
+
+def save_tokenizer_files(tokenizer_spec: str | Path, out_dir: str | Path) -> list[Path]:
+    """Copy the tokenizer named by ``tokenizer_spec`` into ``out_dir`` (a model dir).
+
+    ``load_tokenizer(out_dir)`` then gives the same ids. For a ``.model`` file this writes
+    ``tokenizer.model`` plus a ``tokenizer_config.json`` that makes HF ``AutoTokenizer`` add BOS
+    by default with ids equal to SentencePiece's. ``builtin`` writes a small JSON marker.
+    Returns the written paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if str(tokenizer_spec) == "builtin":
+        marker = out / BUILTIN_MARKER
+        marker.write_text(
+            json.dumps({"type": "builtin_bytes", "vocab_size": ByteTokenizer.VOCAB_SIZE}) + "\n"
+        )
+        return [marker]
+    src = Path(tokenizer_spec).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"tokenizer {str(tokenizer_spec)!r} not found")
+    if src.is_file():
+        sp = SentencePieceTokenizer(src)
+        model = out / "tokenizer.model"
+        shutil.copyfile(src, model)
+        config = {
+            # No tokenizer_class: transformers 5.x then builds its generic fast tokenizer,
+            # whose ids match SentencePiece (its LlamaTokenizer class differs on whitespace).
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": sp.piece(sp.bos_id),
+            "eos_token": sp.piece(sp.eos_id),
+            "unk_token": sp.piece(max(int(sp._sp.unk_id()), 0)),
+        }
+        cfg = out / "tokenizer_config.json"
+        cfg.write_text(json.dumps(config, indent=2) + "\n")
+        return [model, cfg]
+    if (src / BUILTIN_MARKER).is_file():
+        return save_tokenizer_files("builtin", out)
+    written = []
+    for name in HF_TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+            written.append(out / name)
+    if not written:
+        raise FileNotFoundError(f"tokenizer dir {str(src)!r} has no tokenizer files to copy")
+    return written

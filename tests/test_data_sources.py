@@ -172,6 +172,7 @@ def test_tfds_array_record_roundtrip(tmp_path):
 
     class TinyQa(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
+        pkg_dir_path = tmp_path  # a test module is not a package TFDS can read metadata from
 
         def _info(self):
             return self.dataset_info_from_configs(
@@ -192,3 +193,19 @@ def test_tfds_array_record_roundtrip(tmp_path):
     )
     got = sorted((r["instruction"], r["output"]) for r in records)
     assert got == sorted((r["q"], r["a"]) for r in rows)
+
+
+def test_alpaca_tfds_builder_from_manual_dir(tmp_path):
+    """The Stanford Alpaca builder prepares offline from a manually placed alpaca_data.json."""
+    pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("array_record")
+    from sorted_jax.data.alpaca_tfds import ALPACA_FILE, prepare_alpaca
+
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    src = _asset("alpaca_en_demo.json")
+    (manual / ALPACA_FILE).write_bytes(src.read_bytes())
+    prepare_alpaca(str(tmp_path / "data"), manual_dir=str(manual))
+    records = load_records("tfds:stanford_alpaca", "train", data_dir=str(tmp_path / "data"))
+    key = lambda r: (r["instruction"], r["input"], r["output"])
+    assert sorted(map(key, records)) == sorted(map(key, read_json_records(src)))

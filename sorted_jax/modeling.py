@@ -349,6 +349,10 @@ class Llama(nn.Module):
         return nn.with_logical_constraint(logits, (*([None] * (x.ndim - 3)), BATCH, LENGTH,
                                                    ACT_VOCAB))
 
+    def touch_all(self, input_ids: Array) -> Array:
+        """Runs every sub-module once (stack and head): what `init` needs to create all params."""
+        return self.head(self(input_ids).hidden[-1])
+
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod
     def _positions(h: Array, positions: Array | None) -> Array:
@@ -401,13 +405,14 @@ def make_model(config: LlamaConfig, *, dtype: Dtype = jnp.float32,
 def init_params(model: Llama, rng: Array, seq_len: int = 8) -> dict:
     """Random params (unboxed from their logical-axis metadata)."""
     ids = jnp.zeros((1, seq_len), jnp.int32)
-    return nn.unbox(model.init(rng, ids)["params"])
+    return nn.unbox(model.init(rng, ids, method=Llama.touch_all)["params"])
 
 
 def abstract_params(model: Llama, seq_len: int = 8) -> dict:
     """Shapes/dtypes of params with their logical-axis metadata, without allocating."""
     ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    return jax.eval_shape(lambda i: model.init(jax.random.PRNGKey(0), i), ids)["params"]
+    return jax.eval_shape(
+        lambda i: model.init(jax.random.PRNGKey(0), i, method=Llama.touch_all), ids)["params"]
 
 
 def logical_axes(model: Llama) -> dict:

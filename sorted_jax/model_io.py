@@ -1,0 +1,412 @@
+"""The "model dir": how converted, trained and exported weights sit on disk.
+
+A model dir is what `python -m sorted_jax.convert hf-to-orbax` writes, what training reads with
+`init_from` and what generation loads:
+
+    MODEL_DIR/config.json        our `LlamaConfig` as an HF config.json (`LlamaConfig.to_json_file`)
+    MODEL_DIR/params/            an Orbax PyTree checkpoint of the params tree (numpy leaves,
+                                 stacked `layers` axis, the layout of `sorted_jax.modeling`)
+    MODEL_DIR/tokenizer.model    tokenizer files, when the source had them (tokenizer.model,
+    MODEL_DIR/tokenizer.json ...  tokenizer.json, tokenizer_config.json, special_tokens_map.json)
+
+`load_params` also reads a training workdir, so every tool that takes "a checkpoint" takes both:
+
+    WORKDIR/config.json                     the model config (HF style)
+    WORKDIR/checkpoints/<step>/state        Orbax pytree {"params", "opt_state", "step"}
+    WORKDIR/checkpoints/<step>/{data,meta}  JSON items (data position, run metadata)
+
+Only `params` is read from `state` (an Orbax partial restore: optimizer moments stay on disk).
+Writers are atomic: everything goes into a temporary dir beside the target, renamed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sorted_jax.config import ConfigError, LlamaConfig
+from sorted_jax.hf_mapping import expected_hf_names, hf_tensor_to_ours
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+CHECKPOINTS_DIR = "checkpoints"
+STATE_ITEM = "state"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+PathLike = str | os.PathLike
+
+
+class ModelIOError(ValueError):
+    """A model dir / workdir that cannot be read or written; the message says what to fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes
+
+
+def resolve_dtype(dtype: Any) -> np.dtype | None:
+    """`None`, a name ("float32", "bf16", ...) or a numpy/jax dtype -> numpy dtype or None."""
+    if dtype is None:
+        return None
+    names = {"float32": "float32", "fp32": "float32", "f32": "float32",
+             "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+             "fp16": "float16", "f16": "float16"}
+    if isinstance(dtype, str):
+        if dtype.lower() not in names:
+            raise ModelIOError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+        dtype = names[dtype.lower()]
+        if dtype == "bfloat16":
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def dtype_name(dtype: Any) -> str:
+    return np.dtype(dtype).name  # "float32", "bfloat16", "float16"
+
+
+# ---------------------------------------------------------------------------------------------
+# params validation
+
+
+def expected_param_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Path -> shape of every leaf of our params tree for `config` (no allocation, no JAX)."""
+    from sorted_jax.hf_mapping import _hf_shape  # the mapping's own shape table
+
+    shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
+    d, v = config.hidden_size, config.vocab_size
+    for name in expected_hf_names(config):
+        if name.startswith("model.layers.0."):
+            module = name[len("model.layers.0."):-len(".weight")]
+            hf = _hf_shape(module, config)
+        elif name.startswith("model.layers."):
+            continue
+        elif name == "model.norm.weight":
+            hf = (d,)
+        else:
+            hf = (v, d)
+        dummy = np.broadcast_to(np.zeros((), np.float32), hf)
+        mapped = hf_tensor_to_ours(name, dummy, config)
+        assert mapped is not None
+        path, layer, w = mapped
+        shapes[path] = (config.num_hidden_layers, *w.shape) if layer is not None else w.shape
+    return shapes
+
+
+def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, (*prefix, str(key))))
+        else:
+            out[(*prefix, str(key))] = value
+    return out
+
+
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _unbox(tree: Any) -> Any:
+    """Drop Flax `Partitioned` boxes that a checkpoint restored as {'value': array} dicts."""
+    if isinstance(tree, Mapping):
+        if set(tree) == {"value"} and not isinstance(tree["value"], Mapping):
+            return tree["value"]
+        if set(tree) == {"value", "names"} and not isinstance(tree["value"], Mapping):
+            return tree["value"]
+        return {k: _unbox(v) for k, v in tree.items()}
+    return tree
+
+
+def check_params(params: Mapping[str, Any], config: LlamaConfig, where: str = "params") -> None:
+    """Raise ModelIOError naming every missing, unexpected or misshaped leaf."""
+    expected = expected_param_shapes(config)
+    flat = flatten(params)
+    problems = []
+    missing = [p for p in expected if p not in flat]
+    unexpected = [p for p in flat if p not in expected]
+    if missing:
+        problems.append("missing " + ", ".join("/".join(p) for p in missing))
+    if unexpected:
+        problems.append("unexpected " + ", ".join("/".join(p) for p in unexpected))
+    for path, shape in expected.items():
+        if path in flat and tuple(np.shape(flat[path])) != tuple(shape):
+            problems.append(f"{'/'.join(path)} has shape {tuple(np.shape(flat[path]))}, the "
+                            f"config implies {tuple(shape)}")
+    if problems:
+        raise ModelIOError(
+            f"{where} do not match the model config ({config.num_hidden_layers} layers, hidden "
+            f"{config.hidden_size}, vocab {config.vocab_size}, tie_word_embeddings="
+            f"{config.tie_word_embeddings}): " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic directories and tokenizer files
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temp dir beside `out_dir`; on success it becomes `out_dir`.
+
+    On any exception the temp dir is removed and `out_dir` is left as it was (absent, or the
+    old contents when overwriting).
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise ModelIOError(f"output {out} already exists; remove it or choose another path "
+                           "(or pass overwrite=True / --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():  # overwrite: move the old one aside, then swap
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def find_tokenizer_files(directory: PathLike | None) -> list[Path]:
+    if directory is None:
+        return []
+    d = Path(directory)
+    return [d / name for name in TOKENIZER_FILES if (d / name).is_file()]
+
+
+def copy_tokenizer_files(src: PathLike | Iterable[PathLike] | None, dst: PathLike) -> list[str]:
+    """Copy tokenizer files from a dir (the known names) or an explicit list of files."""
+    if src is None:
+        return []
+    if isinstance(src, str | os.PathLike):
+        src_path = Path(src)
+        if not src_path.is_dir():
+            raise ModelIOError(f"tokenizer dir {src_path} does not exist")
+        files = find_tokenizer_files(src_path)
+    else:
+        files = [Path(f) for f in src]
+        for f in files:
+            if not f.is_file():
+                raise ModelIOError(f"tokenizer file {f} does not exist")
+    copied = []
+    for f in files:
+        shutil.copyfile(f, Path(dst) / f.name)
+        copied.append(f.name)
+    return copied
+
+
+# ---------------------------------------------------------------------------------------------
+# Orbax params
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def save_params(path: PathLike, params: Mapping[str, Any]) -> None:
+    """Write `params` (numpy or jax leaves) as a synchronous Orbax PyTree checkpoint."""
+    ocp = _ocp()
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(dict(params)))
+
+
+def _tree_of(metadata: Any) -> Any:
+    """The metadata tree from whatever the installed Orbax returns for a pytree item."""
+    for attr in ("item_metadata", "tree"):
+        if hasattr(metadata, attr) and getattr(metadata, attr) is not None:
+            metadata = getattr(metadata, attr)
+    if hasattr(metadata, "tree"):
+        metadata = metadata.tree
+    return metadata
+
+
+def _restore_args(tree: Any, dtype: np.dtype | None) -> Any:
+    import jax
+
+    ocp = _ocp()
+    return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), tree)
+
+
+def restore_params(path: PathLike, dtype: Any = None) -> dict:
+    """Read an Orbax PyTree checkpoint of params as numpy arrays (optionally cast)."""
+    ocp = _ocp()
+    path = Path(path).absolute()
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        tree = _tree_of(ckptr.metadata(path))
+        out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=tree, restore_args=_restore_args(tree, resolve_dtype(dtype))))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise ModelIOError(f"cannot read the params checkpoint at {path}: {e}") from e
+    return _unbox(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# model dirs
+
+
+def save_model_dir(out_dir: PathLike, params: Mapping[str, Any], config: LlamaConfig,
+                   tokenizer_dir_or_files: PathLike | Iterable[PathLike] | None = None,
+                   overwrite: bool = False) -> Path:
+    """Atomically write a model dir (params checkpoint, config.json, tokenizer files)."""
+    check_params(params, config)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        config.to_json_file(tmp / CONFIG_FILE)
+        copy_tokenizer_files(tokenizer_dir_or_files, tmp)
+        save_params(tmp / PARAMS_DIR, params)
+    return Path(out_dir)
+
+
+def is_model_dir(path: PathLike) -> bool:
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() and (p / PARAMS_DIR).is_dir()
+
+
+def is_workdir(path: PathLike) -> bool:
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() and (p / CHECKPOINTS_DIR).is_dir()
+
+
+def load_config(path: PathLike) -> LlamaConfig:
+    f = Path(path) / CONFIG_FILE
+    if not f.is_file():
+        raise ModelIOError(f"{f} is missing: a model dir / workdir needs the model's config.json")
+    try:
+        return LlamaConfig.from_json_file(f)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise ModelIOError(f"{f} is not a usable LLaMA config: {e}") from e
+
+
+def load_model_dir(path: PathLike, dtype: Any = None) -> tuple[dict, LlamaConfig]:
+    """(params as numpy arrays, config) from a model dir; `dtype` casts every leaf."""
+    p = Path(path)
+    if not is_model_dir(p):
+        raise ModelIOError(f"{p} is not a model dir: it needs {CONFIG_FILE} and {PARAMS_DIR}/ "
+                           "(write one with `python -m sorted_jax.convert hf-to-orbax`)")
+    config = load_config(p)
+    params = restore_params(p / PARAMS_DIR, dtype)
+    check_params(params, config, where=f"params in {p / PARAMS_DIR}")
+    return params, config
+
+
+# ---------------------------------------------------------------------------------------------
+# training workdirs
+
+
+def _manager(ckpt_dir: Path):
+    ocp = _ocp()
+    return ocp.CheckpointManager(
+        ckpt_dir,
+        item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+
+def workdir_steps(workdir: PathLike) -> list[int]:
+    """Steps with a finished checkpoint in `WORKDIR/checkpoints` (ascending)."""
+    ckpt_dir = Path(workdir).absolute() / CHECKPOINTS_DIR
+    if not ckpt_dir.is_dir():
+        return []
+    with contextlib.closing(_manager(ckpt_dir)) as mngr:
+        return sorted(mngr.all_steps())
+
+
+def load_workdir_params(workdir: PathLike, step: int | None = None,
+                        dtype: Any = None) -> tuple[dict, LlamaConfig, int]:
+    """(params, config, step) from a training workdir; only `params` is read from disk."""
+    ocp = _ocp()
+    wd = Path(workdir).absolute()
+    config = load_config(wd)
+    ckpt_dir = wd / CHECKPOINTS_DIR
+    with contextlib.closing(_manager(ckpt_dir)) as mngr:
+        steps = sorted(mngr.all_steps())
+        if not steps:
+            raise ModelIOError(f"{ckpt_dir} holds no finished checkpoint step; train longer or "
+                               "point at another workdir")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ModelIOError(f"step {step} is not in {ckpt_dir}; available steps: {steps}")
+        try:
+            meta = mngr.item_metadata(step)[STATE_ITEM]
+        except (KeyError, FileNotFoundError, ValueError) as e:
+            raise ModelIOError(f"step {step} in {ckpt_dir} has no readable '{STATE_ITEM}' item "
+                               f"(the Orbax train state): {e}") from e
+        tree = _tree_of(meta)
+        if not isinstance(tree, Mapping) or "params" not in tree:
+            keys = list(tree) if isinstance(tree, Mapping) else type(tree).__name__
+            raise ModelIOError(f"the '{STATE_ITEM}' item of step {step} in {ckpt_dir} has no "
+                               f"'params' entry (found {keys})")
+        item = {"params": tree["params"]}
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.PyTreeRestore(
+                    item=item, restore_args=_restore_args(item, resolve_dtype(dtype)),
+                    partial_restore=True)}))
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise ModelIOError(f"cannot read params of step {step} in {ckpt_dir}: {e}") from e
+    params = _unbox(restored[STATE_ITEM]["params"])
+    check_params(params, config, where=f"params of step {step} in {ckpt_dir}")
+    return params, config, step
+
+
+def load_params(path: PathLike, step: int | None = None, dtype: Any = None
+                ) -> tuple[dict, LlamaConfig, Path | None]:
+    """(params, config, tokenizer dir or None) from a model dir OR a training workdir.
+
+    For a workdir the latest step is read unless `step` is given. The tokenizer dir is `path`
+    itself when it holds tokenizer files (a workdir's `tokenizer/` subdir is also accepted).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelIOError(f"{p} does not exist")
+    if is_model_dir(p):
+        if step is not None:
+            raise ModelIOError(f"{p} is a model dir (a single set of weights); --step / step= "
+                               "applies to training workdirs only")
+        params, config = load_model_dir(p, dtype)
+        tok = p if find_tokenizer_files(p) else None
+        return params, config, tok
+    if is_workdir(p):
+        params, config, _ = load_workdir_params(p, step, dtype)
+        tok = None
+        for cand in (p, p / "tokenizer"):
+            if find_tokenizer_files(cand):
+                tok = cand
+                break
+        return params, config, tok
+    has = sorted(x.name for x in p.iterdir()) if p.is_dir() else []
+    raise ModelIOError(
+        f"{p} is neither a model dir ({CONFIG_FILE} + {PARAMS_DIR}/) nor a training workdir "
+        f"({CONFIG_FILE} + {CHECKPOINTS_DIR}/); it contains {has[:12]}"
+        + ("" if (p / CONFIG_FILE).is_file() else f" and no {CONFIG_FILE}"))
+
+
+__all__ = [
+    "ModelIOError", "TOKENIZER_FILES", "atomic_dir", "check_params",
+    "copy_tokenizer_files", "expected_param_shapes", "find_tokenizer_files", "is_model_dir",
+    "is_workdir", "load_config", "load_model_dir", "load_params", "load_workdir_params",
+    "resolve_dtype", "restore_params", "save_model_dir", "save_params", "workdir_steps",
+]

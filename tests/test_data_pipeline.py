@@ -61,6 +61,10 @@ def test_loss_mask_is_exactly_response_and_eos_llama2(llama_tok, alpaca_records)
         assert toks[1:n_ctx].tolist() == llama_tok.encode(prompt)
         assert llama_tok.decode(toks[mask][:-1]) == response
         assert llama_tok.decode(toks[1:]) == prompt + response
+        # The batched path equals the one-record path.
+        one_toks, one_mask, _ = tokenize_example(llama_tok, prompt, response, 4096)
+        np.testing.assert_array_equal(toks, one_toks)
+        np.testing.assert_array_equal(mask, one_mask)
 
 
 def test_batch_targets_and_mask_alignment(llama_tok, alpaca_records):

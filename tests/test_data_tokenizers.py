@@ -91,6 +91,7 @@ def test_hf_dir_ids_match_sentencepiece(sp_tok, hf_dir):
     texts = TRICKY + _alpaca_texts()
     mismatches = [t for t in texts if hf.encode(t) != sp_tok.encode(t)]
     assert not mismatches, f"{len(mismatches)} texts differ, e.g. {mismatches[0]!r}"
+    assert hf.encode_batch(texts) == sp_tok.encode_batch(texts) == [sp_tok.encode(t) for t in texts]
     assert hf.decode(hf.encode("Hello world")) == "Hello world"
 
 

@@ -38,6 +38,23 @@ from sorted_jax.data.tokenizers import Tokenizer
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions")
 
 
+def encode_batch(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """``[tokenizer.encode(t) for t in texts]``, via the tokenizer's batch encoder if it has one
+    (SentencePiece and HF tokenizers encode batches in parallel native code)."""
+    batch_fn = getattr(tokenizer, "encode_batch", None)
+    if batch_fn is not None:
+        return batch_fn(list(texts))
+    return [tokenizer.encode(t) for t in texts]
+
+
+def _split_response(
+    tokenizer: Tokenizer, prompt_ids: list[int], full_ids: list[int], response: str
+) -> list[int]:
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return full_ids[len(prompt_ids) :]
+    return tokenizer.encode(response)
+
+
 def encode_prompt_response(
     tokenizer: Tokenizer, prompt: str, response: str
 ) -> tuple[list[int], list[int]]:
@@ -48,17 +65,13 @@ def encode_prompt_response(
     whenever that encoding starts with the prompt's own ids; otherwise the two are encoded apart.
     """
     prompt_ids = tokenizer.encode(prompt)
-    full = tokenizer.encode(prompt + response)
-    if full[: len(prompt_ids)] == prompt_ids:
-        return prompt_ids, full[len(prompt_ids) :]
-    return prompt_ids, tokenizer.encode(response)
+    full_ids = tokenizer.encode(prompt + response)
+    return prompt_ids, _split_response(tokenizer, prompt_ids, full_ids, response)
 
 
-def tokenize_example(
-    tokenizer: Tokenizer, prompt: str, response: str, max_len: int
+def _assemble(
+    tokenizer: Tokenizer, prompt_ids: list[int], response_ids: list[int], max_len: int
 ) -> tuple[np.ndarray, np.ndarray, bool] | None:
-    """``(tokens int32 [n], loss_mask bool [n], truncated)``, or None if the record is dropped."""
-    prompt_ids, response_ids = encode_prompt_response(tokenizer, prompt, response)
     tokens = [tokenizer.bos_id, *prompt_ids, *response_ids, tokenizer.eos_id]
     num_context = 1 + len(prompt_ids)
     if num_context >= max_len:  # no room for a single response token
@@ -67,6 +80,14 @@ def tokenize_example(
     mask[num_context:] = True
     truncated = len(tokens) > max_len
     return np.asarray(tokens[:max_len], dtype=np.int32), mask[:max_len], truncated
+
+
+def tokenize_example(
+    tokenizer: Tokenizer, prompt: str, response: str, max_len: int
+) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """``(tokens int32 [n], loss_mask bool [n], truncated)``, or None if the record is dropped."""
+    prompt_ids, response_ids = encode_prompt_response(tokenizer, prompt, response)
+    return _assemble(tokenizer, prompt_ids, response_ids, max_len)
 
 
 @dataclass
@@ -101,21 +122,27 @@ def tokenize_records(
     tokenizer: Tokenizer,
     max_len: int,
     template: str = "alpaca",
+    chunk_size: int = 4096,
 ) -> TokenizedDataset:
     """Format each record with ``template`` and tokenize it (truncation: see the module doc)."""
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
     tokens, masks, dropped, truncated = [], [], 0, 0
-    for record in records:
-        prompt, response = format_example(record, template)
-        out = tokenize_example(tokenizer, prompt, response, max_len)
-        if out is None:
-            dropped += 1
-            continue
-        toks, mask, was_truncated = out
-        tokens.append(toks)
-        masks.append(mask)
-        truncated += was_truncated
+    pairs = [format_example(record, template) for record in records]
+    for start in range(0, len(pairs), chunk_size):
+        chunk = pairs[start : start + chunk_size]
+        prompt_ids = encode_batch(tokenizer, [p for p, _ in chunk])
+        full_ids = encode_batch(tokenizer, [p + r for p, r in chunk])
+        for (_, response), p_ids, f_ids in zip(chunk, prompt_ids, full_ids, strict=True):
+            r_ids = _split_response(tokenizer, p_ids, f_ids, response)
+            out = _assemble(tokenizer, p_ids, r_ids, max_len)
+            if out is None:
+                dropped += 1
+                continue
+            toks, mask, was_truncated = out
+            tokens.append(toks)
+            masks.append(mask)
+            truncated += was_truncated
     return TokenizedDataset(tokens, masks, tokenizer.pad_id, max_len, dropped, truncated)
 
 

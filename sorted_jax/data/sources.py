@@ -50,14 +50,25 @@ def validate_record(obj: Any, where: str) -> Record:
     return Record(**rec)
 
 
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
+class _LineCounter:
+    """Line number of a position in ``text``, counted incrementally (positions only grow)."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def __call__(self, pos: int) -> int:
+        if pos < self.pos:
+            return self.text.count("\n", 0, pos) + 1
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
 
 
 def _iter_json_list(text: str, path: Path) -> Iterator[Record]:
     """Records of a JSON list, each checked with the line where it starts."""
     decoder = json.JSONDecoder()
     n = len(text)
+    _line_of = _LineCounter(text)
 
     def skip_ws(i: int) -> int:
         while i < n and text[i] in " \t\r\n":
@@ -69,7 +80,7 @@ def _iter_json_list(text: str, path: Path) -> Iterator[Record]:
     if pos < n and text[pos] == "]":
         return
     while True:
-        line = _line_of(text, pos)
+        line = _line_of(pos)
         where = f"{path}:{line}: record {index}"
         try:
             obj, pos = decoder.raw_decode(text, pos)
@@ -82,11 +93,11 @@ def _iter_json_list(text: str, path: Path) -> Iterator[Record]:
             pos = skip_ws(pos + 1)
         elif pos < n and text[pos] == "]":
             if skip_ws(pos + 1) != n:
-                raise DataError(f"{path}:{_line_of(text, pos + 1)}: trailing data after the list")
+                raise DataError(f"{path}:{_line_of(pos + 1)}: trailing data after the list")
             return
         else:
             raise DataError(
-                f"{path}:{_line_of(text, pos)}: after record {index - 1}: expected ',' or ']'"
+                f"{path}:{_line_of(pos)}: after record {index - 1}: expected ',' or ']'"
             )
 
 

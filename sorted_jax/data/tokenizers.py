@@ -106,6 +106,9 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text, out_type=int))
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._sp.encode(texts, out_type=int, num_threads=-1)]
+
     def decode(self, ids: Any) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -139,6 +142,12 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        out = self._tok(texts, add_special_tokens=False, split_special_tokens=True)
+        return [list(ids) for ids in out["input_ids"]]
 
     def decode(self, ids: Any) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -1,0 +1,171 @@
+"""Model dirs and training workdirs: save/load, atomicity, partial restore, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sorted_jax import model_io
+from sorted_jax.config import LlamaConfig
+from sorted_jax.model_io import (
+    ModelIOError,
+    check_params,
+    load_model_dir,
+    load_params,
+    save_model_dir,
+    workdir_steps,
+)
+from sorted_jax.modeling import init_params, make_model
+
+CONFIG = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return jax.tree.map(np.asarray, init_params(make_model(CONFIG), jax.random.PRNGKey(0)))
+
+
+def assert_tree_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def no_leftovers(parent: Path) -> None:
+    assert not [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_model_dir_roundtrip(tmp_path, params):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    (tok / "tokenizer_config.json").write_text("{}")
+    (tok / "unrelated.txt").write_text("x")
+    jax_params = jax.tree.map(jnp.asarray, params)  # jax leaves are accepted too
+    save_model_dir(tmp_path / "md", jax_params, CONFIG, tokenizer_dir_or_files=tok)
+    assert sorted(p.name for p in (tmp_path / "md").iterdir()) == [
+        "config.json", "params", "tokenizer.json", "tokenizer_config.json"]
+    loaded, cfg = load_model_dir(tmp_path / "md")
+    assert cfg == CONFIG
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(loaded))
+    assert_tree_equal(loaded, params)
+    p, cfg, tok_dir = load_params(tmp_path / "md")
+    assert tok_dir == tmp_path / "md"
+    # an HF-readable config.json
+    assert json.loads((tmp_path / "md" / "config.json").read_text())["model_type"] == "llama"
+    no_leftovers(tmp_path)
+
+
+def test_model_dir_dtype_cast(tmp_path, params):
+    save_model_dir(tmp_path / "md", params, CONFIG, tokenizer_dir_or_files=[])
+    bf, _ = load_model_dir(tmp_path / "md", dtype="bfloat16")
+    assert {str(x.dtype) for x in jax.tree.leaves(bf)} == {"bfloat16"}
+    back = jax.tree.map(lambda x: x.astype(np.float32), bf)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-2)
+
+
+def test_save_is_atomic(tmp_path, params, monkeypatch):
+    def boom(path, tree):
+        Path(path).mkdir()
+        (Path(path) / "half-written").write_text("x")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model_io, "save_params", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_model_dir(tmp_path / "md", params, CONFIG)
+    assert not (tmp_path / "md").exists()
+    no_leftovers(tmp_path)
+
+
+def test_save_refuses_existing_and_mismatched(tmp_path, params):
+    (tmp_path / "md").mkdir()
+    with pytest.raises(ModelIOError, match="already exists"):
+        save_model_dir(tmp_path / "md", params, CONFIG)
+    with pytest.raises(ModelIOError, match="num_hidden_layers|layers"):
+        save_model_dir(tmp_path / "md2", params, CONFIG.replace(num_hidden_layers=3))
+    assert not (tmp_path / "md2").exists()
+    broken = dict(params)
+    del broken["norm"]
+    with pytest.raises(ModelIOError, match="missing norm/scale"):
+        check_params(broken, CONFIG)
+
+
+def test_load_errors(tmp_path, params):
+    with pytest.raises(ModelIOError, match="does not exist"):
+        load_params(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelIOError, match="neither a model dir .* nor a training workdir"):
+        load_params(tmp_path / "empty")
+    with pytest.raises(ModelIOError, match="is not a model dir"):
+        load_model_dir(tmp_path / "empty")
+    save_model_dir(tmp_path / "md", params, CONFIG)
+    (tmp_path / "md" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelIOError, match="not a usable LLaMA config"):
+        load_params(tmp_path / "md")
+
+
+# ---------------------------------------------------------------------------------------------
+# training workdirs
+
+
+def make_workdir(path: Path, config: LlamaConfig, params_by_step, boxed: bool = False):
+    """config.json + checkpoints/ by an Orbax CheckpointManager with state/data/meta items."""
+    import flax.linen as nn
+    import orbax.checkpoint as ocp
+
+    path.mkdir(parents=True)
+    config.to_json_file(path / "config.json")
+    mngr = ocp.CheckpointManager(path / "checkpoints", item_names=("state", "data", "meta"))
+    for step, p in sorted(params_by_step.items()):
+        p = jax.tree.map(jnp.asarray, p)
+        if boxed:  # params still wrapped in Flax logical-axis boxes
+            p = jax.tree.map(lambda x: nn.Partitioned(x, names=(None,) * x.ndim), p)
+        state = {"params": p, "opt_state": {"mu": jax.tree.map(jnp.zeros_like, p)},
+                 "step": jnp.asarray(step)}
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"pos": step}),
+            meta=ocp.args.JsonSave({"note": "test"})))
+    mngr.wait_until_finished()
+    mngr.close()
+    return path
+
+
+def test_workdir_latest_and_step(tmp_path, params):
+    p2 = jax.tree.map(lambda x: x + np.float32(1), params)
+    wd = make_workdir(tmp_path / "wd", CONFIG, {3: params, 7: p2})
+    assert workdir_steps(wd) == [3, 7]
+    latest, cfg, tok = load_params(wd)
+    assert cfg == CONFIG and tok is None
+    assert_tree_equal(latest, p2)
+    first, _, _ = load_params(wd, step=3)
+    assert_tree_equal(first, params)
+    with pytest.raises(ModelIOError, match=r"available steps: \[3, 7\]"):
+        load_params(wd, step=5)
+    # a tokenizer saved in the workdir is found
+    (wd / "tokenizer.model").write_bytes(b"x")
+    assert load_params(wd)[2] == wd
+
+
+def test_workdir_boxed_params(tmp_path, params):
+    wd = make_workdir(tmp_path / "wd", CONFIG, {1: params}, boxed=True)
+    loaded, _, _ = load_params(wd)
+    assert_tree_equal(loaded, params)
+
+
+def test_workdir_errors(tmp_path, params):
+    wd = tmp_path / "wd"
+    (wd / "checkpoints").mkdir(parents=True)
+    CONFIG.to_json_file(wd / "config.json")
+    with pytest.raises(ModelIOError, match="no finished checkpoint step"):
+        load_params(wd)
+    wd2 = make_workdir(tmp_path / "wd2", CONFIG.replace(num_hidden_layers=3), {1: params})
+    with pytest.raises(ModelIOError, match="do not match the model config"):
+        load_params(wd2)

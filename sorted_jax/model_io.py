@@ -224,10 +224,30 @@ def _ocp():
     return ocp
 
 
-def save_params(path: PathLike, params: Mapping[str, Any]) -> None:
-    """Write `params` (numpy or jax leaves) as a synchronous Orbax PyTree checkpoint."""
+def _no_copy_registry():
+    """Orbax's standard type handlers, except numpy arrays are written without a deep copy.
+
+    Orbax deep-copies host arrays before an (async) save by default: a second copy of the
+    model. Our saves are synchronous and the caller does not mutate params meanwhile.
+    """
     ocp = _ocp()
-    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    th = ocp.type_handlers
+    handlers = [(ty, th.get_type_handler(ty)) for ty in th.supported_types()
+                if ty is not np.ndarray]
+    handlers.append((np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)))
+    return th.create_type_handler_registry(*handlers)
+
+
+def save_params(path: PathLike, params: Mapping[str, Any]) -> None:
+    """Write `params` (numpy or jax leaves) as a synchronous Orbax PyTree checkpoint.
+
+    Stored uncompressed: zstd on (mostly incompressible) float weights saved <10% of disk
+    but cost ~0.8x the model in extra RAM and 6x the time (measured, 0.9 GB model).
+    """
+    ocp = _ocp()
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False,
+                                          type_handler_registry=_no_copy_registry())
+    ckptr = ocp.Checkpointer(handler)
     ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(dict(params)))
 
 

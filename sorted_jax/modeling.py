@@ -147,6 +147,25 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos + rotated * sin
 
 
+class Projection(nn.Module):
+    """A bias-free einsum projection whose kernel keeps its natural (multi-dim) shape.
+
+    `nn.DenseGeneral` initialises a flat kernel and reshapes it, which breaks logical-axis
+    constraints under a mesh; a kernel created in its final shape carries its names cleanly.
+    """
+
+    shape: tuple[int, ...]
+    equation: str
+    names: tuple[str, ...]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", _init(0.02, self.names), self.shape, self.param_dtype)
+        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 @flax.struct.dataclass
 class AttentionInputs:
     """What every layer's attention shares: computed once, broadcast through the scan."""
@@ -169,12 +188,11 @@ class Attention(nn.Module):
                  cache: tuple[Array, Array] | None) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.config
         n, k, dh = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
-        std = 0.02
 
-        def proj(name: str, heads: int, head_axis: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral((heads, dh), use_bias=False, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name=name,
-                                   kernel_init=_init(std, ("embed", head_axis, "head_dim")))
+        def proj(name: str, heads: int, head_axis: str) -> Projection:
+            return Projection((cfg.hidden_size, heads, dh), "btd,dhk->bthk",
+                              ("embed", head_axis, "head_dim"), dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=name)
 
         q = proj("q_proj", n, "heads")(x)
         kk = proj("k_proj", k, "kv_heads")(x)
@@ -204,9 +222,9 @@ class Attention(nn.Module):
             out = jax.nn.dot_product_attention(q, kk, v, mask=inputs.mask,
                                                implementation=self.implementation)
         out = nn.with_logical_constraint(out, (BATCH, LENGTH, ACT_HEADS, "head_dim"))
-        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name="o_proj",
-                              kernel_init=_init(std, ("heads", "head_dim", "embed")))(out)
+        out = Projection((n, dh, cfg.hidden_size), "bthk,hkd->btd",
+                         ("heads", "head_dim", "embed"), dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="o_proj")(out)
         return checkpoint_name(out, "attention_out"), new_cache
 
 

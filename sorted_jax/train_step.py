@@ -1,0 +1,212 @@
+"""The sharded, jitted SoFT train and eval steps.
+
+One `jax.jit` per step with explicit in/out shardings and donated state. Gradient accumulation
+is a `lax.scan` over micro-batches that adds unnormalised loss sums, gradients and token
+counts, and divides once, so A micro-batches give exactly the step on the whole batch.
+SFT is the same code with the exit set {L}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sorted_jax import sharding, soft
+from sorted_jax.modeling import Llama, head_weights
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Array
+    params: Any
+    opt_state: Any
+
+
+def make_optimizer(*, lr: float, total_steps: int, warmup_steps: int = 0,
+                   schedule: str = "cosine", end_lr_ratio: float = 0.0,
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, clip_norm: float | None = 1.0,
+                   mu_dtype: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup then cosine (or constant/linear) decay, global-norm clipping."""
+    if lr <= 0 or total_steps <= 0:
+        raise ValueError(f"need lr > 0 and total_steps > 0, got lr={lr}, steps={total_steps}")
+    warmup_steps = min(max(0, int(warmup_steps)), total_steps)
+    decay_steps = max(1, total_steps - warmup_steps)
+    end = lr * end_lr_ratio
+    if schedule == "cosine":
+        decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=end_lr_ratio)
+    elif schedule == "linear":
+        decay = optax.linear_schedule(lr, end, decay_steps)
+    elif schedule == "constant":
+        decay = optax.constant_schedule(lr)
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r}: use cosine, linear or constant")
+    sched = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps]
+    ) if warmup_steps else decay
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                             mu_dtype=mu_dtype))
+    return optax.chain(*parts), sched
+
+
+@dataclasses.dataclass
+class SoftSteps:
+    """Builds and holds the jitted init/train/eval functions for one model, exit set and mesh."""
+
+    model: Llama
+    exits: Sequence[int]
+    tx: optax.GradientTransformation
+    mesh: Mesh
+    rules: sharding.Rules = sharding.DEFAULT_RULES
+    exit_weights: Sequence[float] | None = None
+    grad_accum: int = 1
+    rows_per_chunk: int = 4096
+    schedule: Callable[[Array], Array] | None = None
+    init_seq_len: int = 8
+
+    def __post_init__(self) -> None:
+        cfg = self.model.config
+        self.exits = soft.resolve_exits(self.exits, cfg.num_hidden_layers)
+        self.weights = soft.resolve_exit_weights(self.exit_weights, self.exits)
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        self.abstract_state = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
+        self.state_shardings = sharding.tree_shardings(self.abstract_state, self.mesh,
+                                                       self.rules)
+        self.params_shardings = self.state_shardings.params
+        self.batch_shardings = sharding.batch_sharding(self.mesh, self.rules)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._init = jax.jit(self._init_unboxed, out_shardings=self.state_shardings)
+        self._train = jax.jit(self._train_step,
+                              in_shardings=(self.state_shardings, self.batch_shardings),
+                              out_shardings=(self.state_shardings, replicated),
+                              donate_argnums=0)
+        self._eval = jax.jit(self._eval_step,
+                             in_shardings=(self.params_shardings, self.batch_shardings),
+                             out_shardings=replicated)
+
+    # -- public ------------------------------------------------------------------------------
+    def init_state(self, rng: Array) -> TrainState:
+        with sharding.activation_sharding(self.mesh, self.rules):
+            return self._init(rng)
+
+    def state_from_params(self, params: Any) -> TrainState:
+        """A fresh train state (step 0, new optimizer state) around given weights."""
+        params = jax.device_put(params, self.params_shardings)
+        make = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)),
+                       out_shardings=self.state_shardings)
+        return make(params)
+
+    def check_batch(self, global_batch_size: int) -> None:
+        sharding.check_batch_size(global_batch_size, self.mesh, self.rules, self.grad_accum)
+
+    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        with sharding.activation_sharding(self.mesh, self.rules):
+            return self._train(state, batch)
+
+    def eval_step(self, params: Any, batch: Batch) -> soft.ExitSums:
+        with sharding.activation_sharding(self.mesh, self.rules):
+            return self._eval(params, batch)
+
+    def lower_train_step(self, batch_shape: tuple[int, int]) -> Any:
+        """The lowered step for abstract inputs (memory planning, compiled-memory tests)."""
+        b, t = batch_shape
+        batch = {
+            "input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
+            "targets": jax.ShapeDtypeStruct((b, t), jnp.int32),
+            "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32),
+            "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
+        }
+        state = jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x,
+                             self.abstract_state,
+                             is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        with sharding.activation_sharding(self.mesh, self.rules):
+            return self._train.lower(state, batch)
+
+    # -- traced ------------------------------------------------------------------------------
+    def _init_boxed(self, rng: Array) -> TrainState:
+        ids = jnp.zeros((1, self.init_seq_len), jnp.int32)
+        params = self.model.init(rng, ids, method=Llama.touch_all)["params"]
+        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
+    def _init_unboxed(self, rng: Array) -> TrainState:
+        return nn.unbox(self._init_boxed(rng))
+
+    def _loss_sums(self, params: Any, batch: Batch) -> tuple[Array, soft.ExitSums]:
+        cfg = self.model.config
+        out = self.model.apply({"params": params}, batch["input_ids"],
+                               attention_mask=batch.get("attention_mask"),
+                               segment_ids=batch.get("segment_ids"),
+                               positions=batch.get("positions") if "segment_ids" in batch
+                               else None)
+        scale, kernel = head_weights(params, cfg)
+        return soft.exit_losses(out.hidden, self.exits, scale, kernel, batch["targets"],
+                                batch["loss_mask"],
+                                self.weights, eps=cfg.rms_norm_eps,
+                                rows_per_chunk=self.rows_per_chunk)
+
+    def _grads(self, params: Any, batch: Batch) -> tuple[Array, soft.ExitSums, Any]:
+        """Unnormalised weighted loss sum, per-exit sums and gradient over the whole batch."""
+        grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
+        if self.grad_accum == 1:
+            (total, sums), grads = grad_fn(params, batch)
+            return total, sums, grads
+
+        a = self.grad_accum
+        batch_axes = sharding.batch_sharding(self.mesh, self.rules).spec[0]
+
+        def split(x: Array) -> Array:
+            # Row r of micro-batch j is row r * a + j: each micro-batch keeps the batch axis
+            # split over the data-parallel devices.
+            x = x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1)
+            spec = PartitionSpec(None, batch_axes, *([None] * (x.ndim - 2)))
+            return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+        micro = jax.tree.map(split, batch)
+
+        def body(carry, mb):
+            total, sums, grads = carry
+            (t, s), g = grad_fn(params, mb)
+            grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
+            return (total + t, sums + s, grads), None
+
+        k = len(self.exits)
+        zeros = soft.ExitSums(jnp.zeros(k), jnp.zeros(k), jnp.zeros(()))
+        init = (jnp.zeros(()), zeros,
+                jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+        (total, sums, grads), _ = jax.lax.scan(body, init, micro)
+        return total, sums, grads
+
+    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        total, sums, grads = self._grads(state.params, batch)
+        n = jnp.maximum(sums.tokens, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": total / n, "grad_norm": optax.global_norm(grads),
+                   **soft.exit_metrics(sums, self.exits)}
+        if self.schedule is not None:
+            metrics["lr"] = self.schedule(state.step)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    def _eval_step(self, params: Any, batch: Batch) -> soft.ExitSums:
+        return self._loss_sums(params, batch)[1]
+
+
+def to_global_batch(batch: dict[str, np.ndarray], shardings: NamedSharding) -> Batch:
+    """This process's rows of the global batch -> global jax.Arrays (multi-host aware)."""
+    return {k: jax.make_array_from_process_local_data(shardings, np.asarray(v))
+            for k, v in batch.items()}

@@ -268,15 +268,34 @@ def _restore_args(tree: Any, dtype: np.dtype | None) -> Any:
     return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), tree)
 
 
+def _restore_leafwise(restore: Any, tree: Mapping[str, Any], dtype: np.dtype | None) -> dict:
+    """Restore a metadata tree one leaf at a time with `restore(item, restore_args) -> tree`.
+
+    Orbax reads all numpy leaves of a request concurrently, each through a transient buffer of
+    its own size; one leaf per request bounds that overhead by the largest leaf (measured on a
+    0.9 GB model: +0.13x instead of +0.27x of the model size, same speed).
+    """
+    out = {}
+    for path, meta in flatten(tree).items():
+        item = unflatten({path: meta})
+        restored = restore(item, _restore_args(item, dtype))
+        out[path] = flatten(restored)[path]
+    return unflatten(out)
+
+
 def restore_params(path: PathLike, dtype: Any = None) -> dict:
     """Read an Orbax PyTree checkpoint of params as numpy arrays (optionally cast)."""
     ocp = _ocp()
     path = Path(path).absolute()
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+
+    def restore(item, restore_args):
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+
     try:
         tree = _tree_of(ckptr.metadata(path))
-        out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-            item=tree, restore_args=_restore_args(tree, resolve_dtype(dtype))))
+        out = _restore_leafwise(restore, tree, resolve_dtype(dtype))
     except (FileNotFoundError, ValueError, OSError) as e:
         raise ModelIOError(f"cannot read the params checkpoint at {path}: {e}") from e
     return _unbox(out)
@@ -379,15 +398,19 @@ def load_workdir_params(workdir: PathLike, step: int | None = None,
             keys = list(tree) if isinstance(tree, Mapping) else type(tree).__name__
             raise ModelIOError(f"the '{STATE_ITEM}' item of step {step} in {ckpt_dir} has no "
                                f"'params' entry (found {keys})")
-        item = {"params": tree["params"]}
-        try:
+
+        def restore(item, restore_args):
             restored = mngr.restore(step, args=ocp.args.Composite(**{
                 STATE_ITEM: ocp.args.PyTreeRestore(
-                    item=item, restore_args=_restore_args(item, resolve_dtype(dtype)),
+                    item={"params": item}, restore_args={"params": restore_args},
                     partial_restore=True)}))
+            return restored[STATE_ITEM]["params"]
+
+        try:
+            params = _restore_leafwise(restore, tree["params"], resolve_dtype(dtype))
         except (FileNotFoundError, ValueError, OSError) as e:
             raise ModelIOError(f"cannot read params of step {step} in {ckpt_dir}: {e}") from e
-    params = _unbox(restored[STATE_ITEM]["params"])
+    params = _unbox(params)
     check_params(params, config, where=f"params of step {step} in {ckpt_dir}")
     return params, config, step
 

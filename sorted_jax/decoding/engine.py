@@ -206,16 +206,15 @@ class _Programs:
         step = self._ladder_step if kind == "ladder" else self._spec_round
         opts = dict(compiler_options) if compiler_options else None
 
-        def run(params, ids, valid, positions, key, ctl, *, slots):
-            st = self._prefill(params, ids, valid, positions, key, ctl, slots=slots)
+        def loop(params, st, ctl):
             return jax.lax.while_loop(lambda s: (s.n < ctl.max_new) & ~jnp.all(s.done),
                                       lambda s: step(params, s, ctl), st)
 
-        # `run` (prefill + the whole decode loop) is what `generate` uses: one program.
-        # `prefill` + `step` (one token / one speculative round) serve streaming.
-        self.run = jax.jit(run, static_argnames=("slots",), compiler_options=opts)
+        # `generate` runs `prefill` then `loop` (the whole decode in one while-loop);
+        # streaming runs `prefill` then `step` (one token / one speculative round) per call.
         self.prefill = jax.jit(self._prefill, static_argnames=("slots",),
                                compiler_options=opts)
+        self.loop = jax.jit(loop, donate_argnums=(1,), compiler_options=opts)
         self.step = jax.jit(step, donate_argnums=(1,), compiler_options=opts)
 
     # -- prefill -----------------------------------------------------------------------------
@@ -592,7 +591,7 @@ class Decoder:
         plan, progs, params, ctl, inputs, slots = self._start(
             prompts, mode, exit_layer, exits, thresholds, draft_layer, max_new_tokens,
             temperature, top_k, top_p, seed, eos_id, max_len)
-        st = progs.run(params, *inputs, slots=slots)
+        st = progs.loop(params, progs.prefill(params, *inputs, slots=slots), ctl)
         out, length, stats = jax.device_get((st.out, st.length, st.stats))
         tokens = [out[i, :length[i]].tolist() for i in range(out.shape[0])]
         return GenerationResult(tokens, self._stats(mode, plan, stats, tokens,

@@ -172,6 +172,24 @@ def test_sharded_export_and_bf16(tmp_path, hf_llama_factory):
     assert {str(v.dtype) for v in st_tensors(tmp_path / "hf3").values()} == {"bfloat16"}
 
 
+def test_bf16_source(tmp_path, hf_llama_factory):
+    """A bf16 HF checkpoint: widened exactly to fp32, and exported back to the same bits."""
+    config = tiny_config(kv=2, tied=True, layers=2)
+    model = hf_llama_factory(config, seed=4).to(torch.bfloat16)
+    hf_dir = save_hf(model, tmp_path / "hf", "single")
+    run("hf-to-orbax", "--hf", hf_dir, "--out", tmp_path / "md", "--no-progress")
+    params, _ = load_model_dir(tmp_path / "md")
+    np.testing.assert_array_equal(params["embed_tokens"]["embedding"],
+                                  model.model.embed_tokens.weight.detach().float().numpy())
+    run("orbax-to-hf", "--ckpt", tmp_path / "md", "--out", tmp_path / "hf2", "--dtype",
+        "bfloat16", "--no-progress")
+    out = safetensors_torch.load_file(tmp_path / "hf2" / "model.safetensors")
+    sd = model.state_dict()
+    assert set(out) == set(expected_hf_names(config))
+    for name, w in out.items():
+        assert w.dtype == torch.bfloat16 and torch.equal(w, sd[name]), name
+
+
 def _leaves(tree):
     import jax
 
@@ -280,6 +298,12 @@ def test_tokenizer_copied_and_vocab_checked(tmp_path, hf_llama_factory):
     run("orbax-to-hf", "--ckpt", tmp_path / "md", "--out", tmp_path / "hf2", "--exit-layer", 1,
         "--no-progress")
     assert (tmp_path / "hf2" / "tokenizer.model").read_bytes() == spm_file.read_bytes()
+    import sentencepiece as spm
+
+    text = "Once upon a time there was a cat."
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2")
+    ids = [i for i in hf_tok(text)["input_ids"] if i != config.bos_token_id]
+    assert ids == spm.SentencePieceProcessor(model_file=str(spm_file)).encode(text)
 
     # tokenizer with 512 pieces, model vocab 300: must fail before writing anything
     small = tiny_config(vocab=300, layers=2)

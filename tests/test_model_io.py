@@ -15,12 +15,15 @@ from sorted_jax.config import LlamaConfig
 from sorted_jax.model_io import (
     ModelIOError,
     check_params,
+    expected_param_shapes,
+    flatten,
     load_model_dir,
     load_params,
     save_model_dir,
+    unflatten,
     workdir_steps,
 )
-from sorted_jax.modeling import init_params, make_model
+from sorted_jax.modeling import abstract_params, make_model
 
 CONFIG = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
@@ -28,7 +31,17 @@ CONFIG = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hi
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.tree.map(np.asarray, init_params(make_model(CONFIG), jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(0)
+    return unflatten({path: rng.standard_normal(shape).astype(np.float32)
+                      for path, shape in expected_param_shapes(CONFIG).items()})
+
+
+def test_expected_shapes_match_model_init():
+    import flax.linen as nn
+
+    model_params = nn.unbox(abstract_params(make_model(CONFIG)))
+    want = {path: tuple(x.shape) for path, x in flatten(model_params).items()}
+    assert want == {p: tuple(s) for p, s in expected_param_shapes(CONFIG).items()}
 
 
 def assert_tree_equal(a, b):

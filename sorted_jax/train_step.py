@@ -196,7 +196,7 @@ class SoftSteps:
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": total / n, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": total / n, "grad_norm": optax.tree.norm(grads),
                    **soft.exit_metrics(sums, self.exits)}
         if self.schedule is not None:
             metrics["lr"] = self.schedule(state.step)

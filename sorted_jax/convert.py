@@ -45,9 +45,11 @@ from sorted_jax.model_io import (
     dtype_name,
     expected_param_shapes,
     find_tokenizer_files,
+    load_config,
     load_params,
     resolve_dtype,
     save_params,
+    unflatten,
 )
 
 
@@ -370,8 +372,6 @@ class _Filler:
                    if (p, i) not in self.filled]
         if missing:
             raise ConversionError(f"{where} is missing tensors for {_listing(missing)}")
-        from sorted_jax.model_io import unflatten
-
         return unflatten(self.arrays)
 
 
@@ -569,6 +569,13 @@ def write_hf_dir(tmp: Path, params: Mapping[str, Any], config: LlamaConfig,
         json.dumps(generation_config_dict(config), indent=2) + "\n")
 
 
+def _check_exit_layer(k: int, config: LlamaConfig) -> None:
+    L = config.num_hidden_layers
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= L:
+        raise ConversionError(f"--exit-layer must be in 1..{L} (the model has {L} layers), "
+                              f"got {k}")
+
+
 def export_hf(params: Mapping[str, Any], config: LlamaConfig, out_dir: str | Path,
               exit_layer: int | None = None, dtype: Any = None, shard_size: str | int = "2GB",
               tokenizer: str | Path | Iterable[str | Path] | None = None,
@@ -578,9 +585,7 @@ def export_hf(params: Mapping[str, Any], config: LlamaConfig, out_dir: str | Pat
 
     L = config.num_hidden_layers
     k = L if exit_layer is None else exit_layer
-    if not isinstance(k, int) or not 1 <= k <= L:
-        raise ConversionError(f"--exit-layer must be in 1..{L} (the model has {L} layers), "
-                              f"got {exit_layer}")
+    _check_exit_layer(k, config)
     max_bytes = parse_size(shard_size)
     np_dtype = resolve_dtype(dtype)
     params = _numpy_tree(params)
@@ -604,6 +609,8 @@ def orbax_to_hf(ckpt: str | Path, out_dir: str | Path, exit_layer: int | None = 
                               "pass --overwrite")
     parse_size(shard_size)
     resolve_dtype(dtype)
+    if exit_layer is not None and (Path(ckpt) / CONFIG_FILE).is_file():
+        _check_exit_layer(exit_layer, load_config(ckpt))  # before reading any weights
     params, config, tok_dir = load_params(ckpt, step)
     return export_hf(params, config, out, exit_layer, dtype, shard_size, tok_dir, overwrite,
                      progress)

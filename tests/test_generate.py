@@ -138,7 +138,7 @@ def test_kv_cache_decoding_equals_recompute(gqa, prompts3):
     ref, _, _ = reference_decode(gqa, GQA, prompts3, MAX_NEW)
     assert res.tokens == ref
     # rows of a batch are independent of each other (left padding is invisible)
-    for p, t in zip(prompts3, res.tokens):
+    for p, t in zip(prompts3, res.tokens, strict=True):
         alone = decoder(gqa, GQA).generate([p, p, p], max_new_tokens=MAX_NEW, max_len=MAX_LEN)
         assert alone.tokens[0] == t
 
@@ -171,7 +171,7 @@ def test_eos_stops_rows_independently(gqa, prompts3):
     eos = row[i]  # a token row 1 makes first at step i + 1 becomes the EOS
     res = decoder(gqa, GQA).generate(prompts3, max_new_tokens=MAX_NEW, max_len=MAX_LEN,
                                      eos_id=eos)
-    for t_full, t in zip(full.tokens, res.tokens):
+    for t_full, t in zip(full.tokens, res.tokens, strict=True):
         cut = t_full.index(eos) + 1 if eos in t_full else len(t_full)
         assert t == t_full[:cut]
     assert res.tokens[1] == row[:i + 1]
@@ -200,7 +200,7 @@ def test_greedy_matches_hf_generate(hf_llama_factory):
     params = hf_to_params(hf.state_dict(), GQA)
     prompts = random_prompts(7, 3, 2, 8)
     ours = decoder(params, GQA).generate(prompts, max_new_tokens=MAX_NEW, max_len=MAX_LEN)
-    for p, t in zip(prompts, ours.tokens):
+    for p, t in zip(prompts, ours.tokens, strict=True):
         with torch.no_grad():
             out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=int),
                               max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=2,

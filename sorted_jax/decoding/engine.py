@@ -64,25 +64,16 @@ from sorted_jax.decoding.sampling import (
     top1_prob,
 )
 from sorted_jax.modeling import KVCache, make_model, slice_layers
+from sorted_jax.soft import default_exits  # the exit set SoFT trains by default
+
+__all__ = ["MODES", "PAPER_THRESHOLDS", "Decoder", "GenerationResult", "default_exits",
+           "default_thresholds", "generate"]
 
 Array = jax.Array
 
 MODES = ("fixed", "early-exit", "speculative")
 # Paper (Sorted LLaMA, Sec. 4.4): thresholds of the first seven exits; the last always accepts.
 PAPER_THRESHOLDS = (0.95, 0.95, 0.9, 0.9, 0.8, 0.8, 0.7)
-
-
-def default_exits(num_layers: int) -> tuple[int, ...]:
-    """The paper's exit set scaled to the model.
-
-    32+ layers: every 4th layer from 12 plus the last ({12, 16, ..., 40} for 40 layers,
-    {12, ..., 32} for 32). Shallower models: the 40-layer set {12, 16, ..., 40} scaled by L/40.
-    """
-    if num_layers >= 32:
-        exits = list(range(12, num_layers, 4)) + [num_layers]
-    else:
-        exits = [max(1, round(num_layers * e / 40)) for e in range(12, 41, 4)]
-    return tuple(sorted(set(exits)))
 
 
 def default_thresholds(num_exits: int) -> tuple[float, ...]:
@@ -470,7 +461,7 @@ class Decoder:
                 raise ValueError("early-exit needs at least one exit layer")
             for e in ex:
                 _check_layer("exit", e, 1, big_l)
-            if any(b <= a for a, b in zip(ex, ex[1:])):
+            if any(b <= a for a, b in zip(ex, ex[1:], strict=False)):
                 raise ValueError(f"exits must be strictly increasing, got {list(ex)}")
             th = default_thresholds(len(ex)) if thresholds is None else tuple(thresholds)
             if len(th) == len(ex):
@@ -481,7 +472,7 @@ class Decoder:
             th = tuple(float(t) for t in th)
             if any(math.isnan(t) for t in th):
                 raise ValueError("thresholds must be numbers, got NaN")
-            bounds = tuple(zip((0, *ex[:-1]), ex))
+            bounds = tuple(zip((0, *ex[:-1]), ex, strict=True))
             return _Plan("ladder", bounds, th)
         if mode == "speculative":
             if big_l < 2:
@@ -631,7 +622,8 @@ class Decoder:
             if len(plan.bounds) > 1:
                 n = max(sum(hist), 1)
                 stats["avg_exit_layer"] = float(raw["exit_layer_sum"]) / n
-                stats["exit_histogram"] = {b: h for (_, b), h in zip(plan.bounds, hist)}
+                layers = [b for _, b in plan.bounds]
+                stats["exit_histogram"] = dict(zip(layers, hist, strict=True))
                 stats["thresholds"] = list(plan.thresholds)
         else:
             drafted = int(raw["drafted"])

@@ -1,0 +1,89 @@
+"""`python -m sorted_jax.generate`: model dir + builtin tokenizer, JSONL in/out, streaming,
+clear errors for bad arguments."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sorted_jax.config import LlamaConfig
+
+CFG = LlamaConfig(vocab_size=264, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                  bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from test_generate import random_params
+
+    from sorted_jax.data.tokenizers import save_tokenizer_files
+    from sorted_jax.model_io import save_model_dir
+
+    d = tmp_path_factory.mktemp("gen") / "model"
+    params = random_params(CFG, 0)
+    save_model_dir(d, {k: np.asarray(v) if not isinstance(v, dict) else v
+                       for k, v in params.items()}, CFG)
+    save_tokenizer_files("builtin", d)
+    return d
+
+
+def test_cli_jsonl_matches_decoder(model_dir, tmp_path, capsys):
+    from sorted_jax.data.tokenizers import ByteTokenizer
+    from sorted_jax.decoding import Decoder
+    from sorted_jax.generate import main
+    from sorted_jax.model_io import load_params
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi there"}\n\n{"instruction": "abc", "input": "de"}\n')
+    out = tmp_path / "out.jsonl"
+    rc = main(["--ckpt", str(model_dir), "--prompts", str(src), "--template", "none",
+               "--max-new-tokens", "6", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x.get("prompt", x.get("instruction")) for x in lines] == ["hi there", "abc"]
+    tok = ByteTokenizer()
+    params, config, _ = load_params(model_dir)
+    ids = [[1] + tok.encode("hi there"), [1] + tok.encode("abc\nde")]
+    want = Decoder(params, config).generate(ids, max_new_tokens=6)
+    assert [x["tokens"] for x in lines] == want.tokens
+    assert all(x["finish_reason"] in ("eos", "length") for x in lines)
+    assert "tokens in" in capsys.readouterr().err
+
+
+def test_cli_streams_single_prompt(model_dir, capsys):
+    from sorted_jax.generate import main
+
+    rc = main(["--ckpt", str(model_dir), "--prompt", "hello", "--template", "none",
+               "--mode", "speculative", "--draft-layer", "2", "--max-new-tokens", "5"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out.endswith("\n")
+    assert "acceptance" in captured.err and "full-model passes" in captured.err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--prompt", "x", "--exit-layer", "9"], "exit_layer must be an integer in 1..4"),
+    (["--prompt", "   "], "empty prompt"),
+    (["--prompt", "x" * 100, "--template", "none"], "exceeds the model's context of 96"),
+    (["--prompt", "x", "--mode", "early-exit", "--exits", "1", "3", "--thresholds", "0.9",
+      "0.8", "0.7"], "2 exits need 1 thresholds"),
+    (["--prompt", "x", "--mode", "early-exit", "--exits", "3,1"], "strictly increasing"),
+    (["--prompt", "x", "--exit-layer", "2", "--mode", "speculative"], "applies to --mode fixed"),
+    (["--prompt", "x", "--top-p", "0"], "top_p must be in"),
+])
+def test_cli_bad_arguments(model_dir, capsys, args, match):
+    from sorted_jax.generate import main
+
+    rc = main(["--ckpt", str(model_dir), *args])
+    assert rc == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_missing_checkpoint(tmp_path, capsys):
+    from sorted_jax.generate import main
+
+    assert main(["--ckpt", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err

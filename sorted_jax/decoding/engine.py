@@ -595,6 +595,9 @@ class Decoder:
         the run's statistics.
         """
         t0 = time.perf_counter()
+        unknown = sorted(set(kwargs) - set(_GEN_DEFAULTS))
+        if unknown:
+            raise TypeError(f"stream() got unexpected keyword arguments {unknown}")
         mode = kwargs.get("mode", "fixed")
         args = {k: kwargs.get(k, v) for k, v in _GEN_DEFAULTS.items()}
         plan, progs, params, ctl, inputs, slots = self._start([prompt], **args)

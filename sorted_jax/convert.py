@@ -441,7 +441,7 @@ def _torch_load(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
 
 def _read_bins(files: list[Path], config: LlamaConfig, dtype: np.dtype, hf_dir: Path,
                allow_pickle: bool, progress: bool) -> dict:
-    from sorted_jax.hf_mapping import _as_numpy
+    from sorted_jax.hf_mapping import as_numpy
 
     filler = _Filler(config, dtype)
     seen: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
@@ -450,7 +450,7 @@ def _read_bins(files: list[Path], config: LlamaConfig, dtype: np.dtype, hf_dir: 
             sd = _torch_load(f, allow_pickle)
             shapes = {}
             for n, t in sd.items():
-                arr = _as_numpy(t)
+                arr = as_numpy(t)
                 shapes[n] = (tuple(arr.shape), arr.dtype)
             dupes = [n for n in shapes if n in seen]
             if dupes:
@@ -460,7 +460,7 @@ def _read_bins(files: list[Path], config: LlamaConfig, dtype: np.dtype, hf_dir: 
             # Names and shapes of this shard are checked before any is copied.
             _validate_names_and_shapes(shapes, config, str(f), complete=False)
             for n, t in sd.items():
-                filler.put(n, _as_numpy(t))
+                filler.put(n, as_numpy(t))
             del sd
             bar.update(1)
     _validate_names_and_shapes(seen, config, str(hf_dir))

@@ -37,7 +37,8 @@ _LAYER_PATHS: dict[str, tuple[str, ...]] = {
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-def _hf_shape(module: str, config: LlamaConfig) -> tuple[int, ...]:
+def hf_shape(module: str, config: LlamaConfig) -> tuple[int, ...]:
+    """HF's shape of a layer tensor (`module` like "self_attn.q_proj") under `config`."""
     d, f = config.hidden_size, config.intermediate_size
     q, kv = config.num_attention_heads * config.dim_per_head, config.kv_heads * config.dim_per_head
     return {
@@ -86,7 +87,7 @@ def hf_tensor_to_ours(name: str, w: np.ndarray, config: LlamaConfig
         if layer >= config.num_hidden_layers:
             raise MappingError(f"tensor {name!r} is for layer {layer}, but the config has "
                                f"num_hidden_layers={config.num_hidden_layers}")
-        _check_shape(name, w, _hf_shape(module, config))
+        _check_shape(name, w, hf_shape(module, config))
         return ("layers", *_LAYER_PATHS[module]), layer, _to_ours(module, w, config)
     d, v = config.hidden_size, config.vocab_size
     if name == "model.embed_tokens.weight":
@@ -128,7 +129,7 @@ def hf_to_params(state_dict: Mapping[str, Any], config: LlamaConfig) -> dict:
     per_layer: dict[tuple[str, ...], list[np.ndarray | None]] = {}
     params: dict = {}
     for name, tensor in state_dict.items():
-        mapped = hf_tensor_to_ours(name, _as_numpy(tensor), config)
+        mapped = hf_tensor_to_ours(name, as_numpy(tensor), config)
         if mapped is None:
             continue
         path, layer, w = mapped
@@ -147,19 +148,19 @@ def iter_hf_tensors(params: Mapping[str, Any], config: LlamaConfig,
 
     Pulls one layer slice at a time from the stacked arrays, so exporting streams.
     """
-    yield "model.embed_tokens.weight", _as_numpy(params["embed_tokens"]["embedding"])
+    yield "model.embed_tokens.weight", as_numpy(params["embed_tokens"]["embedding"])
     layers = params["layers"]
     for i in range(config.num_hidden_layers):
         for module, path in _LAYER_PATHS.items():
             node = layers
             for key in path:
                 node = node[key]
-            yield f"model.layers.{i}.{module}.weight", _to_hf(module, _as_numpy(node[i]))
-    yield "model.norm.weight", _as_numpy(params["norm"]["scale"])
+            yield f"model.layers.{i}.{module}.weight", _to_hf(module, as_numpy(node[i]))
+    yield "model.norm.weight", as_numpy(params["norm"]["scale"])
     if not config.tie_word_embeddings:
-        yield "lm_head.weight", _as_numpy(params["lm_head"]["kernel"]).T
+        yield "lm_head.weight", as_numpy(params["lm_head"]["kernel"]).T
     elif include_tied_head:
-        yield "lm_head.weight", _as_numpy(params["embed_tokens"]["embedding"])
+        yield "lm_head.weight", as_numpy(params["embed_tokens"]["embedding"])
 
 
 def params_to_hf(params: Mapping[str, Any], config: LlamaConfig,
@@ -168,7 +169,8 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig,
             for k, v in iter_hf_tensors(params, config, include_tied_head)}
 
 
-def _as_numpy(x: Any) -> np.ndarray:
+def as_numpy(x: Any) -> np.ndarray:
+    """A numpy view of a numpy/jax array or torch tensor (torch bf16 kept as ml_dtypes bf16)."""
     if hasattr(x, "detach"):  # a torch tensor; torch cannot .numpy() bf16, so reinterpret its bits
         import torch
 

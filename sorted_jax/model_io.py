@@ -80,14 +80,14 @@ def dtype_name(dtype: Any) -> str:
 
 def expected_param_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Path -> shape of every leaf of our params tree for `config` (no allocation, no JAX)."""
-    from sorted_jax.hf_mapping import _hf_shape  # the mapping's own shape table
+    from sorted_jax.hf_mapping import hf_shape
 
     shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
     d, v = config.hidden_size, config.vocab_size
     for name in expected_hf_names(config):
         if name.startswith("model.layers.0."):
             module = name[len("model.layers.0."):-len(".weight")]
-            hf = _hf_shape(module, config)
+            hf = hf_shape(module, config)
         elif name.startswith("model.layers."):
             continue
         elif name == "model.norm.weight":

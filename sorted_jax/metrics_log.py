@@ -1,0 +1,183 @@
+"""Training logs: `metrics.jsonl`, TensorBoard events, progress bar, per-exit table and plot.
+
+Everything here is host-side and cheap; the trainer creates it on process 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+EXIT_TABLE_FILE = "exit_table.md"
+FINAL_METRICS_FILE = "final_metrics.json"
+EXIT_PLOT_FILE = "exit_loss.png"
+
+_EXIT_KEY = re.compile(r"^(loss|accuracy)/exit_(\d+)$")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe float/int (NaN and inf become strings JSON can carry)."""
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+class MetricsLogger:
+    """Appends `{"step", "split", ...metrics}` lines to `metrics.jsonl` and TensorBoard scalars.
+
+    TensorBoard goes through tensorboardX (no TensorFlow); tags are `split/metric`, e.g.
+    `eval/loss/exit_12`.
+    """
+
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+        self.workdir = Path(workdir)
+        self._file = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=str(self.workdir / TENSORBOARD_DIR))
+
+    def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+        line = {"step": int(step), "split": split, "time": round(time.time(), 3)}
+        line.update({k: _plain(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{split}/{key}", value, int(step))
+
+    def flush(self) -> None:
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """The lines of `WORKDIR/metrics.jsonl` (optionally one split), in file order."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if split is None or r.get("split") == split]
+
+
+def exit_values(metrics: Mapping[str, Any], kind: str = "loss") -> dict[int, float]:
+    """{exit: value} from `loss/exit_N` (or `accuracy/exit_N`) keys."""
+    out = {}
+    for key, value in metrics.items():
+        m = _EXIT_KEY.match(key)
+        if m and m.group(1) == kind:
+            out[int(m.group(2))] = float(value)
+    return dict(sorted(out.items()))
+
+
+def compact_exits(metrics: Mapping[str, Any]) -> str:
+    """`e2 3.12 e4 2.80 ...`: per-exit losses for the progress bar."""
+    return " ".join(f"e{e} {v:.3f}" for e, v in exit_values(metrics).items())
+
+
+def exit_table(eval_metrics: Mapping[str, Any] | None, train_metrics: Mapping[str, Any] | None,
+               *, num_layers: int, title: str = "") -> str:
+    """Markdown table, one row per exit: eval loss / perplexity / token accuracy, train loss."""
+    eval_metrics = eval_metrics or {}
+    train_metrics = train_metrics or {}
+    ev_loss, ev_acc = exit_values(eval_metrics, "loss"), exit_values(eval_metrics, "accuracy")
+    tr_loss = exit_values(train_metrics, "loss")
+    exits = sorted(set(ev_loss) | set(tr_loss))
+    lines = [f"{title}\n" if title else ""]
+    lines.append("| exit (layers) | eval loss | eval ppl | eval token acc | train loss |")
+    lines.append("|---:|---:|---:|---:|---:|")
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    for e in exits:
+        loss = ev_loss.get(e)
+        ppl = math.exp(min(loss, 50.0)) if loss is not None else None
+        tag = f"{e}/{num_layers}"
+        lines.append(f"| {tag} | {fmt(loss, '.4f')} | {fmt(ppl, '.3f')} | "
+                     f"{fmt(ev_acc.get(e), '.4f')} | {fmt(tr_loss.get(e), '.4f')} |")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def plot_exit_losses(history: Sequence[tuple[int, Mapping[str, Any]]], path: str | Path,
+                     title: str = "held-out loss per exit") -> bool:
+    """PNG of eval loss vs step, one line per exit; `history` = [(step, eval metrics)].
+
+    Returns False (and writes nothing) when there is nothing to plot.
+    """
+    points: dict[int, list[tuple[int, float]]] = {}
+    for step, metrics in history:
+        for e, v in exit_values(metrics).items():
+            points.setdefault(e, []).append((int(step), v))
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for e, pts in sorted(points.items()):
+        pts.sort()
+        style = "o-" if len(pts) < 30 else "-"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"exit {e}",
+                markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+class Progress:
+    """A tqdm bar (step, compact per-exit loss, tokens/s; tqdm adds the ETA), or nothing."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc="train", unit="step",
+                             dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def show(self, metrics: Mapping[str, Any], tokens_per_s: float | None) -> None:
+        if self._bar is None:
+            return
+        text = f"loss {float(metrics.get('loss', float('nan'))):.3f} | {compact_exits(metrics)}"
+        if tokens_per_s:
+            text += f" | {tokens_per_s / 1000:.1f}k tok/s"
+        self._bar.set_postfix_str(text, refresh=False)
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,157 @@
+"""The training config: every field `python -m sorted_jax.train` reads, with its default.
+
+Config files in `configs/` start from :func:`default_config` (or :func:`alpaca_config`, the
+paper's recipe) and change what they need; the CLI then applies `--config.a.b=value`
+overrides. The dict is locked, so a misspelt key fails at parse time instead of being ignored.
+
+The schema lives in the package (not in `configs/base.py`) because ml_collections loads a
+config file by path: a file in `configs/` cannot reliably import its siblings, but it can always
+import `sorted_jax`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sorted_jax.sharding import DEFAULT_RULES
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # -- model -------------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    # A name from sorted_jax.config.PRESETS; "" = take the architecture from `init_from`.
+    c.model.preset = "tiny"
+    # Overrides of the preset; 0 keeps the preset's value.
+    c.model.vocab_size = 0
+    c.model.hidden_size = 0
+    c.model.intermediate_size = 0
+    c.model.num_hidden_layers = 0
+    c.model.num_attention_heads = 0
+    c.model.num_key_value_heads = 0
+    c.model.max_position_embeddings = 0
+
+    # Base weights: a model dir (`python -m sorted_jax.convert hf-to-orbax`) or a training
+    # workdir (its latest step). "" = random init. Loading weights gives a fresh optimizer at
+    # step 0; re-running a command on a workdir that has checkpoints resumes that run instead.
+    c.init_from = ""
+
+    # Exit set: "default" (12,16,...,L for LLaMA-2), "12,16,20", "all", or "last" (= SFT).
+    c.exits = "default"
+    # Exits reported on the held-out set (same syntax); "" = the training exits. An SFT run
+    # (exits "last") sets the SoFT exits here to show what its intermediate exits are worth.
+    c.eval_exits = ""
+    # Per-exit loss weights, "" = the paper's uniform mean; else comma-separated, one per exit.
+    c.exit_weights = ""
+
+    c.seed = 0  # parameter init and the data shuffle order
+    c.dtype = "bfloat16"  # compute dtype
+    c.param_dtype = "float32"  # master weights and optimizer state
+    c.attention_impl = "auto"  # xla | cudnn | auto (cudnn on GPU with bf16)
+    c.remat_policy = "none"  # sorted_jax.modeling.REMAT_POLICY_NAMES
+    c.loss_rows_per_chunk = 4096  # bounds the logits held at once in the multi-exit loss
+
+    # -- data --------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    # "builtin" (toy set, no download), "tfds:NAME" (array_record, no TensorFlow needed), or a
+    # path to a JSON list / JSONL file of {instruction, input, output} records.
+    c.data.train = "builtin"
+    c.data.train_split = "train"
+    # Held-out set: "" = the train source's `eval_split` (builtin, TFDS; a JSON file has none:
+    # use eval_holdout), "none" = no evaluation, or another source spec.
+    c.data.eval = ""
+    c.data.eval_split = "eval"
+    # > 0: hold out this many train records (seeded by data.seed) as the eval set instead.
+    c.data.eval_holdout = 0
+    c.data.tfds_data_dir = ""
+    # "builtin", a SentencePiece .model, or a tokenizer dir; "" = the tokenizer of init_from.
+    c.data.tokenizer = "builtin"
+    c.data.template = "alpaca"  # alpaca | plain
+    c.data.buckets = ""  # padded sequence lengths, e.g. "128,256,512"; "" = powers of two
+    c.data.shuffle = True
+    c.data.max_records = 0  # > 0: use only the first N train records (smoke runs)
+    c.data.seed = 0  # builtin generation and eval_holdout split
+
+    c.max_len = 512  # tokens per sequence, BOS/EOS included (longer responses are truncated)
+
+    # -- schedule ----------------------------------------------------------------------------
+    c.batch_size = 32  # global batch (sequences per optimizer step), over all processes
+    c.grad_accum = 1  # micro-batches per step: each is batch_size / grad_accum sequences
+    c.epochs = 2.0  # used when num_steps == 0
+    c.num_steps = 0  # > 0: train exactly this many steps
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-5
+    c.optim.schedule = "cosine"  # cosine | linear | constant (after warmup)
+    c.optim.warmup_ratio = 0.03  # of the total steps, used when warmup_steps < 0
+    c.optim.warmup_steps = -1
+    c.optim.end_lr_ratio = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = 1.0  # 0 = no clipping
+
+    # -- loop --------------------------------------------------------------------------------
+    c.log_every = 10
+    c.eval_every = 0  # steps; 0 = only at the end
+    c.eval_at_start = False
+    c.eval_batches = 0  # 0 = the whole held-out set
+    c.eval_batch_size = 0  # 0 = the micro-batch size (batch_size / grad_accum)
+    c.checkpoint_every = 500  # steps; a checkpoint is also written at the end and on SIGTERM
+    c.keep_checkpoints = 3  # newest N kept; 0 = keep all
+    c.async_checkpointing = True
+    c.tensorboard = True
+
+    # -- devices -----------------------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
+    c.mesh.rules = tuple(DEFAULT_RULES)  # logical axis -> mesh axes
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False
+    # "" with enabled=True: jax.distributed.initialize() auto-detects (TPU pods, SLURM, ...).
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0  # 0 = auto
+    c.distributed.process_id = -1  # -1 = auto
+    c.distributed.cpu_collectives = "gloo"  # CPU-only multi-process runs
+    c.distributed.initialization_timeout = 300
+    return c
+
+
+def alpaca_config(preset: str, exits: str, eval_exits: str = "") -> ml_collections.ConfigDict:
+    """The paper's recipe (arXiv 2309.08968, Sec. 4): Stanford Alpaca with its template, loss on
+    responses, lr 2e-5 cosine, ~3% warmup, 2 epochs, effective batch 32, bf16 compute on fp32
+    master weights, FSDP over all devices with remat."""
+    c = default_config()
+    c.model.preset = preset
+    c.exits = exits
+    c.eval_exits = eval_exits
+    # Prepare once (no TensorFlow needed):
+    #   python -c "from sorted_jax.data.alpaca_tfds import prepare_alpaca; prepare_alpaca('DIR')"
+    # or point at the release file: --config.data.train=/path/alpaca_data.json
+    c.data.train = "tfds:stanford_alpaca"
+    c.data.tfds_data_dir = ""
+    c.data.eval = ""
+    c.data.eval_holdout = 500  # Alpaca has only a train split
+    c.data.tokenizer = ""  # the LLaMA-2 tokenizer that came with init_from
+    c.data.template = "alpaca"
+    c.max_len = 512
+    c.batch_size = 32
+    c.grad_accum = 4  # micro-batches of 8; set 1 where memory allows
+    c.epochs = 2.0
+    c.optim.lr = 2e-5
+    c.optim.schedule = "cosine"
+    c.optim.warmup_ratio = 0.03
+    c.dtype = "bfloat16"
+    c.param_dtype = "float32"
+    c.attention_impl = "auto"
+    c.remat_policy = "dots_with_no_batch_dims_saveable"
+    c.mesh.shape = (1, -1, 1)
+    c.log_every = 10
+    c.eval_every = 200
+    c.eval_batches = 0
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 2
+    return c

@@ -1,0 +1,175 @@
+"""The training CLI, in-process: outputs of a short run, config validation, init_from, NaN stop.
+
+These run with the 8 fake CPU devices of conftest.py (mesh (8, 1, 1), one row per device).
+Subprocess tests (SIGTERM + resume, two processes) are in test_train_resume.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from sorted_jax import checkpoint, metrics_log, model_io, train
+from sorted_jax.config import preset
+from sorted_jax.data import save_tokenizer_files
+from sorted_jax.modeling import init_params, make_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.py")
+
+# A 2-layer, width-32 model on the builtin data: compiles in seconds on 2 cores.
+SMALL = [
+    "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
+    "--config.model.num_hidden_layers=2", "--config.model.num_attention_heads=2",
+    "--config.model.num_key_value_heads=1", "--config.exits=1,2", "--config.eval_exits=",
+    "--config.batch_size=8", "--config.eval_batches=2", "--config.eval_at_start=False",
+    "--config.optim.schedule=constant",
+    "--config.optim.warmup_steps=0", "--config.optim.lr=3e-3", "--config.data.max_records=400",
+]
+SMALL_CONFIG = preset("tiny").replace(vocab_size=264, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1)
+
+
+def argv(workdir, *extra):
+    return ["train", f"--config={TINY}", f"--workdir={workdir}", *SMALL, *extra]
+
+
+def small_config(*extra):
+    config, _ = train.parse_args(argv("unused", *extra))
+    return config
+
+
+def test_cli_run_writes_everything(tmp_path, capsys):
+    wd = tmp_path / "run"
+    rc = train.main(argv(wd, "--config.num_steps=6", "--config.log_every=2",
+                         "--config.eval_every=3", "--config.checkpoint_every=2",
+                         "--config.keep_checkpoints=2"))
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    # checkpoints: keep-2 of steps 2, 4, 6, readable by model_io
+    assert model_io.workdir_steps(wd) == [4, 6]
+    params, config, _ = model_io.load_params(wd)
+    assert config == SMALL_CONFIG
+    assert params["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 32, 64)
+    ckpt = checkpoint.Checkpointer(wd)
+    meta = ckpt.read_meta(6)
+    ckpt.close()
+    assert meta["exits"] == [1, 2] and meta["step"] == 6
+    assert meta["train_config"]["batch_size"] == 8
+    assert meta["model_config"]["num_hidden_layers"] == 2
+    data_state = json.loads((wd / "checkpoints" / "6" / "data" / "metadata").read_text())
+    assert data_state["index"] == 6 * 8 and data_state["epoch"] == 0
+    # metrics.jsonl: train lines every 2 steps, eval at 3 and 6, per-exit keys
+    train_rows = metrics_log.read_metrics(wd, "train")
+    eval_rows = metrics_log.read_metrics(wd, "eval")
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    assert [r["step"] for r in eval_rows] == [3, 6]
+    for row in train_rows + eval_rows:
+        assert {"loss/exit_1", "loss/exit_2", "accuracy/exit_1", "accuracy/exit_2"} <= set(row)
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train_rows)
+    # TensorBoard events, plot, table, final metrics, model config, tokenizer
+    assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+    assert (wd / "exit_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (wd / "exit_table.md").read_text()
+    assert "| 1/2 |" in table and "| 2/2 |" in table and table in out.out
+    final = json.loads((wd / "final_metrics.json").read_text())
+    assert final["step"] == 6 and final["interrupted"] is None
+    assert final["eval"]["loss/exit_2"] == pytest.approx(eval_rows[-1]["loss/exit_2"])
+    assert (wd / "tokenizer" / "sorted_jax_tokenizer.json").is_file()
+    assert json.loads((wd / "train_config.json").read_text())["exits"] == "1,2"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config.exits=0,2"], r"exit layers \[0\] are out of range: exits are layer numbers 1..2"),
+    (["--config.exits=1,3"], r"exit layers \[3\] are out of range"),
+    (["--config.exits="], r"exits is empty"),
+    (["--config.eval_exits=5"], r"exit layers \[5\] are out of range"),
+    (["--config.optim.lrr=1"], r"unknown config key 'config.optim.lrr'\. Did you mean "
+                               r"'config.optim.lr'\?"),
+    (["--config.nope=1"], r"unknown config key 'config.nope'"),
+    (["--config.mesh.shape=3,1,1"], r"needs 3 devices, but 8 are available"),
+    (["--config.batch_size=12"], r"micro-batch size 12 .* not divisible by the data-parallel "
+                                 r"size 8"),
+    (["--config.batch_size=16", "--config.grad_accum=3"], r"not divisible by grad_accum=3"),
+    (["--config.data.train=/no/such/alpaca.json"], r"data.train='/no/such/alpaca.json': data "
+                                                   r"file not found"),
+    (["--config.model.vocab_size=200"], r"has 264 ids but the model's vocab_size is 200"),
+    (["--config.remat_policy=some"], r"remat_policy must be one of"),
+    (["--config.model.preset=llama9"], r"unknown model.preset 'llama9'"),
+    (["--config.max_len=4096"], r"max_len=4096 exceeds the model's max_position_embeddings"),
+])
+def test_bad_config_fails_before_compiling(tmp_path, capsys, monkeypatch, extra, message):
+    def no_compile(*args, **kwargs):
+        raise AssertionError("validation should have failed before building the train step")
+
+    monkeypatch.setattr(train, "SoftSteps", no_compile)
+    wd = tmp_path / "run"
+    assert train.main(argv(wd, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sorted_jax.train: error: ")
+    assert err.count("\n") == 1  # one line, no traceback
+    import re
+
+    assert re.search(message, err), err
+    assert not (wd / "checkpoints").exists()
+
+
+def test_malformed_record_names_file_and_line(tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_text('[\n  {"instruction": "a", "input": "", "output": "b"},\n'
+                    '  {"instruction": "c", "input": ""}\n]\n')
+    assert train.main(argv(tmp_path / "run", f"--config.data.train={data}")) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:3: record 1: record has no 'output' field" in err, err
+
+
+def test_init_from_model_dir_loads_weights(tmp_path):
+    model = make_model(SMALL_CONFIG)
+    params = jax.tree.map(np.asarray, init_params(model, jax.random.PRNGKey(7)))
+    model_dir = tmp_path / "base"
+    model_io.save_model_dir(model_dir, params, SMALL_CONFIG)
+    save_tokenizer_files("builtin", model_dir)
+
+    # init_from with the tokenizer taken from the model dir and the architecture from it too
+    config = small_config(f"--config.init_from={model_dir}", "--config.data.tokenizer=",
+                          "--config.model.preset=", "--config.model.vocab_size=0",
+                          "--config.model.hidden_size=0", "--config.model.intermediate_size=0",
+                          "--config.model.num_hidden_layers=0",
+                          "--config.model.num_attention_heads=0",
+                          "--config.model.num_key_value_heads=0", "--config.num_steps=2")
+    trainer = train.Trainer(config, tmp_path / "run")
+    assert trainer.model_config == SMALL_CONFIG
+    assert trainer.start_step == 0 and int(trainer.state.step) == 0
+    loaded = jax.tree.map(np.asarray, trainer.state.params)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    trainer.checkpointer.close()
+
+    # an explicit preset must agree with the weights
+    config = small_config(f"--config.init_from={model_dir}", "--config.model.hidden_size=64",
+                          "--config.model.intermediate_size=128")
+    with pytest.raises(train.TrainConfigError, match=r"does not match model.preset='tiny'.*"
+                                                     r"hidden_size: 64 vs 32"):
+        train.Trainer(config, tmp_path / "run2")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    wd = tmp_path / "run"
+    rc = train.main(argv(wd, "--config.num_steps=8", "--config.checkpoint_every=1",
+                         "--config.log_every=1", "--config.optim.lr=1e30",
+                         "--config.optim.clip_norm=0", "--config.optim.b2=0.0"))
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    import re
+
+    m = re.search(r"non-finite loss at step (\d+) .* The last good checkpoint is step (\d+)", err)
+    assert m, err
+    bad, good = int(m.group(1)), int(m.group(2))
+    assert good == bad - 1
+    assert model_io.workdir_steps(wd)[-1] == good
+    params, _, _ = model_io.load_params(wd)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

@@ -61,7 +61,7 @@ Options (each also from an environment variable; flags win):
 
 Everything after '--' goes to sorted_jax.train (train only), e.g.
   $PROG --name=soft --project=my-proj --workdir=gs://my-bucket/soft_7b train -- \\
-      --config.init_from=gs://my-bucket/llama2-7b --config.mesh.shape=1,-1,1
+      --config.exits=12,16,20,24,28,32 --config.mesh.shape=1,-1,1
 EOF
 }
 

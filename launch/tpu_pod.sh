@@ -230,7 +230,7 @@ fi
 TPU=(compute tpus tpu-vm)
 WHERE=(--zone="$ZONE" --project="$PROJECT")
 
-# The trainer's processes: argv[0] ends in python*, then '-m sorted_jax.train'. Anchored at the
+# The trainer's processes: a first word naming python, then '-m sorted_jax.train'. Anchored at the
 # start, so it never matches the remote shell ('bash -c ...') whose command line mentions it.
 HOME_SIGN='~'  # the remote home, in messages
 PATTERN='^[^ ]*python[^ ]* -m sorted_jax[.]train( |$)'

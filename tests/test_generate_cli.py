@@ -15,6 +15,19 @@ CFG = LlamaConfig(vocab_size=264, hidden_size=64, intermediate_size=128, num_hid
                   bos_token_id=1, eos_token_id=2)
 
 
+@pytest.fixture(autouse=True)
+def fast_compile(monkeypatch):
+    """The CLI's decoder compiles with XLA's cheap optimisation level (as test_generate's)."""
+    import functools
+
+    from test_generate import FAST
+
+    import sorted_jax.generate as gen
+    from sorted_jax.decoding import Decoder
+
+    monkeypatch.setattr(gen, "Decoder", functools.partial(Decoder, compiler_options=FAST))
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from test_generate import random_params
@@ -47,7 +60,11 @@ def test_cli_jsonl_matches_decoder(model_dir, tmp_path, capsys):
     tok = ByteTokenizer()
     params, config, _ = load_params(model_dir)
     ids = [[1] + tok.encode("hi there"), [1] + tok.encode("abc\nde")]
-    want = Decoder(params, config).generate(ids, max_new_tokens=6)
+    from test_generate import FAST
+
+    # same padding and cache length as the CLI: the compiled program is shared
+    want = Decoder(params, config, pad_multiple=64, compiler_options=FAST).generate(
+        ids, max_new_tokens=6, max_len=128)
     assert [x["tokens"] for x in lines] == want.tokens
     assert all(x["finish_reason"] in ("eos", "length") for x in lines)
     assert "tokens in" in capsys.readouterr().err

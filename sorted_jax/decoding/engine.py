@@ -10,9 +10,17 @@ One engine serves all modes. The decoder stack is cut into *segments* of consecu
   threshold (the last exit always accepts). Deeper segments run under `lax.cond`, so skipped
   layers cost nothing for that token.
 * ``speculative`` (draft depth k): segments `[0, k)` (the draft, which is also the bottom of
-  the full model) and `[k, L)`. The draft writes layers [0, k)'s K/V for the tokens it drafts;
-  the verify pass runs only layers [k, L) on the stored layer-k hidden states of all drafted
-  tokens at once.
+  the full model) and `[k, L)`. Verification *reuses* the draft's work: the draft wrote layers
+  [0, k)'s K/V for the last committed token and the drafts d_1..d_{n-1} and kept their
+  layer-k hidden states; the verify pass runs layers [0, k) for d_n alone, then layers [k, L)
+  once over all n + 1 tokens (a fixed-width chunk of `max_draft + 1`, padding masked).
+  Rejected tokens are rolled back by moving both caches' `index` back.
+
+Early exit decides with the top-1 probability of the plain softmax (T = 1) of each exit's
+logits, then picks the token from the chosen exit's logits with the sampling settings. The
+first generated token (from the prefill, where every layer runs anyway) follows the same rule.
+In a batch, a deeper segment runs when any unfinished row still needs it; rows that already
+exited keep their token.
 
 **Batches** are left-padded to a common prompt length P (padding slots hold position -1 in the
 cache, so they are never attended); row b's tokens keep their own positions 0, 1, .... All rows
@@ -37,7 +45,12 @@ bonus token). This keeps one shared cache index (no holes), greedy output stays 
 the full model's, and sampled output stays exactly distributed as the full model's (the stop
 point m is fixed by the row's own already-accepted prefix and by other rows only). Batch 1
 gives the best acceptance per row; the adaptive draft length (start 4, +2 when all unfinished
-rows accepted every draft, else -1, in [1, max_draft]) is shared by the batch.
+rows accepted every draft, else -1, in [1, max_draft], never past max_new_tokens) is shared
+by the batch.
+
+**Memory.** Sliced per-segment params are copies of the layer weights (made once per layout
+and kept by the `Decoder`); early exit keeps `[B, S, D]` hidden states per exit boundary; the
+cache has `max_len` + a small slack of slots (chunked writes never clamp).
 """
 
 from __future__ import annotations

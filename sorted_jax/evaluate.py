@@ -1,0 +1,730 @@
+"""Per-exit quality of one or several checkpoints, side by side; TriviaQA EM; latency; dumps.
+
+    python -m sorted_jax.evaluate --ckpt /tmp/soft_tiny --ckpt /tmp/sft_tiny \\
+        --ckpt /tmp/sft_ict --data builtin --out /tmp/eval [--latency] [--triviaqa FILE.json]
+    python -m sorted_jax.evaluate --ckpt soft --data builtin --out ev \\
+        --dump-generations gens.jsonl --num-generations 20
+    python -m sorted_jax.evaluate pair --gens gens.jsonl --a soft:4 --b sft:8 --out pairs.jsonl
+
+`--ckpt` is a model dir or a training workdir (`model_io.load_params`), or an SFT+ICT dir
+(`python -m sorted_jax.ict`), whose exits are then scored with their own heads. Per exit n
+(first n layers + final norm + lm_head) on the held-out records of `--data` (`--split`,
+default eval) with the training template: token cross-entropy, perplexity and top-1 token
+accuracy on the response tokens, computed by `SoftSteps.eval_step` (the training eval's own
+jitted step) and summed over the whole set before dividing, as training's eval does.
+
+Outputs in `--out`:
+
+    exit_metrics.md     Markdown table, one row per exit, columns checkpoint x metric
+    exit_metrics.json   the same numbers, plus settings; TriviaQA predictions per exit
+    exit_quality.png    loss / token accuracy (/ TriviaQA EM) vs exit, one line per checkpoint
+    speed_quality.png   with --latency: loss vs measured decode ms/token, one point per exit
+
+`--latency` times greedy decoding at each exit (`Decoder`, mode fixed): after a warm-up,
+(time of N new tokens - time of 1) / (N - 1), the best of a few repeats, batch 1, so prefill
+and compilation are excluded. `--dump-generations` writes one JSON line per (instruction,
+exit, checkpoint) with {instruction, input, response} as a PandaLM-style judge reads them;
+`pair` turns two of those columns into the judge's {instruction, input, response1, response2}.
+
+Defaults (template, max_len, exits, data seed, held-out records of a JSON file, compute dtype)
+come from the first checkpoint's `train_config.json` (or `ict.json`) when it has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sorted_jax import ict, model_io, sharding, soft
+from sorted_jax.config import ConfigError, LlamaConfig
+from sorted_jax.data import (
+    DataError,
+    EvalIterator,
+    holdout_split,
+    load_records,
+    load_tokenizer,
+    tokenize_records,
+)
+from sorted_jax.data.templates import TEMPLATES, format_prompt
+from sorted_jax.data.tokenizers import BUILTIN_MARKER
+from sorted_jax.triviaqa import TriviaQAError
+
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
+METRICS_MD, METRICS_JSON = "exit_metrics.md", "exit_metrics.json"
+QUALITY_PNG, SPEED_PNG = "exit_quality.png", "speed_quality.png"
+
+
+class EvalError(ValueError):
+    """Arguments, checkpoints or data that cannot be evaluated; the message says why."""
+
+
+USER_ERRORS = (EvalError, ict.IctError, model_io.ModelIOError, soft.ExitError, DataError,
+               TriviaQAError, ConfigError, sharding.MeshError, FileNotFoundError)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    label: str
+    path: Path
+    params: dict
+    config: LlamaConfig
+    tokenizer: Any
+    heads: ict.IctHeads | None
+    settings: dict[str, Any]  # what training recorded: template, max_len, exits, data, ...
+
+
+def _parse_int_list(text: Any) -> list[int] | None:
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if isinstance(text, list | tuple):
+        return [int(x) for x in text]
+    try:
+        return [int(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        return None
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """Training settings recorded beside the weights (train_config.json or ict.json)."""
+    meta = ict.read_meta(path)
+    if meta:
+        keys = ("data", "template", "max_len", "batch_size", "lr", "dtype", "holdout",
+                "data_seed", "buckets", "exits")
+        out = {k: meta[k] for k in keys if k in meta}
+        out["eval_holdout"] = meta.get("holdout", 0)
+        return out
+    f = path / "train_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        c = json.loads(f.read_text())
+        data = c.get("data", {})
+        return {
+            "data": data.get("train"), "template": data.get("template"),
+            "max_len": c.get("max_len"), "batch_size": c.get("batch_size"),
+            "lr": c.get("optim", {}).get("lr"), "dtype": c.get("dtype"),
+            "eval_holdout": data.get("eval_holdout", 0), "data_seed": data.get("seed", 0),
+            "buckets": _parse_int_list(data.get("buckets")),
+            "train_exits": c.get("exits"), "eval_exits": c.get("eval_exits"),
+            "tokenizer": data.get("tokenizer"),
+        }
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def _resolve_tokenizer(path: Path, tok_dir: Path | None, spec: str | None,
+                       settings: Mapping[str, Any]) -> Any:
+    if spec:
+        return load_tokenizer(spec)
+    candidates = [c for c in (tok_dir, path, path / "tokenizer") if c is not None]
+    for cand in candidates:
+        if (cand / BUILTIN_MARKER).is_file() or model_io.find_tokenizer_files(cand):
+            return load_tokenizer(cand)
+    if settings.get("tokenizer") == "builtin":
+        return load_tokenizer("builtin")
+    raise EvalError(f"{path} has no tokenizer files (looked in {[str(c) for c in candidates]}); "
+                    "pass --tokenizer (builtin, a tokenizer.model or a tokenizer dir)")
+
+
+def load_checkpoint(path: str | Path, label: str, tokenizer_spec: str | None = None,
+                    dtype: Any = None) -> Checkpoint:
+    """Weights, config, tokenizer, ICT heads (if any) and training settings of `--ckpt`."""
+    p = Path(path)
+    if p.is_dir() and not (p / model_io.CONFIG_FILE).is_file():
+        has = sorted(x.name for x in p.iterdir())[:12]
+        raise EvalError(f"checkpoint {label!r} ({p}) has no {model_io.CONFIG_FILE}: it is not a "
+                        f"model dir or training workdir (it contains {has})")
+    params, config, tok_dir = model_io.load_params(p, dtype=dtype)
+    settings = read_settings(p)
+    tokenizer = _resolve_tokenizer(p, tok_dir, tokenizer_spec, settings)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise EvalError(f"checkpoint {label!r}: the tokenizer has {tokenizer.vocab_size} ids but "
+                        f"the model's vocab is {config.vocab_size}; pass the right --tokenizer")
+    heads = ict.load_heads(p, config)
+    return Checkpoint(label, p, params, config, tokenizer, heads, settings)
+
+
+def default_exits_of(ckpt: Checkpoint) -> tuple[int, ...]:
+    """ICT heads' exits; else the run's eval/train exits (unless just the last); else default."""
+    big_l = ckpt.config.num_hidden_layers
+    if ckpt.heads is not None:
+        return ckpt.heads.exits
+    for key in ("eval_exits", "train_exits"):
+        text = ckpt.settings.get(key)
+        if text and str(text).strip():
+            try:
+                exits = soft.resolve_exits(str(text), big_l)
+            except soft.ExitError:
+                continue
+            if exits != (big_l,):
+                return exits
+    return soft.default_exits(big_l)
+
+
+def resolve_exits_for(ckpt: Checkpoint, exits: str | None) -> tuple[int, ...]:
+    if exits is None:
+        out = default_exits_of(ckpt)
+    else:
+        try:
+            out = soft.resolve_exits(exits, ckpt.config.num_hidden_layers)
+        except soft.ExitError as e:
+            raise EvalError(f"--exits {exits} for checkpoint {ckpt.label!r} ({ckpt.path}, "
+                            f"{ckpt.config.num_hidden_layers} layers): {e}") from None
+    if ckpt.heads is not None:
+        missing = [e for e in out if e not in ckpt.heads.exits]
+        if missing:
+            raise EvalError(f"checkpoint {ckpt.label!r} is SFT+ICT with heads for exits "
+                            f"{list(ckpt.heads.exits)} only; no head for exits {missing}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def load_split_records(spec: str, split: str, *, holdout: int = 0, seed: int = 0,
+                       limit: int = 0) -> list:
+    """Records of `spec`; for a JSON file with `holdout` > 0 the held-out (eval) part or the
+    rest (train), split as training's `data.eval_holdout` does."""
+    is_file = spec != "builtin" and not spec.startswith("tfds:")
+    if is_file and not Path(spec).expanduser().is_file():
+        raise EvalError(f"--data {spec!r}: file not found (expected 'builtin', 'tfds:NAME' or a "
+                        "JSON/JSONL file of {instruction, input, output} records)")
+    try:
+        records = load_records(spec, split, seed=seed)
+    except ValueError as e:
+        raise DataError(f"--data {spec!r} split {split!r}: {e}") from None
+    if is_file and holdout > 0:
+        try:
+            train, held = holdout_split(records, holdout, seed)
+        except ValueError as e:
+            raise EvalError(f"--holdout {holdout}: {e}") from None
+        records = held if split == "eval" else train
+    return records[:limit] if limit else records
+
+
+def parse_mesh(text: str) -> Any:
+    try:
+        shape = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise EvalError(f"--mesh must be three integers data,fsdp,tensor, got {text!r}") from None
+    devices = jax.devices()
+    if len(shape) == 3 and -1 not in shape and math.prod(shape) < len(devices):
+        devices = devices[:math.prod(shape)]
+    return sharding.make_mesh(shape, devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-exit loss / accuracy
+
+
+def exit_quality(ckpt: Checkpoint, records: Sequence, exits: Sequence[int], *, template: str,
+                 max_len: int, batch_size: int, mesh: Any, dtype: Any = jnp.float32,
+                 buckets: Sequence[int] | None = None) -> dict[str, Any]:
+    """{"exits": {n: {loss, perplexity, accuracy}}, "examples", "tokens"} on `records`."""
+    import optax
+
+    from sorted_jax.modeling import make_model
+    from sorted_jax.train_step import SoftSteps, to_global_batch
+
+    ds = tokenize_records(records, ckpt.tokenizer, max_len, template)
+    if len(ds) == 0:
+        raise EvalError(f"no record fits --max-len {max_len} (every prompt is too long)")
+    model = make_model(ckpt.config, dtype=dtype, attention_impl="auto")
+    dp = sharding.data_parallel_size(mesh)
+    batch_size = -(-batch_size // dp) * dp
+    it = EvalIterator(ds, batch_size, buckets=buckets)
+    steps = SoftSteps(model, exits, optax.identity(), mesh)
+    params = jax.device_put(ckpt.params, steps.params_shardings)
+    if ckpt.heads is not None:
+        heads_eval = ict.HeadsEval(model, exits, mesh)
+        sel = ckpt.heads.select(exits)
+        heads = jax.device_put({k: jnp.asarray(v) for k, v in sel.tree().items()},
+                               ict.heads_shardings(mesh, sharding.DEFAULT_RULES, sel))
+    total = None
+    for local in it:
+        batch = to_global_batch(local, steps.batch_shardings)
+        sums = (steps.eval_step(params, batch) if ckpt.heads is None
+                else heads_eval.eval_step(params, heads, batch))
+        total = sums if total is None else total + sums
+    m = {k: float(v) for k, v in jax.device_get(soft.exit_metrics(total, exits)).items()}
+    per = {}
+    for e in exits:
+        loss = m[f"loss/exit_{e}"]
+        per[e] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                  "accuracy": m[f"accuracy/exit_{e}"]}
+    return {"exits": per, "examples": len(ds), "tokens": int(m["tokens"]),
+            "dropped": ds.num_dropped, "truncated": ds.num_truncated}
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding at each exit: latency, generations, TriviaQA
+
+
+def exit_decoder(ckpt: Checkpoint, exit_layer: int, dtype: Any) -> Any:
+    from sorted_jax.decoding import Decoder
+
+    params, config = ict.exit_model(ckpt.params, ckpt.config, ckpt.heads, exit_layer)
+    return Decoder(params, config, dtype=dtype, pad_multiple=32)
+
+
+def _cache_len(prompts: Sequence[Sequence[int]], new_tokens: int) -> int:
+    longest = max(len(p) for p in prompts)
+    return -(-longest // 32) * 32 + -(-new_tokens // 32) * 32
+
+
+def measure_latency(ckpt: Checkpoint, exits: Sequence[int], prompt: Sequence[int], *,
+                    new_tokens: int = 32, repeats: int = 3, dtype: Any = jnp.float32
+                    ) -> dict[int, float]:
+    """{exit: decode ms per token}, batch 1, greedy, prefill and compilation excluded."""
+    new_tokens = max(2, new_tokens)
+    out = {}
+    slots = _cache_len([prompt], new_tokens)
+    for e in exits:
+        dec = exit_decoder(ckpt, e, dtype)
+        kw = dict(mode="fixed", exit_layer=e, eos_id=[], max_len=slots)
+
+        def timed(n: int, dec=dec, kw=kw) -> float:
+            t0 = time.perf_counter()
+            dec.generate([list(prompt)], max_new_tokens=n, **kw)
+            return time.perf_counter() - t0
+
+        timed(new_tokens)  # compile prefill + loop
+        t1 = min(timed(1) for _ in range(repeats))
+        tn = min(timed(new_tokens) for _ in range(repeats))
+        out[e] = max(tn - t1, 0.0) / (new_tokens - 1) * 1000.0
+    return out
+
+
+def generate_at_exit(ckpt: Checkpoint, exit_layer: int, prompts: Sequence[Sequence[int]], *,
+                     max_new_tokens: int, batch_size: int, stop_ids: Sequence[int],
+                     dtype: Any = jnp.float32) -> list[list[int]]:
+    """Greedy continuations (stop ids stripped) of every prompt at one exit."""
+    dec = exit_decoder(ckpt, exit_layer, dtype)
+    slots = _cache_len(prompts, max_new_tokens)
+    stops = set(stop_ids)
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[i:i + batch_size]]
+        real = len(chunk)
+        chunk += [chunk[0]] * (batch_size - real)  # one batch shape: one compiled program
+        res = dec.generate(chunk, mode="fixed", exit_layer=exit_layer,
+                           max_new_tokens=max_new_tokens, eos_id=list(stop_ids), max_len=slots)
+        for toks in res.tokens[:real]:
+            out.append(toks[:-1] if toks and toks[-1] in stops else toks)
+    return out
+
+
+def dump_generations(ckpts: Sequence[Checkpoint], exits_of: Mapping[str, Sequence[int]],
+                     records: Sequence, path: Path, *, template: str, max_new_tokens: int,
+                     batch_size: int, dtype: Any) -> int:
+    """One JSON line per (instruction, exit, checkpoint); returns the number of lines."""
+    n = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for ck in ckpts:
+            tok = ck.tokenizer
+            prompts = [[tok.bos_id, *tok.encode(format_prompt(r["instruction"], r.get("input", ""),
+                                                              template))] for r in records]
+            for e in exits_of[ck.label]:
+                outs = generate_at_exit(ck, e, prompts, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size, stop_ids=[tok.eos_id],
+                                        dtype=dtype)
+                for i, (r, toks) in enumerate(zip(records, outs, strict=True)):
+                    line = {"id": i, "label": ck.label, "exit": e,
+                            "num_layers": ck.config.num_hidden_layers,
+                            "checkpoint": str(ck.path), "ict_head": ck.heads is not None,
+                            "instruction": r["instruction"], "input": r.get("input", ""),
+                            "response": tok.decode(toks), "reference": r.get("output", ""),
+                            "finished": len(toks) < max_new_tokens}
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    n += 1
+    return n
+
+
+def triviaqa_em(ckpt: Checkpoint, exits: Sequence[int], items: Sequence, *,
+                max_new_tokens: int, batch_size: int, dtype: Any,
+                template: str | None = None) -> dict[int, dict[str, Any]]:
+    """{exit: {"em", "num_questions", "predictions"}} with greedy answers cut at a newline."""
+    from sorted_jax import triviaqa
+
+    tok = ckpt.tokenizer
+    stops = [tok.eos_id, *triviaqa.newline_stop_ids(tok)]
+    out = {}
+    for e in exits:
+        def gen(prompts, e=e):
+            return generate_at_exit(ckpt, e, prompts, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, stop_ids=stops, dtype=dtype)
+
+        out[e] = triviaqa.evaluate_generations(gen, tok, items, batch_size=len(items),
+                                               template=template)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+COLUMNS = (("loss", "loss", ".4f"), ("perplexity", "ppl", ".3f"), ("accuracy", "acc", ".4f"),
+           ("triviaqa_em", "TQA EM", ".3f"), ("ms_per_token", "ms/tok", ".3f"))
+
+
+def metrics_table(results: Sequence[Mapping[str, Any]], title: str = "") -> str:
+    """Markdown: one row per exit, columns checkpoint x metric."""
+    exits = sorted({int(e) for r in results for e in r["exits"]})
+    cols = [(r, key, name, spec) for r in results for key, name, spec in COLUMNS
+            if any(key in v for v in r["exits"].values())]
+    lines = [f"{title}\n" if title else ""]
+    lines.append("| exit | " + " | ".join(f"{r['label']} {name}" for r, _, name, _ in cols)
+                 + " |")
+    lines.append("|---:|" + "---:|" * len(cols))
+    for e in exits:
+        cells = []
+        for r, key, _, spec in cols:
+            v = r["exits"].get(e, r["exits"].get(str(e), {})).get(key)
+            cells.append(_fmt(v, spec))
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return "\n".join(x for x in lines if x) + "\n"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_quality(results: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Loss, token accuracy (and TriviaQA EM) vs exit layer, one line per checkpoint."""
+    plt = _plt()
+    panels = [("loss", "cross-entropy (nats / token)"), ("accuracy", "token accuracy")]
+    if any("triviaqa_em" in v for r in results for v in r["exits"].values()):
+        panels.append(("triviaqa_em", "TriviaQA exact match"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), dpi=100)
+    for ax, (key, ylabel) in zip(np.atleast_1d(axes), panels, strict=True):
+        for r in results:
+            pts = sorted((int(e), v[key]) for e, v in r["exits"].items() if key in v)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=r["label"])
+        ax.set_xlabel("exit layer (sub-model depth)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("held-out quality per exit")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_speed(results: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Loss vs measured decode latency, one point per exit (labelled), one line per ckpt."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=100)
+    for r in results:
+        pts = sorted((v["ms_per_token"], v["loss"], int(e)) for e, v in r["exits"].items()
+                     if "ms_per_token" in v)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=r["label"])
+        for x, y, e in pts:
+            ax.annotate(str(e), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("decode latency (ms / token, batch 1, greedy)")
+    ax.set_ylabel("held-out cross-entropy (nats / token)")
+    ax.set_title("speed vs quality (points = exit layers)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sorted_jax.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Per-exit loss / perplexity / token accuracy of checkpoints side by side "
+                    "(also: TriviaQA EM, decode latency, generation dumps).",
+        epilog="Pair two columns of a generation dump for a pairwise judge:\n"
+               "  python -m sorted_jax.evaluate pair --gens G.jsonl --a soft:4 --b sft:8 "
+               "--out P.jsonl")
+    p.add_argument("--ckpt", action="append", required=True,
+                   help="model dir, training workdir or SFT+ICT dir; repeat to compare")
+    p.add_argument("--label", action="append", default=None,
+                   help="name of each --ckpt in the table (default: the dir name)")
+    p.add_argument("--data", required=True, help="builtin, tfds:NAME or a JSON/JSONL file")
+    p.add_argument("--split", default="eval", help="split of builtin/tfds data (default eval)")
+    p.add_argument("--holdout", type=int, default=None,
+                   help="JSON data: records the run held out (default: its data.eval_holdout "
+                        "when --data is its training data); --split eval = those")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N records")
+    p.add_argument("--exits", default=None,
+                   help="exit layers, e.g. 2,4,6,8 or all (default: the run's exits)")
+    p.add_argument("--template", default=None, choices=sorted(TEMPLATES),
+                   help="prompt template (default: the training run's, else alpaca)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer spec for every checkpoint (default: each checkpoint's own)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="tokens per sequence (default: the training run's, else 512)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="compute dtype (default: the training run's, else float32)")
+    p.add_argument("--mesh", default="1,-1,1", help="mesh shape data,fsdp,tensor")
+    p.add_argument("--out", default="eval_out", help="output dir")
+    p.add_argument("--latency", action="store_true",
+                   help="measure decode ms/token per exit and plot speed vs quality")
+    p.add_argument("--latency-tokens", type=int, default=32)
+    p.add_argument("--dump-generations", default=None, metavar="FILE.jsonl",
+                   help="write responses per (instruction, exit, checkpoint)")
+    p.add_argument("--num-generations", type=int, default=20,
+                   help="instructions for --dump-generations (the first N records)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="generation length for --dump-generations")
+    p.add_argument("--gen-batch-size", type=int, default=8)
+    p.add_argument("--triviaqa", default=None, metavar="FILE.json",
+                   help="official-format TriviaQA file: closed-book EM per exit")
+    p.add_argument("--triviaqa-limit", type=int, default=0, help="first N questions only")
+    p.add_argument("--triviaqa-max-new-tokens", type=int, default=24)
+    p.add_argument("--triviaqa-template", default="raw", choices=["raw", *sorted(TEMPLATES)],
+                   help="raw = 'Question: ...\\nAnswer:' alone; else wrapped as an instruction")
+    return p
+
+
+def _labels(paths: Sequence[str], labels: Sequence[str] | None) -> list[str]:
+    if labels:
+        if len(labels) != len(paths):
+            raise EvalError(f"{len(labels)} --label for {len(paths)} --ckpt: give one per "
+                            "checkpoint, in the same order")
+        out = list(labels)
+    else:
+        out = [Path(p).absolute().name or str(p) for p in paths]
+        for i, name in enumerate(out):
+            if out.count(name) > 1:
+                out[i] = f"{name}#{i + 1}"
+    if len(set(out)) != len(out):
+        raise EvalError(f"labels repeat: {out}")
+    bad = [x for x in out if ":" in x]
+    if bad:
+        raise EvalError(f"labels may not contain ':' (the pair helper uses LABEL:EXIT): {bad}")
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    labels = _labels(args.ckpt, args.label)
+    for flag in ("batch_size", "max_new_tokens", "gen_batch_size", "latency_tokens"):
+        if getattr(args, flag) < 1:
+            raise EvalError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.triviaqa and not Path(args.triviaqa).is_file():
+        raise EvalError(f"--triviaqa file {args.triviaqa!r} not found")
+    ckpts = []
+    for path, label in zip(args.ckpt, labels, strict=True):
+        ckpts.append(load_checkpoint(path, label, args.tokenizer))
+        print(f"loaded {label}: {path} ({ckpts[-1].config.num_hidden_layers} layers"
+              + (", SFT+ICT heads" if ckpts[-1].heads is not None else "") + ")", flush=True)
+    first = ckpts[0].settings
+    template = args.template or first.get("template") or "alpaca"
+    max_len = args.max_len or first.get("max_len") or 512
+    dtype_name = args.dtype or first.get("dtype") or "float32"
+    dtype = DTYPES[dtype_name]
+    seed = int(first.get("data_seed") or 0)
+    holdout = args.holdout if args.holdout is not None else (
+        int(first.get("eval_holdout") or 0) if args.data == first.get("data") else 0)
+    if args.exits is None:  # the first checkpoint's exits, for every checkpoint
+        exits_arg = ",".join(map(str, default_exits_of(ckpts[0])))
+    else:
+        exits_arg = args.exits
+    exits_of = {c.label: resolve_exits_for(c, exits_arg) for c in ckpts}
+    for c in ckpts:
+        if max_len > c.config.max_position_embeddings:
+            raise EvalError(f"--max-len {max_len} exceeds checkpoint {c.label!r}'s "
+                            f"max_position_embeddings={c.config.max_position_embeddings}")
+    records = load_split_records(args.data, args.split, holdout=holdout, seed=seed,
+                                 limit=args.limit)
+    items = None
+    if args.triviaqa:
+        from sorted_jax.triviaqa import load_triviaqa
+
+        items = load_triviaqa(args.triviaqa, limit=args.triviaqa_limit or None)
+    mesh = parse_mesh(args.mesh)
+    buckets = first.get("buckets")
+    if buckets and max(buckets) < max_len:
+        buckets = None
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    for c in ckpts:
+        t0 = time.time()
+        q = exit_quality(c, records, exits_of[c.label], template=template, max_len=max_len,
+                         batch_size=args.batch_size, mesh=mesh, dtype=dtype, buckets=buckets)
+        res: dict[str, Any] = {"label": c.label, "path": str(c.path),
+                               "num_layers": c.config.num_hidden_layers,
+                               "ict_heads": c.heads is not None, "examples": q["examples"],
+                               "tokens": q["tokens"], "exits": q["exits"]}
+        print(f"{c.label}: " + " ".join(f"e{e} {v['loss']:.4f}" for e, v in q["exits"].items())
+              + f" ({q['examples']} examples, {time.time() - t0:.1f}s)", flush=True)
+        if items is not None:
+            tq = triviaqa_em(c, exits_of[c.label], items,
+                             max_new_tokens=args.triviaqa_max_new_tokens,
+                             batch_size=args.gen_batch_size, dtype=dtype,
+                             template=args.triviaqa_template)
+            res["triviaqa"] = {str(e): v for e, v in tq.items()}
+            for e, v in tq.items():
+                res["exits"][e]["triviaqa_em"] = v["em"]
+        if args.latency:
+            tok = c.tokenizer
+            r0 = records[0]
+            prompt = [tok.bos_id, *tok.encode(format_prompt(r0["instruction"],
+                                                            r0.get("input", ""), template))]
+            for e, ms in measure_latency(c, exits_of[c.label], prompt,
+                                         new_tokens=args.latency_tokens, dtype=dtype).items():
+                res["exits"][e]["ms_per_token"] = ms
+        results.append(res)
+
+    title = (f"Per-exit held-out metrics on {args.data} ({args.split}"
+             f"{', %d held out' % holdout if holdout else ''}; {results[0]['examples']} "
+             f"examples, template {template}, max_len {max_len}; loss = nats/token on response "
+             "tokens, acc = top-1 token accuracy)")
+    table = metrics_table(results, title)
+    (out_dir / METRICS_MD).write_text(table)
+    summary = {"data": args.data, "split": args.split, "holdout": holdout, "data_seed": seed,
+               "limit": args.limit, "template": template, "max_len": max_len,
+               "dtype": dtype_name, "triviaqa": args.triviaqa,
+               "checkpoints": [{**r, "exits": {str(e): v for e, v in r["exits"].items()}}
+                               for r in results]}
+    (out_dir / METRICS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    plot_quality(results, out_dir / QUALITY_PNG)
+    written = [out_dir / METRICS_MD, out_dir / METRICS_JSON, out_dir / QUALITY_PNG]
+    if args.latency:
+        plot_speed(results, out_dir / SPEED_PNG)
+        written.append(out_dir / SPEED_PNG)
+    if args.dump_generations:
+        gen_records = records[:args.num_generations]
+        n = dump_generations(ckpts, exits_of, gen_records, Path(args.dump_generations),
+                             template=template, max_new_tokens=args.max_new_tokens,
+                             batch_size=args.gen_batch_size, dtype=dtype)
+        print(f"wrote {n} generations to {args.dump_generations}", flush=True)
+    print("\n" + table, flush=True)
+    print("wrote " + ", ".join(str(w) for w in written), flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# pair: judge input from a generation dump
+
+
+def read_generations(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"--gens file {str(p)!r} not found")
+    rows = []
+    need = ("id", "label", "exit", "instruction", "response")
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{p}:{n}: not valid JSON: {e.msg}") from None
+        if not isinstance(row, dict) or any(k not in row for k in need):
+            raise EvalError(f"{p}:{n}: not a --dump-generations line (needs {list(need)})")
+        rows.append(row)
+    if not rows:
+        raise EvalError(f"{p} holds no generations")
+    return rows
+
+
+def _column(text: str, flag: str) -> tuple[str, int]:
+    label, sep, exit_text = text.rpartition(":")
+    if not sep or not label:
+        raise EvalError(f"{flag} must be LABEL:EXIT, e.g. soft:4, got {text!r}")
+    try:
+        return label, int(exit_text)
+    except ValueError:
+        raise EvalError(f"{flag} {text!r}: the exit must be a layer number") from None
+
+
+def make_pairs(rows: Sequence[Mapping[str, Any]], a: tuple[str, int], b: tuple[str, int]
+               ) -> list[dict[str, Any]]:
+    """Judge inputs {instruction, input, response1 (a), response2 (b)} for shared ids."""
+    cols: dict[tuple[str, int], dict[int, Mapping[str, Any]]] = {}
+    for r in rows:
+        cols.setdefault((str(r["label"]), int(r["exit"])), {})[int(r["id"])] = r
+    for name, key in (("--a", a), ("--b", b)):
+        if key not in cols:
+            have = ", ".join(f"{lab}:{e}" for lab, e in sorted(cols))
+            raise EvalError(f"{name} {key[0]}:{key[1]} is not in the generations (have: {have})")
+    out = []
+    for i in sorted(set(cols[a]) & set(cols[b])):
+        ra, rb = cols[a][i], cols[b][i]
+        if (ra["instruction"], ra.get("input", "")) != (rb["instruction"], rb.get("input", "")):
+            raise EvalError(f"generation id {i} has different instructions for "
+                            f"{a[0]}:{a[1]} and {b[0]}:{b[1]}: dumps of different data?")
+        out.append({"id": i, "instruction": ra["instruction"], "input": ra.get("input", ""),
+                    "response1": ra["response"], "response2": rb["response"],
+                    "model1": f"{a[0]}:{a[1]}", "model2": f"{b[0]}:{b[1]}"})
+    if not out:
+        raise EvalError(f"{a[0]}:{a[1]} and {b[0]}:{b[1]} share no instruction id")
+    return out
+
+
+def pair_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m sorted_jax.evaluate pair",
+        description="Judge input {instruction, input, response1, response2} (PandaLM style) "
+                    "for 'exit a of model X vs exit b of model Y' from a --dump-generations "
+                    "file.")
+    p.add_argument("--gens", required=True, help="JSONL from --dump-generations")
+    p.add_argument("--a", required=True, help="LABEL:EXIT of response1, e.g. soft:4")
+    p.add_argument("--b", required=True, help="LABEL:EXIT of response2, e.g. sft:8")
+    p.add_argument("--out", required=True, help="output JSONL")
+    args = p.parse_args(argv)
+    try:
+        pairs = make_pairs(read_generations(args.gens), _column(args.a, "--a"),
+                           _column(args.b, "--b"))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs))
+    except EvalError as e:
+        print(f"sorted_jax.evaluate pair: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"wrote {len(pairs)} pairs ({args.a} vs {args.b}) to {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "pair":
+        return pair_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except USER_ERRORS as e:
+        print(f"sorted_jax.evaluate: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,7 +39,7 @@ PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM = "state"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
+                   "special_tokens_map.json", "sorted_jax_tokenizer.json")
 
 PathLike = str | os.PathLike
 

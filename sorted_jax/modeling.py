@@ -8,8 +8,9 @@ Weights sit on a leading `layers` axis, so the sub-model of depth k is the same 
 Layouts follow Hugging Face so its weights load with transposes only: rotate-half rotary,
 q/k/v kernels `[embed, heads, head_dim]`, o_proj `[heads, head_dim, embed]`.
 
-A KV cache is threaded through the scan as a per-layer input/output (`KVCache`), so decoding
-reuses this exact code: no second model.
+A KV cache (`KVCache`, all layers in one `[L, ...]` buffer) rides in the scan's carry and each
+layer updates its own rows in place, so decoding reuses this exact code (no second model) and a
+decode step writes only the new tokens' keys and values, not the whole cache.
 """
 
 from __future__ import annotations
@@ -184,8 +185,9 @@ class Attention(nn.Module):
     implementation: str = "xla"
 
     @nn.compact
-    def __call__(self, x: Array, inputs: AttentionInputs,
-                 cache: tuple[Array, Array] | None) -> tuple[Array, tuple[Array, Array] | None]:
+    def __call__(self, x: Array, inputs: AttentionInputs, cache: tuple[Array, Array] | None,
+                 layer: Array) -> tuple[Array, tuple[Array, Array] | None]:
+        """cache: every layer's (k, v) `[L, B, S, K, Dh]`; this layer writes row `layer`."""
         cfg = self.config
         n, k, dh = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
 
@@ -204,15 +206,13 @@ class Attention(nn.Module):
         kk = checkpoint_name(apply_rotary(kk, inputs.cos, inputs.sin), "key_proj")
         v = checkpoint_name(v, "value_proj")
 
-        new_cache = None
         if cache is not None:
-            k_cache, v_cache = cache
-            k_cache = jax.lax.dynamic_update_slice_in_dim(
-                k_cache, kk.astype(k_cache.dtype), inputs.cache_index, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(
-                v_cache, v.astype(v_cache.dtype), inputs.cache_index, axis=1)
-            new_cache = (k_cache, v_cache)
-            kk, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
+            zero = jnp.zeros((), jnp.int32)
+            start = (layer, zero, inputs.cache_index, zero, zero)
+            cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
+                          for c, new in zip(cache, (kk, v), strict=True))
+            kk, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False).astype(
+                self.dtype) for c in cache)
 
         if inputs.mask is None:
             out = jax.nn.dot_product_attention(
@@ -225,7 +225,7 @@ class Attention(nn.Module):
         out = Projection((n, dh, cfg.hidden_size), "bthk,hkd->btd",
                          ("heads", "head_dim", "embed"), dtype=self.dtype,
                          param_dtype=self.param_dtype, name="o_proj")(out)
-        return checkpoint_name(out, "attention_out"), new_cache
+        return checkpoint_name(out, "attention_out"), cache
 
 
 class MLP(nn.Module):
@@ -252,7 +252,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm LLaMA block, written as a scan body: (h, cache_slice) -> (h, (h, cache))."""
+    """One pre-norm LLaMA block as a scan body: ((h, cache, layer), inputs) -> (carry, h)."""
 
     config: LlamaConfig
     dtype: Dtype = jnp.float32
@@ -260,18 +260,19 @@ class DecoderLayer(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, h: Array, cache: tuple[Array, Array] | None, inputs: AttentionInputs):
+    def __call__(self, carry: tuple, inputs: AttentionInputs) -> tuple[tuple, Array]:
+        h, cache, layer = carry
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.with_logical_constraint(h, (BATCH, LENGTH, ACT_EMBED))
         attn_out, cache = Attention(cfg, implementation=self.attention_impl, name="self_attn",
                                     **kw)(RMSNorm(cfg.rms_norm_eps, name="input_layernorm",
-                                                  **kw)(h), inputs, cache)
+                                                  **kw)(h), inputs, cache, layer)
         h = h + attn_out
         mlp_out = MLP(cfg, name="mlp", **kw)(
             RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(h))
         h = nn.with_logical_constraint(h + mlp_out, (BATCH, LENGTH, ACT_EMBED))
-        return h, (h, cache)
+        return (h, cache, layer + 1), h
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +313,7 @@ class Llama(nn.Module):
                              prevent_cse=False)
         stack = nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast), length=cfg.num_hidden_layers, unroll=self.scan_unroll,
+            in_axes=nn.broadcast, length=cfg.num_hidden_layers, unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"})
         self.layers = stack(cfg, attention_impl=resolve_attention_impl(
             self.attention_impl, self.dtype), name="layers", **kw)
@@ -342,8 +343,8 @@ class Llama(nn.Module):
         right padding given by the mask's row sums (the path cuDNN runs fastest).
         """
         inputs = self._attention_inputs(h, positions, attention_mask, segment_ids, cache)
-        layer_cache = None if cache is None else (cache.k, cache.v)
-        _, (hidden, new_kv) = self.layers(h, layer_cache, inputs)
+        kv = None if cache is None else (cache.k, cache.v)
+        (_, new_kv, _), hidden = self.layers((h, kv, jnp.zeros((), jnp.int32)), inputs)
         hidden = nn.with_logical_constraint(hidden, ("layers", BATCH, LENGTH, ACT_EMBED))
         new_cache = None
         if cache is not None:
@@ -364,8 +365,8 @@ class Llama(nn.Module):
             logits = self.embed_tokens.attend(x)
         else:
             logits = self.lm_head(x)
-        return nn.with_logical_constraint(logits, (*([None] * (x.ndim - 3)), BATCH, LENGTH,
-                                                   ACT_VOCAB))
+        names = (BATCH, LENGTH, ACT_VOCAB)[-min(x.ndim, 3):]  # [..., B, T, V] or [B, V]
+        return nn.with_logical_constraint(logits, (*([None] * (x.ndim - len(names))), *names))
 
     def touch_all(self, input_ids: Array) -> Array:
         """Runs every sub-module once (stack and head): what `init` needs to create all params."""

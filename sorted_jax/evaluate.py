@@ -290,7 +290,7 @@ def _cache_len(prompts: Sequence[Sequence[int]], new_tokens: int) -> int:
 
 
 def measure_latency(ckpt: Checkpoint, exits: Sequence[int], prompt: Sequence[int], *,
-                    new_tokens: int = 32, repeats: int = 3, dtype: Any = jnp.float32
+                    new_tokens: int = 32, repeats: int = 5, dtype: Any = jnp.float32
                     ) -> dict[int, float]:
     """{exit: decode ms per token}, batch 1, greedy, prefill and compilation excluded."""
     new_tokens = max(2, new_tokens)
@@ -306,28 +306,35 @@ def measure_latency(ckpt: Checkpoint, exits: Sequence[int], prompt: Sequence[int
             return time.perf_counter() - t0
 
         timed(new_tokens)  # compile prefill + loop
-        t1 = min(timed(1) for _ in range(repeats))
-        tn = min(timed(new_tokens) for _ in range(repeats))
-        out[e] = max(tn - t1, 0.0) / (new_tokens - 1) * 1000.0
+        short, long = [], []
+        for _ in range(repeats):  # interleaved, so load changes hit both alike
+            short.append(timed(1))
+            long.append(timed(new_tokens))
+        out[e] = max(min(long) - min(short), 0.0) / (new_tokens - 1) * 1000.0
     return out
 
 
 def generate_at_exit(ckpt: Checkpoint, exit_layer: int, prompts: Sequence[Sequence[int]], *,
                      max_new_tokens: int, batch_size: int, stop_ids: Sequence[int],
-                     dtype: Any = jnp.float32) -> list[list[int]]:
-    """Greedy continuations (stop ids stripped) of every prompt at one exit."""
+                     dtype: Any = jnp.float32) -> list[list[int] | None]:
+    """Greedy continuations (stop id stripped) of every prompt at one exit; None for a prompt
+    that leaves no room for `max_new_tokens` in the model's context."""
     dec = exit_decoder(ckpt, exit_layer, dtype)
-    slots = _cache_len(prompts, max_new_tokens)
+    room = ckpt.config.max_position_embeddings - max_new_tokens
+    fits = [i for i, p in enumerate(prompts) if len(p) <= room]
+    out: list[list[int] | None] = [None] * len(prompts)
+    if not fits:
+        return out
+    slots = _cache_len([prompts[i] for i in fits], max_new_tokens)
     stops = set(stop_ids)
-    out: list[list[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = [list(p) for p in prompts[i:i + batch_size]]
-        real = len(chunk)
-        chunk += [chunk[0]] * (batch_size - real)  # one batch shape: one compiled program
+    for start in range(0, len(fits), batch_size):
+        idx = fits[start:start + batch_size]
+        chunk = [list(prompts[i]) for i in idx]
+        chunk += [chunk[0]] * (batch_size - len(idx))  # one batch shape: one compiled program
         res = dec.generate(chunk, mode="fixed", exit_layer=exit_layer,
                            max_new_tokens=max_new_tokens, eos_id=list(stop_ids), max_len=slots)
-        for toks in res.tokens[:real]:
-            out.append(toks[:-1] if toks and toks[-1] in stops else toks)
+        for i, toks in zip(idx, res.tokens, strict=False):
+            out[i] = toks[:-1] if toks and toks[-1] in stops else toks
     return out
 
 
@@ -351,8 +358,11 @@ def dump_generations(ckpts: Sequence[Checkpoint], exits_of: Mapping[str, Sequenc
                             "num_layers": ck.config.num_hidden_layers,
                             "checkpoint": str(ck.path), "ict_head": ck.heads is not None,
                             "instruction": r["instruction"], "input": r.get("input", ""),
-                            "response": tok.decode(toks), "reference": r.get("output", ""),
-                            "finished": len(toks) < max_new_tokens}
+                            "response": "" if toks is None else tok.decode(toks),
+                            "reference": r.get("output", ""),
+                            "finished": toks is not None and len(toks) < max_new_tokens}
+                    if toks is None:  # the prompt does not fit the model's context
+                        line["skipped"] = True
                     f.write(json.dumps(line, ensure_ascii=False) + "\n")
                     n += 1
     return n
@@ -442,8 +452,8 @@ def plot_speed(results: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=100)
     for r in results:
-        pts = sorted((v["ms_per_token"], v["loss"], int(e)) for e, v in r["exits"].items()
-                     if "ms_per_token" in v)
+        pts = [(v["ms_per_token"], v["loss"], int(e)) for e, v in sorted(
+            r["exits"].items(), key=lambda kv: int(kv[0])) if "ms_per_token" in v]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=r["label"])
         for x, y, e in pts:
             ax.annotate(str(e), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -486,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer spec for every checkpoint (default: each checkpoint's own)")
     p.add_argument("--max-len", type=int, default=None,
-                   help="tokens per sequence (default: the training run's, else 512)")
+                   help="tokens per sequence (default: the training run's, else 512 or the "
+                        "model's context if shorter)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute dtype (default: the training run's, else float32)")
@@ -494,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval_out", help="output dir")
     p.add_argument("--latency", action="store_true",
                    help="measure decode ms/token per exit and plot speed vs quality")
-    p.add_argument("--latency-tokens", type=int, default=32)
+    p.add_argument("--latency-tokens", type=int, default=64,
+                   help="new tokens per timed generation (--latency)")
     p.add_argument("--dump-generations", default=None, metavar="FILE.jsonl",
                    help="write responses per (instruction, exit, checkpoint)")
     p.add_argument("--num-generations", type=int, default=20,
@@ -544,7 +556,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               + (", SFT+ICT heads" if ckpts[-1].heads is not None else "") + ")", flush=True)
     first = ckpts[0].settings
     template = args.template or first.get("template") or "alpaca"
-    max_len = args.max_len or first.get("max_len") or 512
+    max_len = args.max_len or first.get("max_len") or min(
+        [512, *(c.config.max_position_embeddings for c in ckpts)])
     dtype_name = args.dtype or first.get("dtype") or "float32"
     dtype = DTYPES[dtype_name]
     seed = int(first.get("data_seed") or 0)
@@ -602,8 +615,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 res["exits"][e]["ms_per_token"] = ms
         results.append(res)
 
-    title = (f"Per-exit held-out metrics on {args.data} ({args.split}"
-             f"{', %d held out' % holdout if holdout else ''}; {results[0]['examples']} "
+    held = f", {holdout} held out" if holdout else ""
+    title = (f"Per-exit held-out metrics on {args.data} ({args.split}{held}; "
+             f"{results[0]['examples']} "
              f"examples, template {template}, max_len {max_len}; loss = nats/token on response "
              "tokens, acc = top-1 token accuracy)")
     table = metrics_table(results, title)
@@ -678,6 +692,8 @@ def make_pairs(rows: Sequence[Mapping[str, Any]], a: tuple[str, int], b: tuple[s
     out = []
     for i in sorted(set(cols[a]) & set(cols[b])):
         ra, rb = cols[a][i], cols[b][i]
+        if ra.get("skipped") or rb.get("skipped"):  # prompt longer than a model's context
+            continue
         if (ra["instruction"], ra.get("input", "")) != (rb["instruction"], rb.get("input", "")):
             raise EvalError(f"generation id {i} has different instructions for "
                             f"{a[0]}:{a[1]} and {b[0]}:{b[1]}: dumps of different data?")

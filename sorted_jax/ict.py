@@ -257,6 +257,9 @@ class IctTrainer:
         self.params_shardings = params_shardings(model, mesh, rules)
         self._step = jax.jit(self._train_step, donate_argnums=(1, 2))
         self._init_opt = jax.jit(tx.init)
+        self._eval_loss = jax.jit(
+            lambda params, heads, batch: self._loss(heads, _hidden(model, params, batch),
+                                                    batch)[0])
 
     def place(self, params: Any, heads: IctHeads) -> tuple[Any, dict, Any]:
         """(params, heads tree, optimizer state) on the mesh."""
@@ -286,8 +289,7 @@ class IctTrainer:
     def loss(self, params, heads, batch) -> float:
         """The heads' mean per-exit loss on one batch (no update)."""
         with sharding.activation_sharding(self.mesh, self.rules):
-            hidden = _hidden(self.model, params, batch)
-            return float(jax.jit(self._loss)(heads, hidden, batch)[0])
+            return float(self._eval_loss(params, heads, batch))
 
 
 def train_heads(params: Any, config: LlamaConfig, dataset: Any, exits: Sequence[int], *,
@@ -405,9 +407,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if len(dataset) == 0:
         raise IctError(f"no record of {data!r} fits max_len={max_len}")
     mesh = ev.parse_mesh(args.mesh)
+    length = f"{args.num_steps} steps" if args.num_steps else f"{args.epochs:g} epoch(s)"
     print(f"ICT: {args.ckpt} ({config.num_hidden_layers} layers), exits {list(exits)}, "
-          f"{len(dataset)} examples of {data!r}, batch {batch_size}, lr {lr}, "
-          f"{'%d steps' % args.num_steps if args.num_steps else '%g epoch(s)' % args.epochs}",
+          f"{len(dataset)} examples of {data!r}, batch {batch_size}, lr {lr}, {length}",
           flush=True)
     t0 = time.time()
     heads, history = train_heads(

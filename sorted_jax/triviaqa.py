@@ -90,7 +90,7 @@ def parse_triviaqa(data: Any, source: str = "<data>") -> list[TriviaQAItem]:
         kind = (f"an object with keys {sorted(data)[:8]}" if isinstance(data, Mapping)
                 else f"a JSON {type(data).__name__}")
         raise TriviaQAError(f"{source}: expected the official TriviaQA format "
-                            f'{{"Data": [{{"Question": ..., "Answer": {{...}}}}, ...]}}, got {kind}')
+                            '{"Data": [{"Question": ..., "Answer": {...}}, ...]}, got ' + kind)
     items = []
     for i, rec in enumerate(data["Data"]):
         where = f"{source}: Data[{i}]"
@@ -142,23 +142,30 @@ def score(predictions: Sequence[str], items: Sequence[TriviaQAItem]) -> float:
     return sum(hits) / max(len(hits), 1)
 
 
-def evaluate_generations(generate: Callable[[list[list[int]]], list[list[int]]],
+def evaluate_generations(generate: Callable[[list[list[int]]], list[list[int] | None]],
                          tokenizer: Any, items: Sequence[TriviaQAItem], *,
                          batch_size: int = 16, template: str | None = None,
                          ) -> dict[str, Any]:
-    """EM of one generator (prompt ids -> new ids) on `items`, with per-question predictions."""
+    """EM of one generator (prompt ids -> new ids) on `items`, with per-question predictions.
+
+    The generator may answer None for a prompt it cannot run (longer than the model's
+    context): that question counts as wrong and is reported in `skipped`.
+    """
     prompts = [[tokenizer.bos_id, *tokenizer.encode(format_question(it.question, template))]
                for it in items]
-    texts: list[str] = []
+    texts: list[str | None] = []
     for i in range(0, len(prompts), batch_size):
         for toks in generate(prompts[i:i + batch_size]):
-            texts.append(tokenizer.decode(toks))
-    preds = [clean_prediction(t) for t in texts]
-    hits = [exact_match(p, it.answers) for p, it in zip(preds, items, strict=True)]
+            texts.append(None if toks is None else tokenizer.decode(toks))
+    preds = ["" if t is None else clean_prediction(t) for t in texts]
+    hits = [t is not None and exact_match(p, it.answers)
+            for p, t, it in zip(preds, texts, items, strict=True)]
     return {"em": sum(hits) / len(items), "num_questions": len(items),
+            "skipped": sum(t is None for t in texts),
             "predictions": [{"question_id": it.question_id, "question": it.question,
-                             "prediction": p, "correct": bool(h)}
-                            for it, p, h in zip(items, preds, hits, strict=True)]}
+                             "prediction": p, "correct": bool(h), **({"skipped": True} if t is None
+                                                                     else {})}
+                            for it, p, t, h in zip(items, preds, texts, hits, strict=True)]}
 
 
 __all__ = ["PROMPT", "TriviaQAError", "TriviaQAItem", "clean_prediction", "evaluate_generations",

@@ -80,13 +80,35 @@ USER_ERRORS = (EvalError, ict.IctError, model_io.ModelIOError, soft.ExitError, D
 
 @dataclasses.dataclass
 class Checkpoint:
+    """One `--ckpt`: config, tokenizer and settings at once; weights on `load()`.
+
+    Several checkpoints are validated together before any weights are read, and evaluated one
+    after the other, so only one model's weights are in host memory at a time.
+    """
+
     label: str
     path: Path
-    params: dict
     config: LlamaConfig
     tokenizer: Any
-    heads: ict.IctHeads | None
     settings: dict[str, Any]  # what training recorded: template, max_len, exits, data, ...
+    head_exits: tuple[int, ...] | None  # exits with an SFT+ICT head, None for a plain model
+    params: dict | None = None
+    heads: ict.IctHeads | None = None
+
+    @property
+    def is_ict(self) -> bool:
+        return self.head_exits is not None
+
+    def load(self) -> Checkpoint:
+        if self.params is None:
+            self.params, config, _ = model_io.load_params(self.path)
+            if config != self.config:
+                raise EvalError(f"{self.path}: config.json changed while evaluating")
+            self.heads = ict.load_heads(self.path, self.config) if self.is_ict else None
+        return self
+
+    def unload(self) -> None:
+        self.params, self.heads = None, None
 
 
 def _parse_int_list(text: Any) -> list[int] | None:
@@ -128,11 +150,10 @@ def read_settings(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _resolve_tokenizer(path: Path, tok_dir: Path | None, spec: str | None,
-                       settings: Mapping[str, Any]) -> Any:
+def _resolve_tokenizer(path: Path, spec: str | None, settings: Mapping[str, Any]) -> Any:
     if spec:
         return load_tokenizer(spec)
-    candidates = [c for c in (tok_dir, path, path / "tokenizer") if c is not None]
+    candidates = [path, path / "tokenizer"]
     for cand in candidates:
         if (cand / BUILTIN_MARKER).is_file() or model_io.find_tokenizer_files(cand):
             return load_tokenizer(cand)
@@ -143,28 +164,42 @@ def _resolve_tokenizer(path: Path, tok_dir: Path | None, spec: str | None,
 
 
 def load_checkpoint(path: str | Path, label: str, tokenizer_spec: str | None = None,
-                    dtype: Any = None) -> Checkpoint:
-    """Weights, config, tokenizer, ICT heads (if any) and training settings of `--ckpt`."""
+                    load_weights: bool = True) -> Checkpoint:
+    """Config, tokenizer, training settings (and with `load_weights` the weights and ICT heads)
+    of a model dir, training workdir or SFT+ICT dir."""
     p = Path(path)
+    if not p.exists():
+        raise EvalError(f"checkpoint {label!r}: {p} does not exist")
     if p.is_dir() and not (p / model_io.CONFIG_FILE).is_file():
         has = sorted(x.name for x in p.iterdir())[:12]
         raise EvalError(f"checkpoint {label!r} ({p}) has no {model_io.CONFIG_FILE}: it is not a "
                         f"model dir or training workdir (it contains {has})")
-    params, config, tok_dir = model_io.load_params(p, dtype=dtype)
+    if not (model_io.is_model_dir(p) or model_io.is_workdir(p)):
+        raise EvalError(f"checkpoint {label!r} ({p}) is neither a model dir "
+                        f"({model_io.CONFIG_FILE} + {model_io.PARAMS_DIR}/) nor a training "
+                        f"workdir ({model_io.CONFIG_FILE} + {model_io.CHECKPOINTS_DIR}/)")
+    config = model_io.load_config(p)
     settings = read_settings(p)
-    tokenizer = _resolve_tokenizer(p, tok_dir, tokenizer_spec, settings)
+    tokenizer = _resolve_tokenizer(p, tokenizer_spec, settings)
     if tokenizer.vocab_size > config.vocab_size:
         raise EvalError(f"checkpoint {label!r}: the tokenizer has {tokenizer.vocab_size} ids but "
                         f"the model's vocab is {config.vocab_size}; pass the right --tokenizer")
-    heads = ict.load_heads(p, config)
-    return Checkpoint(label, p, params, config, tokenizer, heads, settings)
+    head_exits = None
+    if ict.has_heads(p):
+        meta = ict.read_meta(p)
+        if "exits" not in meta:
+            raise ict.IctError(f"{p / ict.HEADS_DIR} exists but {p / ict.ICT_FILE} with its "
+                               "'exits' is missing")
+        head_exits = tuple(int(e) for e in meta["exits"])
+    ckpt = Checkpoint(label, p, config, tokenizer, settings, head_exits)
+    return ckpt.load() if load_weights else ckpt
 
 
 def default_exits_of(ckpt: Checkpoint) -> tuple[int, ...]:
     """ICT heads' exits; else the run's eval/train exits (unless just the last); else default."""
     big_l = ckpt.config.num_hidden_layers
-    if ckpt.heads is not None:
-        return ckpt.heads.exits
+    if ckpt.head_exits is not None:
+        return ckpt.head_exits
     for key in ("eval_exits", "train_exits"):
         text = ckpt.settings.get(key)
         if text and str(text).strip():
@@ -186,11 +221,11 @@ def resolve_exits_for(ckpt: Checkpoint, exits: str | None) -> tuple[int, ...]:
         except soft.ExitError as e:
             raise EvalError(f"--exits {exits} for checkpoint {ckpt.label!r} ({ckpt.path}, "
                             f"{ckpt.config.num_hidden_layers} layers): {e}") from None
-    if ckpt.heads is not None:
-        missing = [e for e in out if e not in ckpt.heads.exits]
+    if ckpt.head_exits is not None:
+        missing = [e for e in out if e not in ckpt.head_exits]
         if missing:
             raise EvalError(f"checkpoint {ckpt.label!r} is SFT+ICT with heads for exits "
-                            f"{list(ckpt.heads.exits)} only; no head for exits {missing}")
+                            f"{list(ckpt.head_exits)} only; no head for exits {missing}")
     return out
 
 
@@ -243,6 +278,7 @@ def exit_quality(ckpt: Checkpoint, records: Sequence, exits: Sequence[int], *, t
     from sorted_jax.modeling import make_model
     from sorted_jax.train_step import SoftSteps, to_global_batch
 
+    ckpt.load()
     ds = tokenize_records(records, ckpt.tokenizer, max_len, template)
     if len(ds) == 0:
         raise EvalError(f"no record fits --max-len {max_len} (every prompt is too long)")
@@ -280,6 +316,7 @@ def exit_quality(ckpt: Checkpoint, records: Sequence, exits: Sequence[int], *, t
 def exit_decoder(ckpt: Checkpoint, exit_layer: int, dtype: Any) -> Any:
     from sorted_jax.decoding import Decoder
 
+    ckpt.load()
     params, config = ict.exit_model(ckpt.params, ckpt.config, ckpt.heads, exit_layer)
     return Decoder(params, config, dtype=dtype, pad_multiple=32)
 
@@ -338,33 +375,29 @@ def generate_at_exit(ckpt: Checkpoint, exit_layer: int, prompts: Sequence[Sequen
     return out
 
 
-def dump_generations(ckpts: Sequence[Checkpoint], exits_of: Mapping[str, Sequence[int]],
-                     records: Sequence, path: Path, *, template: str, max_new_tokens: int,
-                     batch_size: int, dtype: Any) -> int:
-    """One JSON line per (instruction, exit, checkpoint); returns the number of lines."""
+def dump_generations(ckpt: Checkpoint, exits: Sequence[int], records: Sequence, f: Any, *,
+                     template: str, max_new_tokens: int, batch_size: int, dtype: Any) -> int:
+    """Write one JSON line per (instruction, exit) of `ckpt` to `f`; returns the count."""
+    tok = ckpt.tokenizer
+    prompts = [[tok.bos_id, *tok.encode(format_prompt(r["instruction"], r.get("input", ""),
+                                                      template))] for r in records]
     n = 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for ck in ckpts:
-            tok = ck.tokenizer
-            prompts = [[tok.bos_id, *tok.encode(format_prompt(r["instruction"], r.get("input", ""),
-                                                              template))] for r in records]
-            for e in exits_of[ck.label]:
-                outs = generate_at_exit(ck, e, prompts, max_new_tokens=max_new_tokens,
-                                        batch_size=batch_size, stop_ids=[tok.eos_id],
-                                        dtype=dtype)
-                for i, (r, toks) in enumerate(zip(records, outs, strict=True)):
-                    line = {"id": i, "label": ck.label, "exit": e,
-                            "num_layers": ck.config.num_hidden_layers,
-                            "checkpoint": str(ck.path), "ict_head": ck.heads is not None,
-                            "instruction": r["instruction"], "input": r.get("input", ""),
-                            "response": "" if toks is None else tok.decode(toks),
-                            "reference": r.get("output", ""),
-                            "finished": toks is not None and len(toks) < max_new_tokens}
-                    if toks is None:  # the prompt does not fit the model's context
-                        line["skipped"] = True
-                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                    n += 1
+    for e in exits:
+        outs = generate_at_exit(ckpt, e, prompts, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, stop_ids=[tok.eos_id], dtype=dtype)
+        for i, (r, toks) in enumerate(zip(records, outs, strict=True)):
+            line = {"id": i, "label": ckpt.label, "exit": e,
+                    "num_layers": ckpt.config.num_hidden_layers, "checkpoint": str(ckpt.path),
+                    "ict_head": ckpt.is_ict, "instruction": r["instruction"],
+                    "input": r.get("input", ""),
+                    "response": "" if toks is None else tok.decode(toks),
+                    "reference": r.get("output", ""),
+                    "finished": toks is not None and len(toks) < max_new_tokens}
+            if toks is None:  # the prompt does not fit the model's context
+                line["skipped"] = True
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            n += 1
+    f.flush()
     return n
 
 
@@ -542,6 +575,47 @@ def _labels(paths: Sequence[str], labels: Sequence[str] | None) -> list[str]:
     return out
 
 
+def _evaluate_one(c: Checkpoint, args: argparse.Namespace, records: Sequence,
+                  items: Sequence | None, exits: Sequence[int], *, template: str, max_len: int,
+                  mesh: Any, dtype: Any, buckets: Sequence[int] | None,
+                  gens_file: Any) -> dict[str, Any]:
+    """Everything `run` reports for one checkpoint; its weights are dropped at the end."""
+    t0 = time.time()
+    c.load()
+    print(f"loaded {c.label}: {c.path} ({c.config.num_hidden_layers} layers"
+          + (", SFT+ICT heads" if c.is_ict else "") + f", {time.time() - t0:.1f}s)", flush=True)
+    q = exit_quality(c, records, exits, template=template, max_len=max_len,
+                     batch_size=args.batch_size, mesh=mesh, dtype=dtype, buckets=buckets)
+    res: dict[str, Any] = {"label": c.label, "path": str(c.path),
+                           "num_layers": c.config.num_hidden_layers,
+                           "ict_heads": c.is_ict, "examples": q["examples"],
+                           "tokens": q["tokens"], "exits": q["exits"]}
+    print(f"{c.label}: " + " ".join(f"e{e} {v['loss']:.4f}" for e, v in q["exits"].items())
+          + f" ({q['examples']} examples, {time.time() - t0:.1f}s)", flush=True)
+    if items is not None:
+        tq = triviaqa_em(c, exits, items,
+                         max_new_tokens=args.triviaqa_max_new_tokens,
+                         batch_size=args.gen_batch_size, dtype=dtype,
+                         template=args.triviaqa_template)
+        res["triviaqa"] = {str(e): v for e, v in tq.items()}
+        for e, v in tq.items():
+            res["exits"][e]["triviaqa_em"] = v["em"]
+    if args.latency:
+        tok = c.tokenizer
+        r0 = records[0]
+        prompt = [tok.bos_id, *tok.encode(format_prompt(r0["instruction"],
+                                                        r0.get("input", ""), template))]
+        for e, ms in measure_latency(c, exits, prompt,
+                                     new_tokens=args.latency_tokens, dtype=dtype).items():
+            res["exits"][e]["ms_per_token"] = ms
+    if gens_file is not None:
+        res["generations"] = dump_generations(c, exits, records[:args.num_generations], gens_file,
+                         template=template, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.gen_batch_size, dtype=dtype)
+    c.unload()
+    return res
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     labels = _labels(args.ckpt, args.label)
     for flag in ("batch_size", "max_new_tokens", "gen_batch_size", "latency_tokens"):
@@ -551,9 +625,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise EvalError(f"--triviaqa file {args.triviaqa!r} not found")
     ckpts = []
     for path, label in zip(args.ckpt, labels, strict=True):
-        ckpts.append(load_checkpoint(path, label, args.tokenizer))
-        print(f"loaded {label}: {path} ({ckpts[-1].config.num_hidden_layers} layers"
-              + (", SFT+ICT heads" if ckpts[-1].heads is not None else "") + ")", flush=True)
+        ckpts.append(load_checkpoint(path, label, args.tokenizer, load_weights=False))
     first = ckpts[0].settings
     template = args.template or first.get("template") or "alpaca"
     max_len = args.max_len or first.get("max_len") or min(
@@ -586,34 +658,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    results = []
-    for c in ckpts:
-        t0 = time.time()
-        q = exit_quality(c, records, exits_of[c.label], template=template, max_len=max_len,
-                         batch_size=args.batch_size, mesh=mesh, dtype=dtype, buckets=buckets)
-        res: dict[str, Any] = {"label": c.label, "path": str(c.path),
-                               "num_layers": c.config.num_hidden_layers,
-                               "ict_heads": c.heads is not None, "examples": q["examples"],
-                               "tokens": q["tokens"], "exits": q["exits"]}
-        print(f"{c.label}: " + " ".join(f"e{e} {v['loss']:.4f}" for e, v in q["exits"].items())
-              + f" ({q['examples']} examples, {time.time() - t0:.1f}s)", flush=True)
-        if items is not None:
-            tq = triviaqa_em(c, exits_of[c.label], items,
-                             max_new_tokens=args.triviaqa_max_new_tokens,
-                             batch_size=args.gen_batch_size, dtype=dtype,
-                             template=args.triviaqa_template)
-            res["triviaqa"] = {str(e): v for e, v in tq.items()}
-            for e, v in tq.items():
-                res["exits"][e]["triviaqa_em"] = v["em"]
-        if args.latency:
-            tok = c.tokenizer
-            r0 = records[0]
-            prompt = [tok.bos_id, *tok.encode(format_prompt(r0["instruction"],
-                                                            r0.get("input", ""), template))]
-            for e, ms in measure_latency(c, exits_of[c.label], prompt,
-                                         new_tokens=args.latency_tokens, dtype=dtype).items():
-                res["exits"][e]["ms_per_token"] = ms
-        results.append(res)
+    gens_file = None
+    if args.dump_generations:
+        Path(args.dump_generations).parent.mkdir(parents=True, exist_ok=True)
+        gens_file = open(args.dump_generations, "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        results = [_evaluate_one(c, args, records, items, exits_of[c.label], template=template,
+                                 max_len=max_len, mesh=mesh, dtype=dtype, buckets=buckets,
+                                 gens_file=gens_file) for c in ckpts]
+    finally:
+        if gens_file is not None:
+            gens_file.close()
 
     held = f", {holdout} held out" if holdout else ""
     title = (f"Per-exit held-out metrics on {args.data} ({args.split}{held}; "
@@ -634,11 +689,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plot_speed(results, out_dir / SPEED_PNG)
         written.append(out_dir / SPEED_PNG)
     if args.dump_generations:
-        gen_records = records[:args.num_generations]
-        n = dump_generations(ckpts, exits_of, gen_records, Path(args.dump_generations),
-                             template=template, max_new_tokens=args.max_new_tokens,
-                             batch_size=args.gen_batch_size, dtype=dtype)
-        print(f"wrote {n} generations to {args.dump_generations}", flush=True)
+        n = sum(r["generations"] for r in results)
+        print(f"wrote {n} generations (instruction x exit x checkpoint) to "
+              f"{args.dump_generations}", flush=True)
     print("\n" + table, flush=True)
     print("wrote " + ", ".join(str(w) for w in written), flush=True)
     return summary

@@ -384,7 +384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from sorted_jax.data import tokenize_records
 
     ckpt = ev.load_checkpoint(args.ckpt, label="sft", tokenizer_spec=args.tokenizer)
-    if ckpt.heads is not None:
+    if ckpt.is_ict:
         raise IctError(f"{args.ckpt} already has ICT heads; give the plain SFT model")
     s = ckpt.settings
     config = ckpt.config

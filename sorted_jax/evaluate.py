@@ -241,10 +241,18 @@ def load_split_records(spec: str, split: str, *, holdout: int = 0, seed: int = 0
     if is_file and not Path(spec).expanduser().is_file():
         raise EvalError(f"--data {spec!r}: file not found (expected 'builtin', 'tfds:NAME' or a "
                         "JSON/JSONL file of {instruction, input, output} records)")
+    if spec.startswith("tfds:stanford_alpaca"):
+        try:  # registers the builder, so tfds finds the prepared dataset by name
+            import sorted_jax.data.alpaca_tfds  # noqa: F401
+        except ImportError:
+            pass  # load_records says how to install tensorflow-datasets
     try:
         records = load_records(spec, split, seed=seed)
-    except ValueError as e:
-        raise DataError(f"--data {spec!r} split {split!r}: {e}") from None
+    except (DataError, FileNotFoundError):
+        raise
+    except Exception as e:  # a bad split, a TFDS dataset never prepared, no tfds installed
+        raise EvalError(f"--data {spec!r} (split {split!r}) cannot be read: "
+                        f"{type(e).__name__}: {e}") from None
     if is_file and holdout > 0:
         try:
             train, held = holdout_split(records, holdout, seed)

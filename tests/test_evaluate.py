@@ -302,3 +302,39 @@ def test_bad_input_exits_cleanly_from_the_shell(tmp_path):
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "config.json" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_defaults_from_the_training_run(dirs, tmp_path):
+    """A run's train_config.json supplies template, max_len, buckets and the exits to score."""
+    import shutil
+
+    root, _ = dirs
+    d = tmp_path / "run"
+    shutil.copytree(root / "model", d)
+    cfg = {"exits": "last", "eval_exits": "1,3", "max_len": 40, "dtype": "float32",
+           "batch_size": 16, "optim": {"lr": 0.003},
+           "data": {"train": "data.json", "template": "plain", "seed": 3, "buckets": "40",
+                    "eval_holdout": 2, "tokenizer": "builtin"}}
+    (d / "train_config.json").write_text(json.dumps(cfg))
+    ck = evaluate.load_checkpoint(d, "run", load_weights=False)
+    assert ck.params is None and not ck.is_ict
+    assert evaluate.default_exits_of(ck) == (1, 3)
+    s = ck.settings
+    assert (s["template"], s["max_len"], s["buckets"], s["eval_holdout"], s["data_seed"],
+            s["lr"]) == ("plain", 40, [40], 2, 3, 0.003)
+    cfg["eval_exits"] = ""  # an SFT run without eval exits: the SoFT default set
+    (d / "train_config.json").write_text(json.dumps(cfg))
+    ck = evaluate.load_checkpoint(d, "run", load_weights=False)
+    assert evaluate.default_exits_of(ck) == (1, 2, 3, 4)  # soft.default_exits(4)
+    ict_ck = evaluate.load_checkpoint(root / "ict", "i", load_weights=False)
+    assert evaluate.default_exits_of(ict_ck) == (1, 2, 4) and ict_ck.settings["template"] == "plain"
+
+    # a JSON file with a held-out part: eval = the records training held out, train = the rest
+    data = tmp_path / "data.json"
+    recs = [{"instruction": f"i{i}", "input": "", "output": f"o{i}"} for i in range(6)]
+    data.write_text(json.dumps(recs))
+    held = evaluate.load_split_records(str(data), "eval", holdout=2, seed=3)
+    rest = evaluate.load_split_records(str(data), "train", holdout=2, seed=3)
+    assert len(held) == 2 and len(rest) == 4
+    assert sorted(r["instruction"] for r in held + rest) == sorted(r["instruction"] for r in recs)
+    assert evaluate.load_split_records(str(data), "eval") == recs

@@ -12,10 +12,8 @@ from sorted_jax.train_config import default_config
 
 def get_config():
     c = default_config()
-    c.model.preset = "tiny"  # 8 layers
+    c.model.preset = "tiny"  # 8 layers, width 128, 4 heads (2 kv heads), 1.5M params
     c.model.vocab_size = 264  # the builtin byte tokenizer
-    c.model.hidden_size = 64
-    c.model.intermediate_size = 176
     c.exits = "2,4,6,8"
     c.eval_exits = "2,4,6,8"  # also for the SFT run (--config.exits=last)
     c.data.train = "builtin"
@@ -28,16 +26,16 @@ def get_config():
     c.param_dtype = "float32"
     c.attention_impl = "xla"
     c.batch_size = 32
-    c.num_steps = 300
+    c.num_steps = 150
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 10
     c.optim.schedule = "cosine"
     c.optim.end_lr_ratio = 0.1
     c.optim.weight_decay = 0.0
     c.log_every = 5
-    c.eval_every = 100
+    c.eval_every = 25
     c.eval_at_start = True
-    c.checkpoint_every = 150
+    c.checkpoint_every = 50
     c.keep_checkpoints = 2
     c.mesh.shape = (-1, 1, 1)
     return c

@@ -155,10 +155,15 @@ class Progress:
     def __init__(self, total: int, initial: int, enabled: bool):
         self._bar = None
         if enabled:
+            import sys
+
             from tqdm.auto import tqdm
 
+            # Redrawn every second on a terminal; in a log file, a line every 30 s.
+            tty = sys.stderr.isatty()
             self._bar = tqdm(total=total, initial=initial, desc="train", unit="step",
-                             dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
+                             dynamic_ncols=True, mininterval=1.0 if tty else 30.0,
+                             smoothing=0.1, file=sys.stderr)
 
     def update(self, n: int = 1) -> None:
         if self._bar is not None:

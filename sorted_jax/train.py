@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from sorted_jax import metrics_log, model_io, modeling, soft
@@ -270,10 +271,11 @@ def _tokenizer_spec(c: ml_collections.ConfigDict, workdir: Path, resuming: bool)
     for cand in candidates:
         if (cand / BUILTIN_MARKER).is_file() or model_io.find_tokenizer_files(cand):
             return str(cand)
+    where = (f"no tokenizer files were found in {', '.join(str(x) for x in candidates)}"
+             if candidates else "init_from is not set")
     raise TrainConfigError(
-        "data.tokenizer is empty and no tokenizer files were found in "
-        f"{[str(x) for x in candidates] or 'init_from (not set)'}; set --config.data.tokenizer "
-        "to 'builtin', a SentencePiece .model file or a tokenizer dir")
+        f"data.tokenizer is empty and {where}; set --config.data.tokenizer to 'builtin', a "
+        "SentencePiece .model file (LLaMA-2: the base model's tokenizer.model) or a tokenizer dir")
 
 
 def _parse_floats(text: str, name: str) -> list[float] | None:
@@ -307,11 +309,29 @@ def _read_records(spec: str, split: str, c: ml_collections.ConfigDict, what: str
     try:
         return load_records(spec, split, data_dir=c.data.tfds_data_dir or None,
                             seed=c.data.seed)
-    except (DataError, FileNotFoundError, ImportError):
+    except (DataError, FileNotFoundError):
         raise
+    except ImportError as e:
+        raise TrainConfigError(f"{what}={spec!r}: {e} (or give a JSON/JSONL file instead)") from e
     except Exception as e:  # e.g. a TFDS dataset that was never prepared
         raise TrainConfigError(f"{what}={spec!r} (split {split!r}) cannot be read: "
                                f"{type(e).__name__}: {e}") from e
+
+
+def _latest_step(workdir: Path) -> int | None:
+    """The last finished checkpoint step of a workdir, or None for a fresh run."""
+    if not (workdir / model_io.CHECKPOINTS_DIR).is_dir():
+        return None
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns about its read-only mode
+    try:
+        steps = model_io.workdir_steps(workdir)
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    if steps and not (workdir / model_io.CONFIG_FILE).is_file():
+        raise TrainConfigError(f"{workdir} has checkpoints but no {model_io.CONFIG_FILE}: it "
+                               "cannot be resumed; use another workdir")
+    return steps[-1] if steps else None
 
 
 @dataclasses.dataclass
@@ -376,9 +396,7 @@ class Trainer:
         self.is_main = self.process_index == 0
         _check_static(c)
 
-        resume_steps = model_io.workdir_steps(self.workdir) if (
-            self.workdir / model_io.CONFIG_FILE).is_file() else []
-        self.resume_step = resume_steps[-1] if resume_steps else None
+        self.resume_step = _latest_step(self.workdir)
         resuming = self.resume_step is not None
         self.model_config, self.model_source = resolve_model_config(c, self.workdir, resuming)
         mc = self.model_config
@@ -449,6 +467,8 @@ class Trainer:
             self.model, self.eval_exits, tx, self.mesh, self.rules,
             rows_per_chunk=c.loss_rows_per_chunk)
         self._count_tokens = jax.jit(lambda m: jnp.sum(m.astype(jnp.int32)))
+        self._params_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
 
         self._progress: metrics_log.Progress | None = None
         self._prepare_workdir()
@@ -578,7 +598,15 @@ class Trainer:
         return sorted(by_step.items())
 
     # -- the loop ----------------------------------------------------------------------------
+    def _non_finite(self, what: str) -> None:
+        last = self.checkpointer.latest_step()
+        where = (f"The last good checkpoint is step {last} in {self.checkpointer.directory}."
+                 if last is not None else "No checkpoint was written.")
+        raise NonFiniteLossError(f"{what}; stopped without saving this state. {where}")
+
     def _save(self, step: int) -> None:
+        if not bool(self._params_finite(self.state.params)):
+            self._non_finite(f"the parameters became non-finite at step {step}")
         if self.checkpointer.save(step, self.state, self.train_iter.state_dict(),
                                   self.meta(step)):
             self.note(f"checkpoint: step {step}")
@@ -631,19 +659,16 @@ class Trainer:
             s, m, n = p
             host = _host(m)
             if not _is_finite(host):
-                last = self.checkpointer.latest_step()
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {s} (loss={host.get('loss')}, grad_norm="
-                    f"{host.get('grad_norm')}); stopped without saving this state. The last "
-                    f"good checkpoint is step {last} in {self.checkpointer.directory}"
-                    if last is not None else
-                    f"non-finite loss at step {s} (loss={host.get('loss')}, grad_norm="
-                    f"{host.get('grad_norm')}); stopped; no checkpoint was written")
+                self._non_finite(f"non-finite loss at step {s} (loss={host.get('loss')}, "
+                                 f"grad_norm={host.get('grad_norm')})")
             window.append(host)
             window_tokens += int(n)
 
         while step < self.total_steps:
-            if self._stop_requested():
+            # Multi-process runs agree on stopping at log boundaries (a collective each step
+            # would stall the device pipeline).
+            check = self.process_count == 1 or step % c.log_every == 0
+            if check and self._stop_requested():
                 interrupted = signal.Signals(self._stop_signal or signal.SIGTERM).name
                 break
             local = next(self.train_iter)
@@ -721,6 +746,8 @@ class Trainer:
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Train (or resume) in `workdir`; returns the final metrics."""
     init_distributed(config.distributed)
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
     return Trainer(config, workdir).train()
 
 

@@ -103,6 +103,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # newest N kept; 0 = keep all
     c.async_checkpointing = True
     c.tensorboard = True
+    # Persistent XLA compilation cache ("" = off): a restarted or resumed run skips compiling.
+    c.compilation_cache_dir = ""
 
     # -- devices -----------------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()

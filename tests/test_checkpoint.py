@@ -31,6 +31,8 @@ def test_roundtrip_onto_fsdp_shardings(tmp_path):
     ckpt = Checkpointer(tmp_path, keep=2)
     assert ckpt.save(5, state, {"epoch": 0, "index": 40}, {"exits": [1, 2]})
     assert not ckpt.save(5, state, {}, {})  # an existing step is left alone
+    # the trainer donates the state to the next step while the async save is writing
+    jax.tree.map(lambda x: x.delete(), state)
     ckpt.wait()
     assert ckpt.all_steps() == [5] and ckpt.latest_step() == 5
 
@@ -39,7 +41,7 @@ def test_roundtrip_onto_fsdp_shardings(tmp_path):
     ckpt.close()
     assert data == {"epoch": 0, "index": 40} and meta == {"exits": [1, 2]}
     # same tree (optimizer namedtuples included), same values, the run's shardings
-    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert jax.tree.structure(restored) == jax.tree.structure(expected)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), expected)
     kernel = restored.params["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding == steps.state_shardings.params["layers"]["mlp"]["up_proj"]["kernel"]

@@ -1,0 +1,153 @@
+"""The training CLI in subprocesses: SIGTERM then resume == uninterrupted, and a 2-process run.
+
+Every subprocess sees one CPU device and shares a persistent XLA compilation cache, so only the
+first run of each program pays for compiling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from sorted_jax import metrics_log, model_io
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 200  # long enough (a few seconds) to be interrupted mid-run
+
+SMALL = [
+    "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
+    "--config.model.num_hidden_layers=2", "--config.model.num_attention_heads=2",
+    "--config.model.num_key_value_heads=1", "--config.exits=1,2", "--config.eval_exits=",
+    "--config.batch_size=8", "--config.eval_batches=2", "--config.eval_at_start=False",
+    "--config.eval_every=0", "--config.log_every=1", "--config.checkpoint_every=50",
+    # constant lr: the first steps do not depend on num_steps (the 2-process run is shorter)
+    "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
+    "--config.optim.lr=3e-3", "--config.data.max_records=400",
+    "--config.data.eval=none",  # no eval step to compile
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def env_one_device():
+    env = dict(os.environ)
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def command(workdir, cache_dir, *extra):
+    return [sys.executable, "-m", "sorted_jax.train", f"--config={REPO / 'configs' / 'tiny.py'}",
+            f"--workdir={workdir}", *SMALL, f"--config.compilation_cache_dir={cache_dir}",
+            *extra]
+
+
+def run_cli(workdir, cache_dir, *extra, timeout=300):
+    proc = subprocess.run(command(workdir, cache_dir, *extra), cwd=REPO, env=env_one_device(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def train_losses(workdir) -> dict[int, dict]:
+    return {r["step"]: r for r in metrics_log.read_metrics(workdir, "train")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    """An uninterrupted single-process run of STEPS steps."""
+    wd = tmp_path_factory.mktemp("reference") / "run"
+    run_cli(wd, cache_dir, f"--config.num_steps={STEPS}")
+    return wd
+
+
+def test_sigterm_then_resume_matches_uninterrupted(tmp_path, cache_dir, reference):
+    wd = tmp_path / "run"
+    proc = subprocess.Popen(command(wd, cache_dir, f"--config.num_steps={STEPS}"), cwd=REPO,
+                            env=env_one_device(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if any(step >= 3 for step in train_losses(wd)):
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    m = re.search(r"stopped by SIGTERM at step (\d+)", out)
+    assert m, out[-3000:]
+    stopped = int(m.group(1))
+    assert 3 <= stopped < STEPS
+    assert model_io.workdir_steps(wd)[-1] == stopped
+    data = json.loads((wd / "checkpoints" / str(stopped) / "data" / "metadata").read_text())
+    assert data["index"] == stopped * 8
+
+    resumed = run_cli(wd, cache_dir, f"--config.num_steps={STEPS}")
+    assert f"from step {stopped}" in resumed.stdout
+
+    # same final weights as the uninterrupted run
+    got, _, got_step = model_io.load_workdir_params(wd)
+    want, _, want_step = model_io.load_workdir_params(reference)
+    assert got_step == want_step == STEPS
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    # the same data stream: every step after the resume saw the same batch (same loss)
+    ref, mine = train_losses(reference), train_losses(wd)
+    assert set(mine) == set(ref) == set(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert mine[step]["loss"] == ref[step]["loss"], step
+        assert mine[step]["tokens"] == ref[step]["tokens"], step
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, cache_dir, reference):
+    steps = 10
+    wd = tmp_path / "run"
+    port = free_port()
+    procs = [subprocess.Popen(
+        command(wd, cache_dir, f"--config.num_steps={steps}", "--config.checkpoint_every=5",
+                "--config.mesh.shape=2,1,1", "--config.distributed.enabled=True",
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
+        cwd=REPO, env=env_one_device(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert "2 process(es)" in outs[0]
+    assert model_io.workdir_steps(wd) == [5, 10]
+    two, one = train_losses(wd), train_losses(reference)
+    assert sorted(two) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert two[step]["tokens"] == one[step]["tokens"]
+        for key in ("loss", "loss/exit_1", "loss/exit_2", "grad_norm"):
+            assert two[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)

@@ -174,7 +174,8 @@ class Progress:
             return
         text = f"loss {float(metrics.get('loss', float('nan'))):.3f} | {compact_exits(metrics)}"
         if tokens_per_s:
-            text += f" | {tokens_per_s / 1000:.1f}k tok/s"
+            text += (f" | {tokens_per_s / 1000:.1f}k tok/s" if tokens_per_s >= 1000
+                     else f" | {tokens_per_s:.0f} tok/s")
         self._bar.set_postfix_str(text, refresh=False)
 
     def write(self, text: str) -> None:

@@ -211,7 +211,8 @@ def _check_static(c: ml_collections.ConfigDict) -> None:
     need(c.data.template in TEMPLATES,
          f"data.template must be one of {sorted(TEMPLATES)}, got {c.data.template!r}")
     need(len(tuple(c.mesh.shape)) == 3,
-         f"mesh.shape needs 3 entries (data, fsdp, tensor), got {tuple(c.mesh.shape)}")
+         f"mesh.shape needs 3 entries (data, fsdp, tensor), got {tuple(c.mesh.shape)} (a "
+         "--config.mesh.shape override given twice is concatenated by ml_collections)")
     need(isinstance(c.exits, str) and c.exits.strip() != "",
          "exits is empty: give layer numbers like '12,16,20', 'default', 'all' or 'last'")
     if c.model.preset:

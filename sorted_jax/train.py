@@ -752,10 +752,97 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     return Trainer(config, workdir).train()
 
 
+def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) -> Any:
+    """`--plan`: per-device memory of this config's train step, without allocating the model."""
+    from sorted_jax import plan as planner
+
+    _check_static(c)
+    mc = requested_model_config(c)
+    if mc is None:
+        if not c.init_from:
+            raise TrainConfigError("--plan needs model.preset or init_from for the model shape")
+        mc = model_io.load_config(c.init_from)
+    exits = soft.resolve_exits(c.exits, mc.num_hidden_layers)
+    mesh = make_mesh(tuple(c.mesh.shape))
+    rules = rules_from_config(c.mesh.rules)
+    check_batch_size(c.batch_size, mesh, rules, c.grad_accum)
+    model = modeling.make_model(mc, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
+                                attention_impl=c.attention_impl, remat_policy=c.remat_policy)
+    mu_dtype = DTYPES[c.param_dtype] if c.param_dtype != "float32" else None
+    tx, _ = make_optimizer(lr=c.optim.lr, total_steps=1000, mu_dtype=mu_dtype,
+                           clip_norm=c.optim.clip_norm or None)
+    steps = SoftSteps(model, exits, tx, mesh, rules, grad_accum=c.grad_accum,
+                      rows_per_chunk=c.loss_rows_per_chunk)
+    gib = None
+    if device_memory:
+        key = device_memory.lower()
+        try:
+            gib = planner.DEVICE_MEMORY_GIB[key] if key in planner.DEVICE_MEMORY_GIB else float(
+                key)
+        except ValueError:
+            raise TrainConfigError(
+                f"--plan_device_memory={device_memory!r}: give GiB or one of "
+                f"{', '.join(planner.DEVICE_MEMORY_GIB)}") from None
+    return planner.plan_steps(steps, (c.batch_size, c.max_len), gib), mc, exits
+
+
+def _pop_plan_flags(argv: list[str]) -> tuple[list[str], dict[str, Any] | None]:
+    """Strip `--plan`, `--plan_devices=N`, `--plan_device_memory=X`, `--plan_json` from argv."""
+    opts: dict[str, Any] = {}
+    rest = []
+    for a in argv:
+        name, _, value = a.partition("=")
+        if name in ("--plan", "--plan_json"):
+            opts[name[2:]] = True
+        elif name in ("--plan_devices", "--plan_device_memory"):
+            opts[name[2:]] = value
+        else:
+            rest.append(a)
+    if not opts:
+        return rest, None
+    if not any(a.startswith("--workdir") for a in rest):
+        rest.append("--workdir=unused-by-plan")
+    return rest, opts
+
+
+def _run_plan(config: ml_collections.ConfigDict, argv: list[str], opts: dict[str, Any]) -> int:
+    from sorted_jax import plan as planner
+
+    want = int(opts.get("plan_devices") or 0)
+    if want and want != jax.device_count():
+        # Plan for N devices on this host: a child process with N fake CPU devices.
+        child = [a for a in argv[1:] if not a.startswith("--plan_devices")]
+        child += ["--plan_json", f"--plan_devices={want}"]
+        if opts.get("plan_device_memory"):
+            child.append(f"--plan_device_memory={opts['plan_device_memory']}")
+        result = planner.plan_in_subprocess(child, want)
+        print(result["table"])
+        for tip in result["suggestions"]:
+            print(f"  - {tip}")
+        return 0
+    p, mc, exits = plan_memory(config, opts.get("plan_device_memory"))
+    tips = planner.suggestions(p, config.remat_policy, config.param_dtype)
+    header = (f"plan: {mc.num_params() / 1e9:.2f}B params, exits {list(exits)}, batch "
+              f"{config.batch_size} x {config.max_len} (grad_accum {config.grad_accum}), remat "
+              f"{config.remat_policy}, {config.dtype} compute / {config.param_dtype} params, "
+              f"{p.devices} device(s)")
+    table = header + "\n" + p.table()
+    if opts.get("plan_json"):
+        print(json.dumps({**p.to_json(), "table": table, "suggestions": tips}))
+    else:
+        print(table)
+        for tip in tips:
+            print(f"  - {tip}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    argv, plan_opts = _pop_plan_flags(argv)
     try:
         config, workdir = parse_args(argv)
+        if plan_opts is not None:
+            return _run_plan(config, argv, plan_opts)
         run(config, workdir)
     except USER_ERRORS as e:
         print(f"sorted_jax.train: error: {e}", file=sys.stderr, flush=True)

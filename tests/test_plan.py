@@ -72,3 +72,18 @@ def test_state_bytes_shrink_with_bf16_params():
     a = plan._sharded_bytes(fp32.abstract_state.params, fp32.state_shardings.params)
     b = plan._sharded_bytes(bf16.abstract_state.params, bf16.state_shardings.params)
     assert b == pytest.approx(a / 2)
+
+
+def test_train_cli_plan_for_more_devices_than_this_process_has():
+    """`--plan --plan_devices=N` plans in a child with N fake devices; allocates no model."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "sorted_jax.train", "--config=configs/tiny.py", "--plan",
+         "--plan_devices=2", "--plan_device_memory=0.0001", "--config.mesh.shape=1,-1,1"],
+        capture_output=True, text=True, timeout=600,
+        cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fsdp=2" in out.stdout and "2 device(s)" in out.stdout
+    assert "does NOT fit" in out.stdout and "remat_policy=full" in out.stdout

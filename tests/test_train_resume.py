@@ -151,3 +151,25 @@ def test_two_processes_match_one(tmp_path, cache_dir, reference):
         assert two[step]["tokens"] == one[step]["tokens"]
         for key in ("loss", "loss/exit_1", "loss/exit_2", "grad_norm"):
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
+
+    # One process restores the 2-process checkpoint onto a different mesh (fsdp x tensor on 4
+    # devices): the same values as the raw arrays on disk, really split across devices.
+    import flax.linen as nn
+
+    from sorted_jax import modeling, sharding, train_step
+    from sorted_jax.checkpoint import Checkpointer
+
+    if len(jax.devices()) < 4:
+        pytest.skip("restoring onto a (1,2,2) mesh needs 4 devices")
+    saved, config, _ = model_io.load_workdir_params(wd, 10)
+    tx, _ = train_step.make_optimizer(lr=3e-3, total_steps=steps, schedule="constant")
+    other = train_step.SoftSteps(modeling.make_model(config), exits=(1, 2), tx=tx,
+                                 mesh=sharding.make_mesh((1, 2, 2), jax.devices()[:4]))
+    ckpt = Checkpointer(wd, keep=2)
+    restored, data, _ = ckpt.restore(10, nn.unbox(other.abstract_state), other.state_shardings)
+    ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored.params), saved)
+    assert int(restored.step) == 10 and data["index"] > 0
+    kernel = restored.params["layers"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.sharding.mesh.shape == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert not kernel.sharding.is_fully_replicated

@@ -51,9 +51,10 @@ from sorted_jax.config import ConfigError, LlamaConfig
 from sorted_jax.data import (
     DataError,
     EvalIterator,
+    SourceError,
     holdout_split,
-    load_records,
     load_tokenizer,
+    open_records,
     tokenize_records,
 )
 from sorted_jax.data.templates import TEMPLATES, format_prompt
@@ -237,22 +238,11 @@ def load_split_records(spec: str, split: str, *, holdout: int = 0, seed: int = 0
                        limit: int = 0) -> list:
     """Records of `spec`; for a JSON file with `holdout` > 0 the held-out (eval) part or the
     rest (train), split as training's `data.eval_holdout` does."""
-    is_file = spec != "builtin" and not spec.startswith("tfds:")
-    if is_file and not Path(spec).expanduser().is_file():
-        raise EvalError(f"--data {spec!r}: file not found (expected 'builtin', 'tfds:NAME' or a "
-                        "JSON/JSONL file of {instruction, input, output} records)")
-    if spec.startswith("tfds:stanford_alpaca"):
-        try:  # registers the builder, so tfds finds the prepared dataset by name
-            import sorted_jax.data.alpaca_tfds  # noqa: F401
-        except ImportError:
-            pass  # load_records says how to install tensorflow-datasets
     try:
-        records = load_records(spec, split, seed=seed)
-    except (DataError, FileNotFoundError):
-        raise
-    except Exception as e:  # a bad split, a TFDS dataset never prepared, no tfds installed
-        raise EvalError(f"--data {spec!r} (split {split!r}) cannot be read: "
-                        f"{type(e).__name__}: {e}") from None
+        records = open_records(spec, split, seed=seed)
+    except SourceError as e:
+        raise EvalError(f"--data {e}") from None
+    is_file = spec != "builtin" and not spec.startswith("tfds:")
     if is_file and holdout > 0:
         try:
             train, held = holdout_split(records, holdout, seed)

@@ -48,29 +48,17 @@ __all__ = [
 TEMPLATES = ("alpaca", "plain", "none")
 
 
-def _floats(values: Sequence[str] | None) -> list[float] | None:
+def _numbers(values: Sequence[str] | None, cast: type, what: str) -> list | None:
+    """Comma- or space-separated numbers from repeated CLI values; None when not given."""
     if values is None:
         return None
     out = []
     for v in values:
         for part in str(v).replace(",", " ").split():
             try:
-                out.append(float(part))
+                out.append(cast(part))
             except ValueError:
-                raise ValueError(f"thresholds must be numbers, got {part!r}") from None
-    return out
-
-
-def _ints(values: Sequence[str] | None, name: str) -> list[int] | None:
-    if values is None:
-        return None
-    out = []
-    for v in values:
-        for part in str(v).replace(",", " ").split():
-            try:
-                out.append(int(part))
-            except ValueError:
-                raise ValueError(f"{name} must be layer numbers, got {part!r}") from None
+                raise ValueError(f"{what}, got {part!r}") from None
     return out
 
 
@@ -185,8 +173,10 @@ def _gen_kwargs(args, config) -> dict[str, Any]:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     kw: dict[str, Any] = dict(
-        mode=args.mode, exit_layer=args.exit_layer, exits=_ints(args.exits, "--exits"),
-        thresholds=_floats(args.thresholds), draft_layer=args.draft_layer,
+        mode=args.mode, exit_layer=args.exit_layer,
+        exits=_numbers(args.exits, int, "--exits must be layer numbers"),
+        thresholds=_numbers(args.thresholds, float, "thresholds must be numbers"),
+        draft_layer=args.draft_layer,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed)
     return kw

@@ -55,10 +55,11 @@ from sorted_jax.data import (
     DataError,
     DataIterator,
     EvalIterator,
+    SourceError,
     Tokenizer,
     holdout_split,
-    load_records,
     load_tokenizer,
+    open_records,
     save_tokenizer_files,
     tokenize_records,
 )
@@ -298,25 +299,11 @@ def _parse_ints(text: str, name: str) -> list[int] | None:
 
 
 def _read_records(spec: str, split: str, c: ml_collections.ConfigDict, what: str) -> list:
-    is_file = spec != "builtin" and not spec.startswith("tfds:")
-    if is_file and not Path(spec).expanduser().is_file():
-        raise TrainConfigError(f"{what}={spec!r}: data file not found (expected 'builtin', "
-                               "'tfds:NAME' or a JSON/JSONL file of instruction records)")
-    if spec.startswith("tfds:stanford_alpaca"):
-        try:  # registers the builder, so tfds finds the prepared dataset by name
-            import sorted_jax.data.alpaca_tfds  # noqa: F401
-        except ImportError:
-            pass  # load_records says how to install tensorflow-datasets
     try:
-        return load_records(spec, split, data_dir=c.data.tfds_data_dir or None,
+        return open_records(spec, split, data_dir=c.data.tfds_data_dir or None,
                             seed=c.data.seed)
-    except (DataError, FileNotFoundError):
-        raise
-    except ImportError as e:
-        raise TrainConfigError(f"{what}={spec!r}: {e} (or give a JSON/JSONL file instead)") from e
-    except Exception as e:  # e.g. a TFDS dataset that was never prepared
-        raise TrainConfigError(f"{what}={spec!r} (split {split!r}) cannot be read: "
-                               f"{type(e).__name__}: {e}") from e
+    except SourceError as e:
+        raise TrainConfigError(f"{what}={e}") from e
 
 
 def _latest_step(workdir: Path) -> int | None:

@@ -22,8 +22,10 @@ from sorted_jax.data.pipeline import (
 from sorted_jax.data.sources import (
     DataError,
     Record,
+    SourceError,
     holdout_split,
     load_records,
+    open_records,
     read_json_records,
     read_tfds_records,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "TEMPLATES",
     "ByteTokenizer",
     "DataError",
+    "SourceError",
     "DataIterator",
     "EvalIterator",
     "HFTokenizer",
@@ -59,6 +62,7 @@ __all__ = [
     "format_prompt",
     "holdout_split",
     "load_records",
+    "open_records",
     "load_tokenizer",
     "read_json_records",
     "read_tfds_records",

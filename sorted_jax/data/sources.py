@@ -24,6 +24,11 @@ class Record(TypedDict):
     output: str
 
 
+class SourceError(ValueError):
+    """A data source that cannot be opened at all: a missing file, a bad split, an unprepared
+    TFDS dataset. The message starts with the spec, so a CLI can prefix its flag name."""
+
+
 class DataError(ValueError):
     """A malformed record or data file; the message says where."""
 
@@ -238,3 +243,28 @@ def holdout_split(
     eval_idx = np.sort(perm[:num_eval])
     train_idx = np.sort(perm[num_eval:])
     return [records[i] for i in train_idx], [records[i] for i in eval_idx]
+
+
+def open_records(spec: str, split: str = "train", *, data_dir: str | None = None,
+                 seed: int = 0) -> list[Record]:
+    """`load_records` for command lines: the Stanford Alpaca TFDS builder registered, and a
+    missing file or an unreadable source raised as `SourceError` (malformed records still
+    raise `DataError` naming file and line)."""
+    is_file = spec != "builtin" and not spec.startswith("tfds:")
+    if is_file and not Path(spec).expanduser().is_file():
+        raise SourceError(f"{spec!r}: data file not found (expected 'builtin', 'tfds:NAME' or a "
+                          "JSON/JSONL file of {instruction, input, output} records)")
+    if spec.startswith("tfds:stanford_alpaca"):
+        try:  # registers the builder, so tfds finds the prepared dataset by name
+            import sorted_jax.data.alpaca_tfds  # noqa: F401
+        except ImportError:
+            pass  # load_records says how to install tensorflow-datasets
+    try:
+        return load_records(spec, split, data_dir=data_dir, seed=seed)
+    except (DataError, FileNotFoundError):
+        raise
+    except ImportError as e:
+        raise SourceError(f"{spec!r}: {e} (or give a JSON/JSONL file instead)") from e
+    except Exception as e:  # a bad split, a TFDS dataset never prepared
+        raise SourceError(f"{spec!r} (split {split!r}) cannot be read: "
+                          f"{type(e).__name__}: {e}") from e

@@ -20,7 +20,7 @@ def test_deterministic_per_seed():
 
 def test_splits_disjoint_and_sized():
     train, held = builtin_records("train"), builtin_records("eval")
-    assert len(train) == 4000 and len(held) == 200
+    assert len(train) == 4000 and len(held) == 1000
     assert {_key(r) for r in train}.isdisjoint({_key(r) for r in held})
     assert len({_key(r) for r in held}) == len(held)  # eval prompts are unique
     # Disjoint whatever the seed: the split is a hash of the prompt, not of the draw.

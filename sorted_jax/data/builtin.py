@@ -1,8 +1,10 @@
 """A toy instruction dataset generated from a seed, so the default job needs no download.
 
 Short string tasks (reverse, sort, shift letters, add numbers, ...) with and without an ``input``
-field, which a 2-8 layer model of width 64-128 learns in a few hundred CPU steps with the byte
-tokenizer. Train and eval are disjoint: each (instruction, input) pair goes to eval iff a stable
+field, with the byte tokenizer. In the default job's 600 CPU steps an 8-layer width-128 model
+learns only part of it (counting, first letters, which letters occur: held-out token accuracy
+~0.3-0.4); the copy-like tasks (copy, reverse, shift, uppercase) need much longer training, so
+the set does not saturate and exits stay distinguishable. Train and eval are disjoint: each (instruction, input) pair goes to eval iff a stable
 hash of it falls in one bucket of ``EVAL_BUCKETS``, independent of seed and split sizes.
 """
 
@@ -19,7 +21,7 @@ from sorted_jax.data.sources import Record
 LETTERS = string.ascii_lowercase
 EVAL_BUCKETS = 10
 NUM_TRAIN = 4000
-NUM_EVAL = 200
+NUM_EVAL = 1000
 
 
 def _word(rng: np.random.Generator, lo: int = 3, hi: int = 6) -> str:

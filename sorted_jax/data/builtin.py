@@ -4,8 +4,9 @@ Short string tasks (reverse, sort, shift letters, add numbers, ...) with and wit
 field, with the byte tokenizer. In the default job's 600 CPU steps an 8-layer width-128 model
 learns only part of it (counting, first letters, which letters occur: held-out token accuracy
 ~0.3-0.4); the copy-like tasks (copy, reverse, shift, uppercase) need much longer training, so
-the set does not saturate and exits stay distinguishable. Train and eval are disjoint: each (instruction, input) pair goes to eval iff a stable
-hash of it falls in one bucket of ``EVAL_BUCKETS``, independent of seed and split sizes.
+the set does not saturate and exits stay distinguishable. Train and eval are disjoint: each
+(instruction, input) pair goes to eval iff a stable hash of it falls in one bucket of
+``EVAL_BUCKETS``, independent of seed and split sizes.
 """
 
 from __future__ import annotations

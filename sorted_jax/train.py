@@ -508,7 +508,10 @@ class Trainer:
                      + ("; init_from ignored" if c.init_from else ""))
             return state, self.resume_step
         if c.init_from:
-            params, _, _ = model_io.load_params(c.init_from, dtype=c.param_dtype)
+            # Straight into the state's shardings: each process reads only its shards, so no
+            # host ever holds a full copy of the model (7B fp32 is 27 GB per process otherwise).
+            params, _, _ = model_io.load_params(c.init_from, dtype=c.param_dtype,
+                                                shardings=self.steps.params_shardings)
             self.note(f"loaded weights from {c.init_from} (fresh optimizer, step 0)")
             return self.steps.state_from_params(params), 0
         return self.steps.init_state(jax.random.PRNGKey(c.seed)), 0

@@ -182,3 +182,41 @@ def test_workdir_errors(tmp_path, params):
     wd2 = make_workdir(tmp_path / "wd2", CONFIG.replace(num_hidden_layers=3), {1: params})
     with pytest.raises(ModelIOError, match="do not match the model config"):
         load_params(wd2)
+
+
+def fsdp_tensor_shardings(config: LlamaConfig):
+    """The params' shardings on a (1, 4, 2) data x fsdp x tensor mesh of the 8 fake devices."""
+    from sorted_jax import sharding
+
+    boxed = abstract_params(make_model(config))  # leaves carry their logical axis names
+    return sharding.tree_shardings(boxed, sharding.make_mesh((1, 4, 2)))
+
+
+@pytest.mark.parametrize("boxed", [False, True])
+def test_sharded_load_places_each_leaf(tmp_path, params, boxed):
+    """With shardings, leaves come back as jax.Arrays split over the mesh, equal to the disk."""
+    shardings = fsdp_tensor_shardings(CONFIG)
+    save_model_dir(tmp_path / "md", params, CONFIG, tokenizer_dir_or_files=[])
+    wd = make_workdir(tmp_path / "wd", CONFIG, {2: params}, boxed=boxed)
+    for source in (tmp_path / "md", wd):
+        loaded, cfg, _ = load_params(source, shardings=shardings, dtype="bfloat16")
+        assert cfg == CONFIG
+        flat, want_shardings = flatten(loaded), flatten(shardings)
+        assert set(flat) == set(want_shardings)
+        for path, x in flat.items():
+            assert isinstance(x, jax.Array) and x.dtype == jnp.bfloat16
+            assert x.sharding.is_equivalent_to(want_shardings[path], x.ndim), path
+        # really split: the embedding's rows/columns are spread over several devices
+        emb = loaded["embed_tokens"]["embedding"]
+        assert len({str(s.index) for s in emb.addressable_shards}) > 1
+        expect = jax.tree.map(lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16)), params)
+        assert_tree_equal(jax.tree.map(np.asarray, loaded), expect)
+
+
+def test_sharded_load_checks_shapes_before_reading(tmp_path, params):
+    other = CONFIG.replace(hidden_size=64, intermediate_size=128)
+    save_model_dir(tmp_path / "md", params, CONFIG, tokenizer_dir_or_files=[])
+    other.to_json_file(tmp_path / "md" / "config.json")  # now disagrees with the weights
+    with pytest.raises(ModelIOError, match=r"embed_tokens/embedding has shape \(96, 32\), the "
+                                           r"config implies \(96, 64\)"):
+        load_params(tmp_path / "md", shardings=fsdp_tensor_shardings(other))

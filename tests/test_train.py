@@ -136,18 +136,29 @@ def test_init_from_model_dir_loads_weights(tmp_path):
     save_tokenizer_files("builtin", model_dir)
 
     # init_from with the tokenizer taken from the model dir and the architecture from it too
-    config = small_config(f"--config.init_from={model_dir}", "--config.data.tokenizer=",
-                          "--config.model.preset=", "--config.model.vocab_size=0",
-                          "--config.model.hidden_size=0", "--config.model.intermediate_size=0",
-                          "--config.model.num_hidden_layers=0",
-                          "--config.model.num_attention_heads=0",
-                          "--config.model.num_key_value_heads=0", "--config.num_steps=2")
+    from_model_dir = (f"--config.init_from={model_dir}", "--config.data.tokenizer=",
+                      "--config.model.preset=", "--config.model.vocab_size=0",
+                      "--config.model.hidden_size=0", "--config.model.intermediate_size=0",
+                      "--config.model.num_hidden_layers=0",
+                      "--config.model.num_attention_heads=0",
+                      "--config.model.num_key_value_heads=0", "--config.num_steps=2")
+    config = small_config(*from_model_dir)
     trainer = train.Trainer(config, tmp_path / "run")
     assert trainer.model_config == SMALL_CONFIG
     assert trainer.start_step == 0 and int(trainer.state.step) == 0
     loaded = jax.tree.map(np.asarray, trainer.state.params)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
     trainer.checkpointer.close()
+
+    # on an fsdp x tensor mesh the weights are read straight into their shards
+    sharded = train.Trainer(small_config(*from_model_dir, "--config.mesh.shape=1,4,2"),
+                            tmp_path / "run_fsdp")
+    emb = sharded.state.params["embed_tokens"]["embedding"]
+    assert emb.sharding.spec == sharded.steps.params_shardings["embed_tokens"]["embedding"].spec
+    assert len({str(s.index) for s in emb.addressable_shards}) > 1  # really split
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.tree.map(np.asarray, sharded.state.params), params)
+    sharded.checkpointer.close()
 
     # an explicit preset must agree with the weights
     config = small_config(f"--config.init_from={model_dir}", "--config.model.hidden_size=64",

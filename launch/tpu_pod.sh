@@ -36,9 +36,10 @@ Options (each also from an environment variable; flags win):
                                                   v2-alpha-tpuv5-lite, else tpu-ubuntu2204-base
   --spot | --preemptible    TPU_SPOT=1 | TPU_PREEMPTIBLE=1   (create only)
   --config FILE             SORTED_JAX_CONFIG     default: configs/soft_7b.py (in the repo)
-  --workdir DIR             SORTED_JAX_WORKDIR    required by train; gs://BUCKET/PATH allowed. On a
-                                                  multi-host slice every worker must see it
-                                                  (a bucket or a shared mount); a relative path
+  --workdir DIR             SORTED_JAX_WORKDIR    required by train. On a multi-host slice every
+                                                  worker must see it: a shared mount, e.g. a
+                                                  bucket mounted with gcsfuse on every worker
+                                                  (gs:// URLs are refused); a relative path
                                                   is relative to the remote checkout
   --repo PATH|URL           SORTED_JAX_REPO       default: this checkout ($(dirname "$SCRIPT_DIR"))
                                                   A local dir is packed (git ls-files: tracked and
@@ -60,7 +61,7 @@ Options (each also from an environment variable; flags win):
   -h, --help
 
 Everything after '--' goes to sorted_jax.train (train only), e.g.
-  $PROG --name=soft --project=my-proj --workdir=gs://my-bucket/soft_7b train -- \\
+  $PROG --name=soft --project=my-proj --workdir=/mnt/my-bucket/soft_7b train -- \\
       --config.exits=12,16,20,24,28,32 --config.mesh.shape=1,-1,1
 EOF
 }
@@ -316,8 +317,11 @@ cmd_setup() {
 }
 
 cmd_train() {
-  require WORKDIR "the workdir" "--workdir=DIR" "SORTED_JAX_WORKDIR" "gs://YOUR_BUCKET/sorted_jax/run"
-  if [[ $WORKDIR != gs://* && $WORKDIR != /* ]]; then
+  require WORKDIR "the workdir" "--workdir=DIR" "SORTED_JAX_WORKDIR" "/mnt/YOUR_SHARED_DIR/sorted_jax/run"
+  if [[ $WORKDIR == *://* ]]; then
+    die "workdir '$WORKDIR' is a URL; sorted_jax writes through the filesystem. Mount the bucket on every worker (e.g. gcsfuse --implicit-dirs BUCKET /mnt/BUCKET) and pass --workdir=/mnt/BUCKET/PATH"
+  fi
+  if [[ $WORKDIR != /* ]]; then
     note "workdir '$WORKDIR' is relative: it is $(remote_path "$WORKDIR") on each worker"
   fi
   local argv=(--config="$CONFIG" --workdir="$WORKDIR" --config.distributed.enabled=True)

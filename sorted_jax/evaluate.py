@@ -656,7 +656,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     buckets = first.get("buckets")
     if buckets and max(buckets) < max_len:
         buckets = None
-    out_dir = Path(args.out)
+    out_dir = model_io.require_filesystem_path(args.out, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     gens_file = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -165,6 +166,24 @@ def check_params(params: Mapping[str, Any], config: LlamaConfig, where: str = "p
 # atomic directories and tokenizer files
 
 
+def url_scheme(path: PathLike) -> str | None:
+    """'gs' for 'gs://bucket/x' (any 'scheme://' prefix), None for a filesystem path."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", str(path))
+    return m.group(1) if m else None
+
+
+def require_filesystem_path(path: PathLike, what: str) -> Path:
+    """`path` as a Path, refusing URLs: pathlib would turn 'gs://b/x' into a local './gs:/b/x'
+    and a run would silently write its checkpoints to one machine's disk."""
+    scheme = url_scheme(path)
+    if scheme is not None:
+        hint = (" Mount the bucket on every host (e.g. `gcsfuse --implicit-dirs BUCKET "
+                "/mnt/BUCKET`) and pass /mnt/BUCKET/PATH." if scheme == "gs" else "")
+        raise ModelIOError(f"{what}={str(path)!r}: {scheme}:// URLs are not supported; sorted_jax "
+                           f"reads and writes through the filesystem.{hint}")
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temp dir beside `out_dir`; on success it becomes `out_dir`.
@@ -172,7 +191,7 @@ def atomic_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[Path]:
     On any exception the temp dir is removed and `out_dir` is left as it was (absent, or the
     old contents when overwriting).
     """
-    out = Path(out_dir).absolute()
+    out = require_filesystem_path(out_dir, "output").absolute()
     if out.exists() and not overwrite:
         raise ModelIOError(f"output {out} already exists; remove it or choose another path "
                            "(or pass overwrite=True / --overwrite)")
@@ -451,7 +470,7 @@ def load_params(path: PathLike, step: int | None = None, dtype: Any = None,
     With `shardings` (a params-shaped tree of shardings) the params come back as `jax.Array`s
     already in place, each process reading only its own shards.
     """
-    p = Path(path)
+    p = require_filesystem_path(path, "checkpoint")
     if not p.exists():
         raise ModelIOError(f"{p} does not exist")
     if is_model_dir(p):
@@ -477,7 +496,8 @@ def load_params(path: PathLike, step: int | None = None, dtype: Any = None,
 
 
 __all__ = [
-    "ModelIOError", "TOKENIZER_FILES", "atomic_dir", "check_params",
+    "ModelIOError", "TOKENIZER_FILES", "atomic_dir", "check_params", "require_filesystem_path",
+    "url_scheme",
     "copy_tokenizer_files", "expected_param_shapes", "find_tokenizer_files", "is_model_dir",
     "is_workdir", "load_config", "load_model_dir", "load_params", "load_workdir_params",
     "resolve_dtype", "restore_params", "save_model_dir", "save_params", "workdir_steps",

@@ -236,6 +236,13 @@ def requested_model_config(c: ml_collections.ConfigDict) -> LlamaConfig | None:
     return preset(c.model.preset).replace(**overrides)
 
 
+def _filesystem_path(path: str | Path, what: str) -> Path:
+    try:
+        return model_io.require_filesystem_path(path, what)
+    except model_io.ModelIOError as e:
+        raise TrainConfigError(str(e)) from None
+
+
 def resolve_model_config(c: ml_collections.ConfigDict, workdir: Path,
                          resuming: bool) -> tuple[LlamaConfig, str]:
     """(model config, where it came from): the run's own (resume) > init_from's > the preset."""
@@ -244,6 +251,7 @@ def resolve_model_config(c: ml_collections.ConfigDict, workdir: Path,
         source, loaded = f"{workdir / model_io.CONFIG_FILE} (resuming)", model_io.load_config(
             workdir)
     elif c.init_from:
+        _filesystem_path(c.init_from, "init_from")
         if not Path(c.init_from).exists():
             raise TrainConfigError(f"init_from={c.init_from!r} does not exist")
         source, loaded = f"init_from={c.init_from}", model_io.load_config(c.init_from)
@@ -379,7 +387,7 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
         c = self.cfg = config
-        self.workdir = Path(workdir).absolute()
+        self.workdir = _filesystem_path(workdir, "--workdir").absolute()
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.is_main = self.process_index == 0
         _check_static(c)

@@ -138,7 +138,7 @@ def test_help(script, fake):
 # TPU pod
 
 SETTINGS = ["--name=soft-pod", "--project=my-proj", "--zone=us-central2-b",
-            "--accelerator-type=v4-32", "--workdir=gs://bkt/soft_7b"]
+            "--accelerator-type=v4-32", "--workdir=/mnt/bkt/soft_7b"]
 
 
 def test_tpu_create(fake):
@@ -204,7 +204,7 @@ def test_tpu_placeholders_only_in_dry_run(fake):
     proc = run(TPU, "--dry-run", "train", fake=fake)
     (cmd,) = printed(proc.stdout)
     assert cmd[5] == "YOUR_TPU_NAME" and flag(cmd, "--project") == "YOUR_PROJECT"
-    assert "--workdir=gs://YOUR_BUCKET/" in remote(cmd)
+    assert "--workdir=/mnt/YOUR_SHARED_DIR/" in remote(cmd)
     assert "TPU_NAME" in proc.stderr and "TPU_PROJECT" in proc.stderr
     for command in TPU_COMMANDS:
         proc = run(TPU, command, fake=fake, check_rc=2, env={"TPU_PROJECT": "p"})
@@ -213,6 +213,9 @@ def test_tpu_placeholders_only_in_dry_run(fake):
         assert "project is not set: pass --project=PROJECT or set TPU_PROJECT" in proc.stderr
     proc = run(TPU, "--name=n", "--project=p", "train", fake=fake, check_rc=2)
     assert "workdir is not set: pass --workdir=DIR or set SORTED_JAX_WORKDIR" in proc.stderr
+    proc = run(TPU, "--name=n", "--project=p", "--workdir=gs://b/run", "train", fake=fake,
+               check_rc=2)
+    assert "workdir 'gs://b/run' is a URL" in proc.stderr and "gcsfuse" in proc.stderr
     assert fake.calls() == []
 
 
@@ -268,14 +271,14 @@ def test_tpu_setup_from_git(fake):
 
 
 def test_tpu_train_tail_stop_lines(fake):
-    extra = ["--config.init_from=gs://bkt/llama2-7b", "--config.data.train=/data/a b.json"]
+    extra = ["--config.init_from=/mnt/bkt/llama2-7b", "--config.data.train=/data/a b.json"]
     (ssh,) = dry(TPU, *SETTINGS, "--config=configs/soft_13b.py", "train", "--", *extra,
                  fake=fake)
     words = shlex.split(remote(ssh))
     i = words.index("nohup")
     j = words.index(">>", i)
     assert words[i:j] == ["nohup", "env", "PYTHONUNBUFFERED=1", ".venv/bin/python", *TRAIN,
-                          "--config=configs/soft_13b.py", "--workdir=gs://bkt/soft_7b",
+                          "--config=configs/soft_13b.py", "--workdir=/mnt/bkt/soft_7b",
                           "--config.distributed.enabled=True", *extra]
     assert words[j:j + 5] == [">>", "train.log", "2>&1", "<", "/dev/null"]
     assert words[j + 5] == "&"
@@ -385,7 +388,7 @@ def test_tpu_remote_commands_run(fake, tmp_path):
     env = {"FAKE_WORKER_HOME": str(home), "FAKE_TRAIN_OUT": str(out),
            "LAUNCH_TEST_TOKEN": uuid.uuid4().hex}
     extra = ["--config.exits=12,16", "--config.data.train=/d/it's here.json"]
-    base = ["--name=t", "--project=p", "--workdir=gs://b/run 1", "--stop-timeout=30"]
+    base = ["--name=t", "--project=p", "--workdir=/mnt/b/run 1", "--stop-timeout=30"]
     started = None
     try:
         proc = run(TPU, *base, "--env=HF_HOME=/mnt/hf cache", "train", "--", *extra,
@@ -396,7 +399,7 @@ def test_tpu_remote_commands_run(fake, tmp_path):
                 break
             time.sleep(0.05)
         started = json.loads(out.with_suffix(".json").read_text())
-        assert started["argv"] == ["--config=configs/soft_7b.py", "--workdir=gs://b/run 1",
+        assert started["argv"] == ["--config=configs/soft_7b.py", "--workdir=/mnt/b/run 1",
                                    "--config.distributed.enabled=True", *extra]
         assert started["env"] == {"PYTHONUNBUFFERED": "1", "HF_HOME": "/mnt/hf cache"}
         assert Path(started["cwd"]) == home / "sorted_jax"

@@ -119,6 +119,17 @@ def test_bad_config_fails_before_compiling(tmp_path, capsys, monkeypatch, extra,
     assert not (wd / "checkpoints").exists()
 
 
+def test_url_paths_are_refused_not_written_locally(tmp_path, capsys, monkeypatch):
+    """pathlib would make 'gs://b/run' a local './gs:/b/run': refuse it, naming the fix."""
+    monkeypatch.chdir(tmp_path)
+    assert train.main(argv("gs://bkt/run")) == 2
+    err = capsys.readouterr().err
+    assert "--workdir='gs://bkt/run': gs:// URLs are not supported" in err and "gcsfuse" in err
+    assert train.main(argv(tmp_path / "run", "--config.init_from=gs://bkt/base")) == 2
+    assert "init_from='gs://bkt/base': gs:// URLs are not supported" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written anywhere
+
+
 def test_malformed_record_names_file_and_line(tmp_path, capsys):
     data = tmp_path / "data.json"
     data.write_text('[\n  {"instruction": "a", "input": "", "output": "b"},\n'

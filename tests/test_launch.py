@@ -123,7 +123,8 @@ def test_shellcheck(script):
     exe = shutil.which("shellcheck")
     if exe is None:
         pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
-    proc = subprocess.run([exe, "--shell=bash", str(script)], capture_output=True, text=True)
+    proc = subprocess.run([exe, "--shell=bash", "--external-sources", str(script)],
+                          capture_output=True, text=True)  # follows `source launch/quote.sh`
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

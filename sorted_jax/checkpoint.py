@@ -22,10 +22,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from sorted_jax.model_io import CHECKPOINTS_DIR
+from sorted_jax.model_io import DATA_ITEM as DATA
+from sorted_jax.model_io import META_ITEM as META
+from sorted_jax.model_io import STATE_ITEM as STATE
 from sorted_jax.train_step import TrainState
-
-CHECKPOINTS_DIR = "checkpoints"  # the names model_io.load_params reads
-STATE, DATA, META = "state", "data", "meta"
 
 
 class CheckpointError(RuntimeError):

@@ -58,11 +58,9 @@ from sorted_jax.data import (
     tokenize_records,
 )
 from sorted_jax.data.templates import TEMPLATES, format_prompt
-from sorted_jax.data.tokenizers import BUILTIN_MARKER
+from sorted_jax.modeling import DTYPES
 from sorted_jax.triviaqa import TriviaQAError
 
-DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
-          "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
 METRICS_MD, METRICS_JSON = "exit_metrics.md", "exit_metrics.json"
 QUALITY_PNG, SPEED_PNG = "exit_quality.png", "speed_quality.png"
 
@@ -95,6 +93,9 @@ class Checkpoint:
     head_exits: tuple[int, ...] | None  # exits with an SFT+ICT head, None for a plain model
     params: dict | None = None
     heads: ict.IctHeads | None = None
+    # Decoders built from the loaded weights, reused by latency, generations and TriviaQA: one
+    # per dtype (any exit runs through it), or per (exit, dtype) for SFT+ICT's per-exit heads.
+    decoders: dict[tuple[int | None, str], Any] = dataclasses.field(default_factory=dict)
 
     @property
     def is_ict(self) -> bool:
@@ -110,6 +111,7 @@ class Checkpoint:
 
     def unload(self) -> None:
         self.params, self.heads = None, None
+        self.decoders.clear()
 
 
 def _parse_int_list(text: Any) -> list[int] | None:
@@ -154,12 +156,12 @@ def read_settings(path: Path) -> dict[str, Any]:
 def _resolve_tokenizer(path: Path, spec: str | None, settings: Mapping[str, Any]) -> Any:
     if spec:
         return load_tokenizer(spec)
-    candidates = [path, path / "tokenizer"]
-    for cand in candidates:
-        if (cand / BUILTIN_MARKER).is_file() or model_io.find_tokenizer_files(cand):
-            return load_tokenizer(cand)
+    found = model_io.find_tokenizer_dir(path)
+    if found is not None:
+        return load_tokenizer(found)
     if settings.get("tokenizer") == "builtin":
         return load_tokenizer("builtin")
+    candidates = [path, path / "tokenizer"]
     raise EvalError(f"{path} has no tokenizer files (looked in {[str(c) for c in candidates]}); "
                     "pass --tokenizer (builtin, a tokenizer.model or a tokenizer dir)")
 
@@ -168,7 +170,7 @@ def load_checkpoint(path: str | Path, label: str, tokenizer_spec: str | None = N
                     load_weights: bool = True) -> Checkpoint:
     """Config, tokenizer, training settings (and with `load_weights` the weights and ICT heads)
     of a model dir, training workdir or SFT+ICT dir."""
-    p = Path(path)
+    p = model_io.require_filesystem_path(path, f"checkpoint {label!r}")
     if not p.exists():
         raise EvalError(f"checkpoint {label!r}: {p} does not exist")
     if p.is_dir() and not (p / model_io.CONFIG_FILE).is_file():
@@ -185,14 +187,7 @@ def load_checkpoint(path: str | Path, label: str, tokenizer_spec: str | None = N
     if tokenizer.vocab_size > config.vocab_size:
         raise EvalError(f"checkpoint {label!r}: the tokenizer has {tokenizer.vocab_size} ids but "
                         f"the model's vocab is {config.vocab_size}; pass the right --tokenizer")
-    head_exits = None
-    if ict.has_heads(p):
-        meta = ict.read_meta(p)
-        if "exits" not in meta:
-            raise ict.IctError(f"{p / ict.HEADS_DIR} exists but {p / ict.ICT_FILE} with its "
-                               "'exits' is missing")
-        head_exits = tuple(int(e) for e in meta["exits"])
-    ckpt = Checkpoint(label, p, config, tokenizer, settings, head_exits)
+    ckpt = Checkpoint(label, p, config, tokenizer, settings, ict.head_exits(p))
     return ckpt.load() if load_weights else ckpt
 
 
@@ -274,7 +269,7 @@ def exit_quality(ckpt: Checkpoint, records: Sequence, exits: Sequence[int], *, t
     import optax
 
     from sorted_jax.modeling import make_model
-    from sorted_jax.train_step import SoftSteps, to_global_batch
+    from sorted_jax.train_step import SoftSteps, sum_exit_sums
 
     ckpt.load()
     ds = tokenize_records(records, ckpt.tokenizer, max_len, template)
@@ -291,12 +286,13 @@ def exit_quality(ckpt: Checkpoint, records: Sequence, exits: Sequence[int], *, t
         sel = ckpt.heads.select(exits)
         heads = jax.device_put({k: jnp.asarray(v) for k, v in sel.tree().items()},
                                ict.heads_shardings(mesh, sharding.DEFAULT_RULES, sel))
-    total = None
-    for local in it:
-        batch = to_global_batch(local, steps.batch_shardings)
-        sums = (steps.eval_step(params, batch) if ckpt.heads is None
-                else heads_eval.eval_step(params, heads, batch))
-        total = sums if total is None else total + sums
+
+        def eval_step(batch):
+            return heads_eval.eval_step(params, heads, batch)
+    else:
+        def eval_step(batch):
+            return steps.eval_step(params, batch)
+    total = sum_exit_sums(eval_step, it, steps.batch_shardings)
     m = {k: float(v) for k, v in jax.device_get(soft.exit_metrics(total, exits)).items()}
     per = {}
     for e in exits:
@@ -314,9 +310,12 @@ def exit_quality(ckpt: Checkpoint, records: Sequence, exits: Sequence[int], *, t
 def exit_decoder(ckpt: Checkpoint, exit_layer: int, dtype: Any) -> Any:
     from sorted_jax.decoding import Decoder
 
-    ckpt.load()
-    params, config = ict.exit_model(ckpt.params, ckpt.config, ckpt.heads, exit_layer)
-    return Decoder(params, config, dtype=dtype, pad_multiple=32)
+    key = (exit_layer if ckpt.is_ict else None, jnp.dtype(dtype).name)
+    if key not in ckpt.decoders:
+        ckpt.load()
+        params, config = ict.exit_model(ckpt.params, ckpt.config, ckpt.heads, exit_layer)
+        ckpt.decoders[key] = Decoder(params, config, dtype=dtype, pad_multiple=32)
+    return ckpt.decoders[key]
 
 
 def _cache_len(prompts: Sequence[Sequence[int]], new_tokens: int) -> int:

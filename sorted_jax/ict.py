@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from sorted_jax import model_io, sharding, soft
 from sorted_jax.config import LlamaConfig
-from sorted_jax.modeling import Llama, abstract_params, head_weights
+from sorted_jax.modeling import DTYPES, Llama, abstract_params, head_weights
 
 HEADS_DIR = "ict_heads"
 ICT_FILE = "ict.json"
@@ -137,19 +137,28 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise IctError(f"{f}: not valid JSON: {e}") from None
 
 
-def load_heads(path: str | Path, config: LlamaConfig) -> IctHeads | None:
-    """The ICT heads stored in a model dir, or None when it has none."""
+def head_exits(path: str | Path) -> tuple[int, ...] | None:
+    """The exits a model dir has ICT heads for (from ict.json), or None when it has none."""
     p = Path(path)
     if not has_heads(p):
         return None
     meta = read_meta(p)
     if "exits" not in meta:
         raise IctError(f"{p / HEADS_DIR} exists but {p / ICT_FILE} with its 'exits' is missing")
+    return tuple(int(e) for e in meta["exits"])
+
+
+def load_heads(path: str | Path, config: LlamaConfig) -> IctHeads | None:
+    """The ICT heads stored in a model dir, or None when it has none."""
+    p = Path(path)
+    exits = head_exits(p)
+    if exits is None:
+        return None
     tree = model_io.restore_params(p / HEADS_DIR)
     missing = {"norm_scale", "lm_head_kernel"} - set(tree)
     if missing:
         raise IctError(f"{p / HEADS_DIR} lacks {sorted(missing)} (has {sorted(tree)})")
-    heads = IctHeads(tuple(int(e) for e in meta["exits"]), np.asarray(tree["norm_scale"]),
+    heads = IctHeads(exits, np.asarray(tree["norm_scale"]),
                      np.asarray(tree["lm_head_kernel"]))
     check_heads(heads, config, where=str(p / HEADS_DIR))
     return heads
@@ -398,7 +407,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     max_len = args.max_len or s.get("max_len") or 512
     batch_size = args.batch_size or s.get("batch_size") or 32
     lr = args.lr or s.get("lr") or 2e-5
-    dtype = ev.DTYPES[args.dtype or s.get("dtype") or "float32"]
+    dtype = DTYPES[args.dtype or s.get("dtype") or "float32"]
     holdout = args.holdout if args.holdout is not None else (
         s.get("eval_holdout", 0) if data == s.get("data") else 0)
     records = ev.load_split_records(data, args.split, holdout=holdout,

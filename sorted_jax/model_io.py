@@ -38,7 +38,7 @@ from sorted_jax.hf_mapping import expected_hf_names, hf_tensor_to_ours
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
-STATE_ITEM = "state"
+STATE_ITEM, DATA_ITEM, META_ITEM = "state", "data", "meta"  # a workdir checkpoint's items
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "sorted_jax_tokenizer.json")
 
@@ -218,6 +218,15 @@ def find_tokenizer_files(directory: PathLike | None) -> list[Path]:
     return [d / name for name in TOKENIZER_FILES if (d / name).is_file()]
 
 
+def find_tokenizer_dir(path: PathLike) -> Path | None:
+    """`path` itself or its `tokenizer/` subdir (a training workdir's), whichever holds
+    tokenizer files; None if neither does."""
+    for cand in (Path(path), Path(path) / "tokenizer"):
+        if find_tokenizer_files(cand):
+            return cand
+    return None
+
+
 def copy_tokenizer_files(src: PathLike | Iterable[PathLike] | None, dst: PathLike) -> list[str]:
     """Copy tokenizer files from a dir (the known names) or an explicit list of files."""
     if src is None:
@@ -335,8 +344,11 @@ def restore_params(path: PathLike, dtype: Any = None, shardings: Any = None,
 
     try:
         tree = _tree_of(ckptr.metadata(path))
-        if config is not None:
-            check_params(_unbox(tree), config, where=f"params in {path}")
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise ModelIOError(f"cannot read the params checkpoint at {path}: {e}") from e
+    if config is not None:  # before reading: restoring and casting keep shapes
+        check_params(_unbox(tree), config, where=f"params in {path}")
+    try:
         out = _restore_leafwise(restore, tree, resolve_dtype(dtype), shardings)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise ModelIOError(f"cannot read the params checkpoint at {path}: {e}") from e
@@ -388,9 +400,7 @@ def load_model_dir(path: PathLike, dtype: Any = None, shardings: Any = None
         raise ModelIOError(f"{p} is not a model dir: it needs {CONFIG_FILE} and {PARAMS_DIR}/ "
                            "(write one with `python -m sorted_jax.convert hf-to-orbax`)")
     config = load_config(p)
-    params = restore_params(p / PARAMS_DIR, dtype, shardings, config)
-    check_params(params, config, where=f"params in {p / PARAMS_DIR}")
-    return params, config
+    return restore_params(p / PARAMS_DIR, dtype, shardings, config), config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,13 +408,21 @@ def load_model_dir(path: PathLike, dtype: Any = None, shardings: Any = None
 
 
 def _manager(ckpt_dir: Path):
+    """A read-only manager; Orbax's warnings about its read-only mode are silenced."""
+    from absl import logging as absl_logging
+
     ocp = _ocp()
-    return ocp.CheckpointManager(
-        ckpt_dir,
-        item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        return ocp.CheckpointManager(
+            ckpt_dir,
+            item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(),
+                           DATA_ITEM: ocp.JsonCheckpointHandler(),
+                           META_ITEM: ocp.JsonCheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def workdir_steps(workdir: PathLike) -> list[int]:
@@ -456,9 +474,7 @@ def load_workdir_params(workdir: PathLike, step: int | None = None, dtype: Any =
             params = _restore_leafwise(restore, tree["params"], resolve_dtype(dtype), shardings)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise ModelIOError(f"cannot read params of step {step} in {ckpt_dir}: {e}") from e
-    params = _unbox(params)
-    check_params(params, config, where=f"params of step {step} in {ckpt_dir}")
-    return params, config, step
+    return _unbox(params), config, step
 
 
 def load_params(path: PathLike, step: int | None = None, dtype: Any = None,
@@ -482,12 +498,7 @@ def load_params(path: PathLike, step: int | None = None, dtype: Any = None,
         return params, config, tok
     if is_workdir(p):
         params, config, _ = load_workdir_params(p, step, dtype, shardings)
-        tok = None
-        for cand in (p, p / "tokenizer"):
-            if find_tokenizer_files(cand):
-                tok = cand
-                break
-        return params, config, tok
+        return params, config, find_tokenizer_dir(p)
     has = sorted(x.name for x in p.iterdir()) if p.is_dir() else []
     raise ModelIOError(
         f"{p} is neither a model dir ({CONFIG_FILE} + {PARAMS_DIR}/) nor a training workdir "

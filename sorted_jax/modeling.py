@@ -57,6 +57,9 @@ def remat_policies() -> dict[str, Callable[..., bool] | None]:
 
 
 REMAT_POLICY_NAMES = ("none", *remat_policies().keys())
+# Config names of compute / parameter dtypes (train and evaluate configs).
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
 
 
 def resolve_attention_impl(impl: str, dtype: Dtype) -> str:

@@ -44,7 +44,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from sorted_jax import metrics_log, model_io, modeling, soft
@@ -63,9 +62,15 @@ from sorted_jax.data import (
     save_tokenizer_files,
     tokenize_records,
 )
-from sorted_jax.data.tokenizers import BUILTIN_MARKER
+from sorted_jax.modeling import DTYPES
 from sorted_jax.sharding import MeshError, check_batch_size, make_mesh, rules_from_config
-from sorted_jax.train_step import SoftSteps, TrainState, make_optimizer, to_global_batch
+from sorted_jax.train_step import (
+    SoftSteps,
+    TrainState,
+    make_optimizer,
+    sum_exit_sums,
+    to_global_batch,
+)
 
 TRAIN_CONFIG_FILE = "train_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -74,8 +79,6 @@ MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden
 # Fields that fix the shapes of the weights: they must agree with weights being loaded.
 ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "dim_per_head", "tie_word_embeddings")
-DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
-          "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -279,7 +282,7 @@ def _tokenizer_spec(c: ml_collections.ConfigDict, workdir: Path, resuming: bool)
     if c.init_from:
         candidates += [Path(c.init_from), Path(c.init_from) / TOKENIZER_DIR]
     for cand in candidates:
-        if (cand / BUILTIN_MARKER).is_file() or model_io.find_tokenizer_files(cand):
+        if model_io.find_tokenizer_files(cand):  # the builtin marker file is one of them
             return str(cand)
     where = (f"no tokenizer files were found in {', '.join(str(x) for x in candidates)}"
              if candidates else "init_from is not set")
@@ -316,14 +319,7 @@ def _read_records(spec: str, split: str, c: ml_collections.ConfigDict, what: str
 
 def _latest_step(workdir: Path) -> int | None:
     """The last finished checkpoint step of a workdir, or None for a fresh run."""
-    if not (workdir / model_io.CHECKPOINTS_DIR).is_dir():
-        return None
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns about its read-only mode
-    try:
-        steps = model_io.workdir_steps(workdir)
-    finally:
-        absl_logging.set_verbosity(verbosity)
+    steps = model_io.workdir_steps(workdir)
     if steps and not (workdir / model_io.CONFIG_FILE).is_file():
         raise TrainConfigError(f"{workdir} has checkpoints but no {model_io.CONFIG_FILE}: it "
                                "cannot be resumed; use another workdir")
@@ -474,7 +470,8 @@ class Trainer:
         self.logger = metrics_log.MetricsLogger(
             self.workdir, tensorboard=c.tensorboard) if self.is_main else None
         self._stop_signal: int | None = None
-        self._eval_history: list[tuple[int, dict[str, float]]] = []
+        self._last_eval: tuple[int, dict[str, float]] | None = None
+        self._eval_points: dict[int, Mapping[str, Any]] | None = None  # step -> eval metrics
 
     # -- setup helpers -----------------------------------------------------------------------
     def note(self, text: str) -> None:
@@ -566,13 +563,9 @@ class Trainer:
         """Per-exit loss/accuracy on the held-out set: ExitSums summed, divided once."""
         if self.eval_iter is None:
             return None
-        total = None
-        for i, local in enumerate(self.eval_iter):
-            if self.cfg.eval_batches and i >= self.cfg.eval_batches:
-                break
-            batch = to_global_batch(local, self.eval_steps.batch_shardings)
-            sums = self.eval_steps.eval_step(params, batch)
-            total = sums if total is None else total + sums
+        total = sum_exit_sums(lambda batch: self.eval_steps.eval_step(params, batch),
+                              self.eval_iter, self.eval_steps.batch_shardings,
+                              self.cfg.eval_batches)
         return _host(soft.exit_metrics(total, self.eval_exits))
 
     def _eval_and_log(self, step: int) -> dict[str, float] | None:
@@ -581,20 +574,24 @@ class Trainer:
         if metrics is None:
             return None
         metrics["eval_time_s"] = time.time() - t0
-        self._eval_history.append((step, metrics))
+        self._last_eval = (step, metrics)
         self.note(f"eval @ {step}: " + metrics_log.compact_exits(metrics)
                   + f" ({metrics['eval_time_s']:.1f}s)")
         if self.logger:
             self.logger.write(step, "eval", metrics)
             self.logger.flush()
-            metrics_log.plot_exit_losses(self._plot_history(),
+            self._plot_history()[step] = metrics
+            metrics_log.plot_exit_losses(sorted(self._plot_history().items()),
                                          self.workdir / metrics_log.EXIT_PLOT_FILE)
         return metrics
 
-    def _plot_history(self) -> list[tuple[int, dict[str, Any]]]:
-        """Eval points of this workdir (earlier launches too); a later line wins a step."""
-        by_step = {r["step"]: r for r in metrics_log.read_metrics(self.workdir, "eval")}
-        return sorted(by_step.items())
+    def _plot_history(self) -> dict[int, Mapping[str, Any]]:
+        """Eval points of this workdir by step: earlier launches' read from metrics.jsonl once
+        (a later line wins a step), this launch's added as they come."""
+        if self._eval_points is None:
+            rows = metrics_log.read_metrics(self.workdir, "eval")
+            self._eval_points = {r["step"]: r for r in rows}
+        return self._eval_points
 
     # -- the loop ----------------------------------------------------------------------------
     def _non_finite(self, what: str) -> None:
@@ -656,6 +653,7 @@ class Trainer:
         def finish(p) -> None:
             nonlocal window_tokens
             s, m, n = p
+            m, n = jax.device_get((m, n))  # one transfer for both
             host = _host(m)
             if not _is_finite(host):
                 self._non_finite(f"non-finite loss at step {s} (loss={host.get('loss')}, "
@@ -720,8 +718,8 @@ class Trainer:
             return result
 
         final_eval = None
-        if self._eval_history and self._eval_history[-1][0] == step:
-            final_eval = self._eval_history[-1][1]
+        if self._last_eval is not None and self._last_eval[0] == step:
+            final_eval = self._last_eval[1]
         elif self.eval_iter is not None:
             final_eval = self._eval_and_log(step)
         if not last_train and self.is_main:  # nothing trained in this launch (resumed at end)
@@ -735,8 +733,9 @@ class Trainer:
                 title=f"Per-exit metrics at step {step} (exits {','.join(map(str, self.exits))}; "
                       "eval = held-out split)")
             (self.workdir / metrics_log.EXIT_TABLE_FILE).write_text(table)
-            metrics_log.plot_exit_losses(self._plot_history(),
-                                         self.workdir / metrics_log.EXIT_PLOT_FILE)
+            if final_eval is None:  # otherwise the eval at this step has just plotted
+                metrics_log.plot_exit_losses(sorted(self._plot_history().items()),
+                                             self.workdir / metrics_log.EXIT_PLOT_FILE)
             self._progress.close()
             print("\n" + table, flush=True)
         return result

@@ -9,7 +9,7 @@ SFT is the same code with the exit set {L}.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -210,3 +210,16 @@ def to_global_batch(batch: dict[str, np.ndarray], shardings: NamedSharding) -> B
     """This process's rows of the global batch -> global jax.Arrays (multi-host aware)."""
     return {k: jax.make_array_from_process_local_data(shardings, np.asarray(v))
             for k, v in batch.items()}
+
+
+def sum_exit_sums(eval_step: Callable[[Batch], soft.ExitSums], batches: Iterable[dict],
+                  shardings: NamedSharding, max_batches: int = 0) -> soft.ExitSums | None:
+    """`eval_step` over this process's `batches` (made global), summed: metrics are divided
+    once at the end (`soft.exit_metrics`), not averaged per batch. None for no batches."""
+    total = None
+    for i, local in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        sums = eval_step(to_global_batch(local, shardings))
+        total = sums if total is None else total + sums
+    return total

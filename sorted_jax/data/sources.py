@@ -197,6 +197,8 @@ def read_tfds_records(
         raise ImportError(
             "TFDS sources need tensorflow-datasets: pip install 'sorted_jax[tfds]'"
         ) from e
+    if name.startswith("stanford_alpaca"):
+        import sorted_jax.data.alpaca_tfds  # noqa: F401  (registers the builder: tfds finds it)
     field_map = dict(DEFAULT_FIELD_MAP if field_map is None else field_map)
     source = tfds.data_source(name, split=split, data_dir=data_dir)
     return [
@@ -254,11 +256,6 @@ def open_records(spec: str, split: str = "train", *, data_dir: str | None = None
     if is_file and not Path(spec).expanduser().is_file():
         raise SourceError(f"{spec!r}: data file not found (expected 'builtin', 'tfds:NAME' or a "
                           "JSON/JSONL file of {instruction, input, output} records)")
-    if spec.startswith("tfds:stanford_alpaca"):
-        try:  # registers the builder, so tfds finds the prepared dataset by name
-            import sorted_jax.data.alpaca_tfds  # noqa: F401
-        except ImportError:
-            pass  # load_records says how to install tensorflow-datasets
     try:
         return load_records(spec, split, data_dir=data_dir, seed=seed)
     except (DataError, FileNotFoundError):

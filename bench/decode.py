@@ -29,6 +29,7 @@ import numpy as np
 
 from sorted_jax.config import LlamaConfig
 from sorted_jax.decoding import Decoder, default_exits
+from sorted_jax.decoding.sampling import top1_prob
 from sorted_jax.modeling import abstract_params, make_model
 
 
@@ -204,8 +205,7 @@ def _first_exit_confidences(dec: Decoder, prompts, k: int, n: int) -> list[float
     model = make_model(cfg)
     logits = model.apply({"params": slice_layers(dec.params, 0, k)},
                          jnp.asarray([seq]), method=lambda m, x: m.head(m(x).hidden[-1]))
-    probs = jax.nn.softmax(logits[0, len(prompts[0]) - 1:].astype(jnp.float32), axis=-1)
-    return np.asarray(jnp.max(probs, axis=-1)).tolist()
+    return np.asarray(top1_prob(logits[0, len(prompts[0]) - 1:])).tolist()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ import numpy as np
 
 from sorted_jax import modeling, sharding, train_step
 from sorted_jax.config import LlamaConfig
+from sorted_jax.plan import plan_steps
 
 PEER = Path(__file__).resolve().parents[2] / "shared" / "bench" / "peer_soft_torch.py"
 
@@ -71,8 +71,7 @@ def run_ours(cfg, exits, args) -> dict:
         {"input_ids": ids, "targets": np.roll(ids, -1, 1),
          "loss_mask": np.ones(ids.shape, np.float32),
          "attention_mask": np.ones(ids.shape, np.int32)}, steps.batch_shardings)
-    compiled = steps.lower_train_step((args.batch, args.seq)).compile()
-    mem = compiled.memory_analysis()
+    mem = plan_steps(steps, (args.batch, args.seq))
     state = steps.init_state(jax.random.PRNGKey(0))
     times = []
     for i in range(args.warmup + args.steps):
@@ -89,8 +88,8 @@ def run_ours(cfg, exits, args) -> dict:
             "step_s": round(dt, 4), "tok_per_s": round(toks / dt),
             "model_tflops": round(flops_per_token(cfg, args.seq, len(exits)) * toks / dt / 1e12,
                                   2),
-            "compiled_temp_GiB": round(mem.temp_size_in_bytes / 2**30, 3),
-            "compiled_args_GiB": round(mem.argument_size_in_bytes / 2**30, 3),
+            "compiled_temp_GiB": round(mem.compiled_temp_bytes / 2**30, 3),
+            "compiled_args_GiB": round(mem.compiled_argument_bytes / 2**30, 3),
             "peak_mem_GiB": None if peak is None else round(peak / 2**30, 2)}
 
 
@@ -102,16 +101,15 @@ def run_peer(args) -> list[dict]:
            "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.peer_compile:
         cmd.append("--compile")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         print(out.stderr[-3000:], file=sys.stderr)
         return []
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     rows = [r for r in rows if "mode" in r]
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # max over children so far
     for r in rows:
-        r["peer_process_max_rss_GiB"] = round(max(rss, before) / 2**20, 2)
+        r["peer_process_max_rss_GiB"] = round(rss / 2**20, 2)
     return rows
 
 

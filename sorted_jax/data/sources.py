@@ -253,11 +253,13 @@ def open_records(spec: str, split: str = "train", *, data_dir: str | None = None
     missing file or an unreadable source raised as `SourceError` (malformed records still
     raise `DataError` naming file and line)."""
     is_file = spec != "builtin" and not spec.startswith("tfds:")
-    if is_file and not Path(spec).expanduser().is_file():
+    path = Path(spec).expanduser() if is_file else None
+    if path is not None and not path.is_file():
         raise SourceError(f"{spec!r}: data file not found (expected 'builtin', 'tfds:NAME' or a "
                           "JSON/JSONL file of {instruction, input, output} records)")
     try:
-        return load_records(spec, split, data_dir=data_dir, seed=seed)
+        source = str(path) if path is not None else spec  # '~' expanded for the reader too
+        return load_records(source, split, data_dir=data_dir, seed=seed)
     except (DataError, FileNotFoundError):
         raise
     except ImportError as e:

@@ -47,20 +47,16 @@ def default_exits(num_layers: int) -> tuple[int, ...]:
     return tuple(range(start, num_layers + 1, step))
 
 
-def resolve_exits(exits: Sequence[int] | str | None, num_layers: int) -> tuple[int, ...]:
-    """Validate an exit set (layer numbers 1..L): unique and sorted on return.
-
-    Accepts a sequence, a comma-separated string ("12,20,32"), "all", "last"/"sft", or None
-    for the default.
-    """
+def _parse_exits(exits: Sequence[int] | str | None, num_layers: int) -> list[int]:
+    """Layer numbers in the order given (validated: in range, unique, not empty)."""
     if exits is None or exits == "default":
-        return default_exits(num_layers)
+        return list(default_exits(num_layers))
     if isinstance(exits, str):
         text = exits.strip().lower()
         if text == "all":
-            return tuple(range(1, num_layers + 1))
+            return list(range(1, num_layers + 1))
         if text in ("last", "sft"):
-            return (num_layers,)
+            return [num_layers]
         try:
             exits = [int(x) for x in text.replace(" ", "").split(",") if x]
         except ValueError:
@@ -75,11 +71,20 @@ def resolve_exits(exits: Sequence[int] | str | None, num_layers: int) -> tuple[i
                         f"{num_layers} (exit n reads the hidden state after layer n)")
     if len(set(values)) != len(values):
         raise ExitError(f"exit layers repeat: {values}")
-    return tuple(sorted(values))
+    return values
+
+
+def resolve_exits(exits: Sequence[int] | str | None, num_layers: int) -> tuple[int, ...]:
+    """Validate an exit set (layer numbers 1..L): unique and sorted on return.
+
+    Accepts a sequence, a comma-separated string ("12,20,32"), "all", "last"/"sft", or None
+    for the default. With per-exit weights, use `resolve_exit_set` (it sorts the pairs).
+    """
+    return tuple(sorted(_parse_exits(exits, num_layers)))
 
 
 def resolve_exit_weights(weights: Sequence[float] | None, exits: Sequence[int]) -> np.ndarray:
-    """Per-exit loss weights; default the paper's uniform mean 1/|B|."""
+    """Per-exit loss weights, one per exit in the order of `exits`; default uniform 1/|B|."""
     if weights is None or len(weights) == 0:
         return np.full(len(exits), 1.0 / len(exits), np.float32)
     w = np.asarray([float(x) for x in weights], np.float32)
@@ -88,6 +93,18 @@ def resolve_exit_weights(weights: Sequence[float] | None, exits: Sequence[int]) 
     if np.any(w < 0) or not np.all(np.isfinite(w)) or w.sum() <= 0:
         raise ExitError(f"exit weights must be finite, non-negative and not all zero: {w}")
     return w
+
+
+def resolve_exit_set(exits: Sequence[int] | str | None, weights: Sequence[float] | None,
+                     num_layers: int) -> tuple[tuple[int, ...], np.ndarray]:
+    """(sorted exits, their weights): weight i belongs to exit i *as given*, and stays with it.
+
+    `exits=(32, 12), weights=(0.9, 0.1)` -> `((12, 32), [0.1, 0.9])`.
+    """
+    given = _parse_exits(exits, num_layers)
+    w = resolve_exit_weights(weights, given)
+    order = np.argsort(given, kind="stable")
+    return tuple(given[i] for i in order), w[order]
 
 
 @flax.struct.dataclass

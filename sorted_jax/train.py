@@ -392,11 +392,10 @@ class Trainer:
         resuming = self.resume_step is not None
         self.model_config, self.model_source = resolve_model_config(c, self.workdir, resuming)
         mc = self.model_config
-        self.exits = soft.resolve_exits(c.exits, mc.num_hidden_layers)
+        self.exits, self.exit_weights = soft.resolve_exit_set(
+            c.exits, _parse_floats(c.exit_weights, "exit_weights"), mc.num_hidden_layers)
         self.eval_exits = (soft.resolve_exits(c.eval_exits, mc.num_hidden_layers)
                            if c.eval_exits.strip() else self.exits)
-        self.exit_weights = soft.resolve_exit_weights(
-            _parse_floats(c.exit_weights, "exit_weights"), self.exits)
         if c.max_len > mc.max_position_embeddings:
             raise TrainConfigError(f"max_len={c.max_len} exceeds the model's "
                                    f"max_position_embeddings={mc.max_position_embeddings}")

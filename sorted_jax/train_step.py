@@ -79,8 +79,8 @@ class SoftSteps:
 
     def __post_init__(self) -> None:
         cfg = self.model.config
-        self.exits = soft.resolve_exits(self.exits, cfg.num_hidden_layers)
-        self.weights = soft.resolve_exit_weights(self.exit_weights, self.exits)
+        self.exits, self.weights = soft.resolve_exit_set(self.exits, self.exit_weights,
+                                                         cfg.num_hidden_layers)
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         self.abstract_state = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))

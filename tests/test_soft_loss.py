@@ -157,6 +157,18 @@ def test_bad_exit_sets_raise_clear_errors(exits, match):
         soft.resolve_exits(exits, 32)
 
 
+def test_exit_weights_stay_with_their_exits():
+    exits, w = soft.resolve_exit_set("32,12", [0.9, 0.1], 32)
+    assert exits == (12, 32)
+    np.testing.assert_allclose(w, [0.1, 0.9])
+    exits, w = soft.resolve_exit_set([20, 32, 12], [2.0, 3.0, 1.0], 32)
+    assert exits == (12, 20, 32)
+    np.testing.assert_allclose(w, [1.0, 2.0, 3.0])
+    exits, w = soft.resolve_exit_set("default", None, 32)
+    assert exits == soft.default_exits(32)
+    np.testing.assert_allclose(w, np.full(6, 1 / 6))
+
+
 def test_bad_exit_weights():
     with pytest.raises(soft.ExitError, match="2 exit weights for 3 exits"):
         soft.resolve_exit_weights([1, 1], (1, 2, 3))

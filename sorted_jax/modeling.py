@@ -1,7 +1,11 @@
-"""LLaMA in Flax linen, with the decoder stack under `nn.scan` emitting every layer's output.
+"""LLaMA in Flax linen, with the decoder stack under `nn.scan` handing out the exits' states.
 
-SoFT needs the hidden state after each layer (exit n reads `hidden[n - 1]`), so the scan returns
-them as its stacked output `[L, B, T, D]`: the same tensors the backward pass keeps anyway.
+SoFT reads the hidden state after each exit layer n (not normed), so the scan carries an
+`[K, B, T, D]` buffer of the K requested exits beside its `[B, T, D]` state, and each layer
+writes its output into the slot of the next exit at or above it (layers between exits overwrite
+the slot; the exit layer writes last). The buffer update is a `dynamic_update_slice`, linear, so
+the backward pass keeps no per-layer copy of it: training costs K stacked states (the loss needs
+them), not L. SFT (the one exit L) needs no buffer at all: its exit is the scan's final state.
 Weights sit on a leading `layers` axis, so the sub-model of depth k is the same params sliced
 `[:k]` run by a scan of length k (see `slice_layers`), costing k layers of compute.
 
@@ -15,7 +19,7 @@ decode step writes only the new tokens' keys and values, not the whole cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -231,6 +235,26 @@ class Attention(nn.Module):
         return checkpoint_name(out, "attention_out"), cache
 
 
+def fp32_logits(x: Array, kernel: Array) -> Array:
+    """x `[..., D]` @ kernel `[D, V]` in x's dtype, accumulated and returned in fp32."""
+    return jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class LMHead(nn.Module):
+    """The untied output projection `[embed, vocab]` (params laid out as `nn.Dense`'s)."""
+
+    vocab_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", _init(0.02, ("embed", "vocab")),
+                            (x.shape[-1], self.vocab_size), self.param_dtype)
+        return fp32_logits(x.astype(self.dtype), kernel)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -254,8 +278,28 @@ class MLP(nn.Module):
         return checkpoint_name(out, "mlp_out")
 
 
+@flax.struct.dataclass
+class LayerInputs:
+    """Broadcast to every layer of the scan."""
+
+    attention: AttentionInputs
+    exit_slots: Array | None  # [L] int32: the exit buffer slot each layer writes, -1 = none
+
+
+def _write_exit(buf: Array, h: Array, slots: Array, layer: Array) -> Array:
+    """Layer `layer`'s output into its exit slot (the next exit at or above it, if any)."""
+    slot = slots[layer]
+    slot_c = jnp.maximum(slot, 0)
+    current = jax.lax.dynamic_index_in_dim(buf, slot_c, axis=0, keepdims=False)
+    value = jnp.where(slot >= 0, h.astype(buf.dtype), current)
+    return jax.lax.dynamic_update_index_in_dim(buf, value, slot_c, axis=0)
+
+
 class DecoderLayer(nn.Module):
-    """One pre-norm LLaMA block as a scan body: ((h, cache, layer), inputs) -> (carry, h)."""
+    """One pre-norm LLaMA block as a scan body: ((h, cache, layer, exit_buf), inputs) -> carry.
+
+    `exit_buf` `[K, B, T, D]` (or None) collects the exits' hidden states (module docstring).
+    """
 
     config: LlamaConfig
     dtype: Dtype = jnp.float32
@@ -263,8 +307,9 @@ class DecoderLayer(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, carry: tuple, inputs: AttentionInputs) -> tuple[tuple, Array]:
-        h, cache, layer = carry
+    def __call__(self, carry: tuple, layer_inputs: LayerInputs) -> tuple[tuple, None]:
+        h, cache, layer, exit_buf = carry
+        inputs = layer_inputs.attention
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.with_logical_constraint(h, (BATCH, LENGTH, ACT_EMBED))
@@ -275,7 +320,11 @@ class DecoderLayer(nn.Module):
         mlp_out = MLP(cfg, name="mlp", **kw)(
             RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(h))
         h = nn.with_logical_constraint(h + mlp_out, (BATCH, LENGTH, ACT_EMBED))
-        return (h, cache, layer + 1), h
+        if exit_buf is not None:
+            exit_buf = nn.with_logical_constraint(
+                _write_exit(exit_buf, h, layer_inputs.exit_slots, layer),
+                (None, BATCH, LENGTH, ACT_EMBED))
+        return (h, cache, layer + 1, exit_buf), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,14 +333,37 @@ class DecoderLayer(nn.Module):
 
 @flax.struct.dataclass
 class ModelOutput:
-    hidden: Array  # [L, B, T, D]: the hidden state after every layer (not normed)
+    hidden: Array  # [K, B, T, D]: the hidden state after each exit layer (not normed)
     cache: KVCache | None
+    exits: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())  # K layer numbers
+
+
+def exit_slots(exits: tuple[int, ...], num_layers: int) -> np.ndarray:
+    """`[L]` int32: slot of the first exit at or above each layer (0-based), -1 past the last."""
+    slots = np.full(num_layers, -1, np.int32)
+    for layer in range(num_layers):
+        later = [j for j, e in enumerate(exits) if e >= layer + 1]
+        if later:
+            slots[layer] = later[0]
+    return slots
+
+
+def check_exits(exits: Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
+    """Exit layer numbers, strictly increasing in 1..L (None = every layer)."""
+    if exits is None:
+        return tuple(range(1, num_layers + 1))
+    out = tuple(int(e) for e in exits)
+    if not out or any(not 1 <= e <= num_layers for e in out) or any(
+            a >= b for a, b in zip(out, out[1:], strict=False)):
+        raise ValueError(f"exits must be increasing layer numbers in 1..{num_layers}, got {out}")
+    return out
 
 
 class Llama(nn.Module):
-    """LLaMA decoder; `__call__` returns every layer's hidden state, `head` makes logits.
+    """LLaMA decoder; `__call__` returns the exits' hidden states, `head` makes logits.
 
-    Exit n's logits are `head(out.hidden[n - 1])`; the full model's are exit L's.
+    With `exits=None` every layer is an exit: exit n's logits are `head(out.hidden[n - 1])`, the
+    full model's are `head(out.hidden[-1])`. With `exits=(L,)` only the final state is kept.
     """
 
     config: LlamaConfig
@@ -322,14 +394,14 @@ class Llama(nn.Module):
             self.attention_impl, self.dtype), name="layers", **kw)
         self.norm = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head",
-                                    kernel_init=_init(0.02, ("embed", "vocab")), **kw)
+            self.lm_head = LMHead(cfg.vocab_size, name="lm_head", **kw)
 
     def __call__(self, input_ids: Array, positions: Array | None = None,
                  attention_mask: Array | None = None, segment_ids: Array | None = None,
-                 cache: KVCache | None = None) -> ModelOutput:
+                 cache: KVCache | None = None,
+                 exits: Sequence[int] | None = None) -> ModelOutput:
         h = self.embed(input_ids)
-        return self.run_layers(h, positions, attention_mask, segment_ids, cache)
+        return self.run_layers(h, positions, attention_mask, segment_ids, cache, exits)
 
     def embed(self, input_ids: Array) -> Array:
         h = self.embed_tokens(input_ids.astype(jnp.int32)).astype(self.dtype)
@@ -337,18 +409,29 @@ class Llama(nn.Module):
 
     def run_layers(self, h: Array, positions: Array | None = None,
                    attention_mask: Array | None = None, segment_ids: Array | None = None,
-                   cache: KVCache | None = None) -> ModelOutput:
+                   cache: KVCache | None = None,
+                   exits: Sequence[int] | None = None) -> ModelOutput:
         """The decoder stack alone, from an input hidden state `[B, T, D]`.
 
         positions: `[B, T]` position ids (default `arange(T)`); attention_mask: `[B, T]`, true
         for real tokens; segment_ids: `[B, T]` for packed rows (tokens attend within their
         segment). Without a cache, mask and segments absent, attention is plain causal with
-        right padding given by the mask's row sums (the path cuDNN runs fastest).
+        right padding given by the mask's row sums (the path cuDNN runs fastest). exits: layer
+        numbers whose outputs to return (increasing; None = all).
         """
-        inputs = self._attention_inputs(h, positions, attention_mask, segment_ids, cache)
+        num_layers = self.config.num_hidden_layers
+        exits = check_exits(exits, num_layers)
+        attention = self._attention_inputs(h, positions, attention_mask, segment_ids, cache)
         kv = None if cache is None else (cache.k, cache.v)
-        (_, new_kv, _), hidden = self.layers((h, kv, jnp.zeros((), jnp.int32)), inputs)
-        hidden = nn.with_logical_constraint(hidden, ("layers", BATCH, LENGTH, ACT_EMBED))
+        final_only = exits == (num_layers,)
+        buf = None if final_only else jnp.zeros((len(exits), *h.shape), h.dtype)
+        buf = None if buf is None else nn.with_logical_constraint(
+            buf, (None, BATCH, LENGTH, ACT_EMBED))
+        slots = None if final_only else jnp.asarray(exit_slots(exits, num_layers))
+        (last, new_kv, _, buf), _ = self.layers((h, kv, jnp.zeros((), jnp.int32), buf),
+                                                LayerInputs(attention, slots))
+        hidden = last[None] if final_only else buf
+        hidden = nn.with_logical_constraint(hidden, (None, BATCH, LENGTH, ACT_EMBED))
         new_cache = None
         if cache is not None:
             t = h.shape[1]
@@ -359,13 +442,18 @@ class Llama(nn.Module):
                 positions=jax.lax.dynamic_update_slice_in_dim(
                     cache.positions, pos.astype(jnp.int32), cache.index, axis=1),
                 index=cache.index + t)
-        return ModelOutput(hidden=hidden, cache=new_cache)
+        return ModelOutput(hidden=hidden, cache=new_cache, exits=exits)
 
     def head(self, h: Array) -> Array:
-        """Final RMSNorm + lm_head (or the tied embedding): logits in the compute dtype."""
+        """Final RMSNorm + lm_head (or the tied embedding): fp32 logits.
+
+        The matmul runs in the compute dtype and accumulates into fp32
+        (`preferred_element_type`), as the training loss does, so decoding's early-exit
+        confidences and speculative p/q are not computed from bf16-rounded logits.
+        """
         x = self.norm(h)
         if self.config.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
+            logits = fp32_logits(x, self.embed_tokens.embedding.T)
         else:
             logits = self.lm_head(x)
         names = (BATCH, LENGTH, ACT_VOCAB)[-min(x.ndim, 3):]  # [..., B, T, V] or [B, V]
@@ -373,7 +461,7 @@ class Llama(nn.Module):
 
     def touch_all(self, input_ids: Array) -> Array:
         """Runs every sub-module once (stack and head): what `init` needs to create all params."""
-        return self.head(self(input_ids).hidden[-1])
+        return self.head(self(input_ids, exits=(self.config.num_hidden_layers,)).hidden[-1])
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod

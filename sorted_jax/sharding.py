@@ -73,11 +73,12 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None =
 
 def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
     """How many ways the batch axis is split."""
-    axes = _mesh_axes_of("batch", rules)
+    axes = mesh_axes_of("batch", rules)
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def _mesh_axes_of(logical: str, rules: Rules) -> tuple[str, ...]:
+def mesh_axes_of(logical: str, rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes a logical axis name maps to under `rules` (empty: replicated)."""
     for name, target in rules:
         if name == logical:
             if target is None:
@@ -96,7 +97,7 @@ def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mes
     used: set[str] = set()
     out = []
     for name, dim in zip(logical_axes, shape, strict=True):
-        axes = [] if name is None else [a for a in _mesh_axes_of(name, rules) if a not in used]
+        axes = [] if name is None else [a for a in mesh_axes_of(name, rules) if a not in used]
         chosen: list[str] = []
         for a in axes:
             size = math.prod(mesh.shape[x] for x in [*chosen, a])
@@ -125,7 +126,7 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
-    axes = _mesh_axes_of("batch", rules)
+    axes = mesh_axes_of("batch", rules)
     axes = tuple(a for a in axes if mesh.shape[a] > 1)
     lead = None if not axes else axes[0] if len(axes) == 1 else axes
     return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))

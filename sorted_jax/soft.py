@@ -1,30 +1,32 @@
 """The SoFT objective: mean over an exit set of each exit's token cross-entropy (paper Eq. 1).
 
 Exit n reads the hidden state after layer n through the model's own final RMSNorm and shared
-lm_head. A naive version materialises `[K, B, T, V]` logits; here every exit's loss is computed
-from (hidden, norm scale, head kernel) in token chunks, and its gradient is computed in the same
-pass (`softmax - onehot` is known as soon as a chunk's logits are), so:
+lm_head. A naive version materialises `[K, B, T, V]` logits; `multi_exit_losses` instead runs
+the chunked, fused, data-parallel kernel of `sorted_jax.exit_loss`:
 
-- no `[K, B, T, V]` tensor, only one `[K, B, chunk, V]` chunk at a time;
+- no `[K, B, T, V]` tensor, only `rows_per_chunk` rows of logits per device at a time;
 - no recompute in the backward pass: each exit costs 6 x D x V FLOPs a token (forward matmul,
   and the two gradient matmuls), not the 8 x of a checkpoint-and-recompute scheme;
-- the residuals kept for the backward pass are the gradient w.r.t. the exits' hidden states
-  (the size of the hidden states themselves) and one `[D, V]` head gradient.
+- each device computes the logits of its own batch rows only (and, with a `tensor` axis, of its
+  vocab shard only).
 
 Sums, not means, come out (with token counts), so gradient accumulation adds micro-batches and
-divides once.
+divides once. This module also owns exit sets, their weights and the per-exit metrics.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
+from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sorted_jax import sharding
+from sorted_jax.exit_loss import multi_exit_ce
 from sorted_jax.modeling import rms_norm
 
 Array = jax.Array
@@ -119,135 +121,49 @@ class ExitSums:
         return jax.tree.map(jnp.add, self, other)
 
 
-def pick_chunk_len(seq_len: int, rows_per_chunk: int, num_exits: int, batch: int) -> int:
-    """The largest divisor of seq_len with num_exits * batch * chunk <= rows_per_chunk.
+def _rules_axes(rules: Sequence[tuple[str, Any]] | None) -> dict[str, tuple[str, ...]]:
+    """Mesh axes of the logical names the loss needs, from `rules` or the rules in context."""
+    if rules is None:
+        rules = tuple(nn.get_logical_axis_rules()) or sharding.DEFAULT_RULES
+    return {name: sharding.mesh_axes_of(name, tuple(rules)) for name in ("batch", "embed",
+                                                                         "vocab")}
 
-    Budgeting rows over all exits keeps the chunk's `[K, B, C, V]` logits the same size
-    whatever K is: adding exits adds loop iterations, not memory.
+
+def multi_exit_losses(hidden_exits: Array, norm_scale: Array, head_kernel: Array,
+                      targets: Array, loss_mask: Array, exit_weights: Array, *, eps: float,
+                      rows_per_chunk: int = 4096,
+                      rules: Sequence[tuple[str, Any]] | None = None
+                      ) -> tuple[Array, ExitSums]:
+    """Weighted CE sum over exits (differentiable) and per-exit sums (metrics).
+
+    hidden_exits: `[K, B, T, D]` hidden states after the K exit layers (not normed), as
+    `Llama(..., exits=...)` returns them; norm_scale `[D]`, head_kernel `[D, V]`: the model's
+    final norm and lm_head (shared by all exits); targets `[B, T]` int, loss_mask `[B, T]`
+    (1 where the token counts), exit_weights `[K]`. Divide the first output by
+    `ExitSums.tokens` for the paper's loss. `rows_per_chunk` bounds the logits each device
+    holds at once to `rows_per_chunk x V` floats, whatever the number of exits. Under a mesh
+    (`jax.set_mesh`) the loss is data parallel (`sorted_jax.exit_loss`); `rules` (default: the
+    flax rules in context) say which mesh axes hold the batch, embed and vocab axes.
     """
-    target = max(1, rows_per_chunk // max(1, num_exits * batch))
-    best = 1
-    for c in range(1, min(seq_len, target) + 1):
-        if seq_len % c == 0:
-            best = c
-    return best
-
-
-def _chunk(x: Array, axis: int, i: Array, size: int) -> Array:
-    return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
-
-
-def _exit_chunk(hidden: Array, exits: tuple[int, ...], i: Array, size: int) -> Array:
-    """`[K, B, size, D]`: chunk i of every exit's hidden state, sliced from the `[L, ...]` stack."""
-    return jnp.stack([_chunk(hidden[e - 1], 1, i, size) for e in exits])
-
-
-def _chunk_stats(h, scale, kernel, targets, mask, eps):
-    """Normed exits -> logits -> per-exit CE sums and correct counts, on flat rows.
-
-    h `[K, B, C, D]` is flattened to `[K*B*C, D]` rows so every matmul is a plain 2-D one
-    (no layout copies of the `[rows, V]` logits). Returns per-exit sums plus what the fused
-    gradient needs: fp32 logits, their logsumexp, the normed rows and the norm's vjp.
-    """
-    k = h.shape[0]
-
-    def norm(hh, ss):
-        return rms_norm(hh, ss, eps, hh.dtype).reshape(-1, hh.shape[-1])
-
-    x, norm_vjp = jax.vjp(norm, h, scale)
-    logits = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    flat_targets = jnp.broadcast_to(targets[None], (k, *targets.shape)).reshape(-1)
-    target_logit = jnp.take_along_axis(logits, flat_targets[:, None], axis=-1)[:, 0]
-    flat_mask = jnp.broadcast_to(mask[None], (k, *mask.shape)).reshape(k, -1)
-    ce = (lse - target_logit).reshape(k, -1) * flat_mask
-    hit = (jnp.argmax(logits, axis=-1) == flat_targets).reshape(k, -1) * flat_mask
-    return ce.sum(axis=1), hit.sum(axis=1), (logits, lse, flat_targets, x, norm_vjp)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _exit_loss(hidden, scale, kernel, targets, mask, exit_weights, exits, eps, chunk):
-    """(sum_k w_k * CE_k, per-exit CE sums, correct counts); hidden is the `[L, B, T, D]` stack."""
-    def body(i, carry):
-        h = _exit_chunk(hidden, exits, i, chunk)
-        loss, correct, *_ = _chunk_stats(h, scale, kernel, _chunk(targets, 1, i, chunk),
-                                         _chunk(mask, 1, i, chunk), eps)
-        return carry[0] + loss, carry[1] + correct
-
-    zeros = jnp.zeros(len(exits), jnp.float32)
-    loss, correct = jax.lax.fori_loop(0, hidden.shape[2] // chunk, body, (zeros, zeros))
-    return jnp.sum(loss * exit_weights), loss, correct
-
-
-def _exit_loss_fwd(hidden, scale, kernel, targets, mask, exit_weights, exits, eps, chunk):
-    """Loss and its gradient in one pass over the chunks (no recompute in backward).
-
-    The hidden-state gradient is written chunk by chunk into an `[L, B, T, D]` buffer (zero at
-    non-exit layers): the cotangent the layer scan needs anyway, so no `[K, ...]` copies.
-    """
-    def body(i, carry):
-        loss_acc, correct_acc, d_scale, d_kernel, d_hidden = carry
-        h = _exit_chunk(hidden, exits, i, chunk)
-        tc, mc = _chunk(targets, 1, i, chunk), _chunk(mask, 1, i, chunk)
-        loss, correct, (logits, lse, flat_t, x, norm_vjp) = _chunk_stats(
-            h, scale, kernel, tc, mc, eps)
-        # d(sum_k w_k CE_k) / d logits = w_k * mask * (softmax - onehot), without a one-hot.
-        row_weight = (mc[None] * exit_weights[:, None, None]).reshape(-1, 1)
-        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-        probs = jnp.exp(logits - lse[:, None])
-        d_logits = (jnp.where(vocab == flat_t[:, None], probs - 1.0, probs)
-                    * row_weight).astype(x.dtype)
-        d_x = jnp.dot(d_logits, kernel.astype(x.dtype).T,
-                      preferred_element_type=jnp.float32).astype(x.dtype)
-        d_kernel = d_kernel + jnp.dot(x.T, d_logits, preferred_element_type=jnp.float32)
-        d_h, d_s = norm_vjp(d_x)
-        for k, e in enumerate(exits):
-            d_hidden = jax.lax.dynamic_update_slice(
-                d_hidden, d_h[k][None].astype(d_hidden.dtype), (e - 1, 0, i * chunk, 0))
-        return (loss_acc + loss, correct_acc + correct, d_scale + d_s.astype(jnp.float32),
-                d_kernel, d_hidden)
-
-    zeros = jnp.zeros(len(exits), jnp.float32)
-    init = (zeros, zeros, jnp.zeros(scale.shape, jnp.float32),
-            jnp.zeros(kernel.shape, jnp.float32), jnp.zeros_like(hidden))
-    loss, correct, d_scale, d_kernel, d_hidden = jax.lax.fori_loop(
-        0, hidden.shape[2] // chunk, body, init)
-    out = (jnp.sum(loss * exit_weights), loss, correct)
-    return out, (d_hidden, d_scale.astype(scale.dtype), d_kernel.astype(kernel.dtype))
-
-
-def _exit_loss_bwd(exits, eps, chunk, res, g):
-    # Only the weighted total is differentiable; per-exit sums are metrics (see `exit_losses`).
-    g_total = g[0]
-    d_hidden, d_scale, d_kernel = ((g_total * r).astype(r.dtype) for r in res)
-    return d_hidden, d_scale, d_kernel, None, None, None
-
-
-_exit_loss.defvjp(_exit_loss_fwd, _exit_loss_bwd)
+    mask = loss_mask.astype(jnp.float32)
+    total, loss, correct = multi_exit_ce(
+        hidden_exits, norm_scale, head_kernel, targets, mask,
+        jnp.asarray(exit_weights, jnp.float32), eps=eps, rows_per_chunk=rows_per_chunk,
+        rules_axes=_rules_axes(rules))
+    sums = ExitSums(loss=jax.lax.stop_gradient(loss), correct=jax.lax.stop_gradient(correct),
+                    tokens=jnp.sum(mask))
+    return total, sums
 
 
 def exit_losses(hidden: Array, exits: Sequence[int], norm_scale: Array, head_kernel: Array,
                 targets: Array, loss_mask: Array, exit_weights: Array, *, eps: float,
                 rows_per_chunk: int = 4096) -> tuple[Array, ExitSums]:
-    """Weighted CE sum over exits (differentiable) and per-exit sums (metrics).
+    """`multi_exit_losses` on the exits' rows of an every-layer stack `[L, B, T, D]`.
 
-    hidden: `[L, B, T, D]` hidden states after every layer (not normed), as the model returns
-    them; exits: layer numbers (static); norm_scale `[D]`, head_kernel `[D, V]`: the model's
-    final norm and lm_head (shared by all exits); targets `[B, T]` int, loss_mask `[B, T]`
-    (1 where the token counts), exit_weights `[K]`. Divide the first output by
-    `ExitSums.tokens` for the paper's loss. `rows_per_chunk` bounds the logits held at once to
-    `rows_per_chunk x V` floats, whatever the number of exits.
+    For callers that hold every layer's state; training asks the model for the exits only.
     """
-    exits = tuple(int(e) for e in exits)
-    _, b, t, _ = hidden.shape
-    chunk = pick_chunk_len(t, rows_per_chunk, len(exits), b)
-    mask = loss_mask.astype(jnp.float32)
-    total, loss, correct = _exit_loss(hidden, norm_scale, head_kernel, targets.astype(jnp.int32),
-                                      mask, jnp.asarray(exit_weights, jnp.float32), exits, eps,
-                                      chunk)
-    sums = ExitSums(loss=jax.lax.stop_gradient(loss), correct=jax.lax.stop_gradient(correct),
-                    tokens=jnp.sum(mask))
-    return total, sums
+    return multi_exit_losses(select_exits(hidden, exits), norm_scale, head_kernel, targets,
+                             loss_mask, exit_weights, eps=eps, rows_per_chunk=rows_per_chunk)
 
 
 def select_exits(hidden: Array, exits: Sequence[int]) -> Array:

@@ -151,12 +151,11 @@ class SoftSteps:
                                attention_mask=batch.get("attention_mask"),
                                segment_ids=batch.get("segment_ids"),
                                positions=batch.get("positions") if "segment_ids" in batch
-                               else None)
+                               else None, exits=self.exits)
         scale, kernel = head_weights(params, cfg)
-        return soft.exit_losses(out.hidden, self.exits, scale, kernel, batch["targets"],
-                                batch["loss_mask"],
-                                self.weights, eps=cfg.rms_norm_eps,
-                                rows_per_chunk=self.rows_per_chunk)
+        return soft.multi_exit_losses(out.hidden, scale, kernel, batch["targets"],
+                                      batch["loss_mask"], self.weights, eps=cfg.rms_norm_eps,
+                                      rows_per_chunk=self.rows_per_chunk, rules=self.rules)
 
     def _grads(self, params: Any, batch: Batch) -> tuple[Array, soft.ExitSums, Any]:
         """Unnormalised weighted loss sum, per-exit sums and gradient over the whole batch."""

@@ -30,9 +30,10 @@ def rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("exits", [(6,), (2, 4, 6), (1, 2, 3, 4, 5, 6), (3, 5)])
-@pytest.mark.parametrize("rows", [1, 9, 10_000])
+@pytest.mark.parametrize("rows", [None, 9, 10_000])  # None: one row per exit a chunk
 def test_chunked_value_and_grad_equal_naive(exits, rows):
     hidden, scale, kernel, targets, mask = random_problem()
+    rows = rows or len(exits)
     weights = soft.resolve_exit_weights(None, exits)
     if len(exits) > 1:
         weights = np.linspace(1.0, 2.0, len(exits)).astype(np.float32)  # explicit weights too
@@ -176,7 +177,18 @@ def test_bad_exit_weights():
         soft.resolve_exit_weights([1, -1], (1, 2))
 
 
-def test_chunk_len_budget_is_independent_of_exit_count():
-    assert soft.pick_chunk_len(1024, 4096, 1, 8) == 512
-    assert soft.pick_chunk_len(1024, 4096, 4, 8) == 128
-    assert soft.pick_chunk_len(12, 5, 1, 1) == 4  # largest divisor of 12 that fits
+def test_chunk_plan_budget_is_independent_of_exit_count():
+    from sorted_jax.exit_loss import plan_chunks
+
+    # Rows per exit shrink as exits grow: K x rows stays within the budget.
+    assert plan_chunks(8 * 1024, 1, 4096) == plan_chunks(8 * 1024, 1, 4096)
+    for k in (1, 2, 4, 6):
+        plan = plan_chunks(8 * 1024, k, 4096)
+        assert k * plan.rows <= 4096 and plan.rows * plan.chunks >= 8 * 1024
+    assert plan_chunks(8 * 1024, 4, 4096).rows == 1024
+    # A prime number of rows never degrades to one-row chunks: balanced, nearly all useful.
+    plan = plan_chunks(2039, 1, 512)
+    assert plan.chunks == 4 and plan.rows == 510 and plan.rows * plan.chunks - 2039 < 4
+    # A budget below one row per exit is an error, not a silent overrun.
+    with pytest.raises(ValueError, match="smaller than the number of exits"):
+        plan_chunks(64, 4, 3)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from sorted_jax import modeling, sharding, soft, train_step
+from sorted_jax import hlo_stats, modeling, sharding, soft, train_step
 from sorted_jax.config import LlamaConfig
 
 CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -172,3 +172,68 @@ def test_soft_step_temporaries_are_flat_in_the_number_of_exits():
         return jax.jit(grads).lower(h, s, k, t, m).compile().memory_analysis().temp_size_in_bytes
 
     assert naive_loss_grad_bytes((2, 4, 6, 8)) > 3 * naive_loss_grad_bytes((8,))
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled per-device program (8 fake CPU devices): the loss is data parallel.
+
+LOSS_CFG = LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=256,
+                       num_hidden_layers=4, num_attention_heads=4)
+
+
+def compiled_stats(mesh_shape, cfg=LOSS_CFG, exits=(2, 3, 4), batch=(16, 128), rows=96,
+                   remat="none"):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 fake CPU devices (conftest sets XLA_FLAGS)")
+    n = int(np.prod(mesh_shape))
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n])
+    tx, _ = train_step.make_optimizer(lr=1e-3, total_steps=10)
+    steps = train_step.SoftSteps(modeling.make_model(cfg, remat_policy=remat), exits=exits,
+                                 tx=tx, mesh=mesh, rows_per_chunk=rows)
+    compiled = steps.lower_train_step(batch).compile()
+    return hlo_stats.analyse(compiled.as_text()), compiled.memory_analysis()
+
+
+@pytest.mark.parametrize("mesh_shape,batch_shards,vocab_shards", [
+    ((8, 1, 1), 8, 1), ((1, 8, 1), 8, 1), ((2, 2, 2), 4, 2)])
+def test_loss_logits_cover_only_this_devices_rows(mesh_shape, batch_shards, vocab_shards):
+    """Issue shape: L=4, B=16, T=128, D=128, V=2048, exits (2,3,4). Each device computes the
+    logits of its own B / batch_shards rows (and V / vocab_shards columns), in K x rows chunks
+    within the per-device budget, and its loss loop gathers nothing."""
+    from sorted_jax.exit_loss import plan_chunks
+
+    stats, _ = compiled_stats(mesh_shape)
+    k, b, t, v = 3, 16, 128, 2048
+    plan = plan_chunks(b // batch_shards * t, k, 96)
+    assert plan.rows * plan.chunks >= b // batch_shards * t
+    loss_loops = [(name, n) for name, n in stats.loops if "shard_map" in name]
+    assert loss_loops == [(loss_loops[0][0], plan.chunks)], stats.loops
+    logits = {d.dims for d in stats.dots if d.inside("shard_map") and v // vocab_shards in d.dims
+              and d.dims[0] != 128}
+    # forward logits and the gradient's [rows, V] operand: K x rows, this device's vocab shard
+    assert logits == {(k * plan.rows, v // vocab_shards)}, logits
+    in_loss = [c for c in stats.collectives if c.inside("shard_map")]
+    assert not [c for c in in_loss if c.opcode.startswith("all-gather")], in_loss
+    # With a vocab split the loop reduces [rows] vectors (logsumexp, target logit, argmax) only.
+    assert all(c.bytes <= 3 * 4 * k * plan.rows for c in in_loss), in_loss
+    assert bool(in_loss) == (vocab_shards > 1)
+
+
+def test_per_device_cost_falls_with_the_batch_sharding_degree():
+    """The memory-test shape (width 256, vocab 32000, 8 layers, 8 x 1024 tokens, full remat):
+    8-way data parallel (data or fsdp) needs <= 0.25x the temporaries of one device and 1/8 of
+    its dot FLOPs. The loss chunk (K x rows x V floats) is a per-device budget, the same on any
+    mesh, so it is kept small here (512 rows) to let everything else show."""
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688,
+                      num_hidden_layers=8, num_attention_heads=4)
+    kw = dict(cfg=cfg, exits=(2, 4, 6, 8), batch=(8, 1024), rows=512, remat="full")
+    one, one_mem = compiled_stats((1, 1, 1), **kw)
+    for mesh_shape in [(8, 1, 1), (1, 8, 1)]:
+        stats, mem = compiled_stats(mesh_shape, **kw)
+        assert mem.temp_size_in_bytes <= 0.25 * one_mem.temp_size_in_bytes, mesh_shape
+        assert stats.dot_flops == pytest.approx(one.dot_flops / 8, rel=0.02), mesh_shape
+    # The loss' dots are most of the FLOPs at this shape: the loss is what had to scale.
+    loss = sum(d.count * d.flops for d in one.dots
+               if d.loops and not any("run_layers" in name for name in d.loops))
+    assert loss == pytest.approx(6 * 256 * 32000 * 4 * 8 * 1024, rel=0.01)  # 6 D V K tokens
+    assert loss > 0.6 * one.dot_flops

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from sorted_jax import hlo_stats, modeling, sharding, soft, train_step
@@ -237,3 +239,53 @@ def test_per_device_cost_falls_with_the_batch_sharding_degree():
                if d.loops and not any("run_layers" in name for name in d.loops))
     assert loss == pytest.approx(6 * 256 * 32000 * 4 * 8 * 1024, rel=0.01)  # 6 D V K tokens
     assert loss > 0.6 * one.dot_flops
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient scale: plain SGD (no clipping) makes the update lr x the raw gradient, which Adam's
+# first step (~lr x sign(g)) and clipping would hide. lr = 2^10 keeps `before - after` exact
+# enough in fp32 (norm scales are ~1, their gradients ~1e-3).
+
+
+def naive_loss_and_grad(params, batch, exits, weights):
+    """jax.grad of the paper's loss on the whole batch, every exit's [B, T, V] logits at once."""
+    model = modeling.make_model(CFG)
+    ids, attn = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    targets, mask = jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"])
+
+    def loss(p):
+        hidden = model.apply({"params": p}, ids, attention_mask=attn).hidden  # every layer
+        logits = model.apply({"params": p}, hidden[np.asarray(exits) - 1], method=model.head)
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[None, ..., None], -1)[..., 0]
+        per_exit = jnp.sum(ce * mask, axis=(1, 2)) / jnp.sum(mask)
+        return jnp.sum(jnp.asarray(weights) * per_exit)
+
+    return jax.value_and_grad(loss)(params)
+
+
+LR = 1024.0
+
+
+@pytest.mark.parametrize("mesh_shape,grad_accum", [
+    ((1, 1, 1), 1), ((8, 1, 1), 1), ((1, 8, 1), 1), ((2, 2, 2), 1), ((2, 1, 1), 4),
+    ((1, 2, 2), 2)])
+def test_step_gradient_equals_naive_full_batch_gradient(mesh_shape, grad_accum):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 fake CPU devices (conftest sets XLA_FLAGS)")
+    exits, weights = (2, 3, 4), np.array([0.2, 0.3, 0.5], np.float32)
+    n = int(np.prod(mesh_shape))
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n])
+    steps = train_step.SoftSteps(modeling.make_model(CFG), exits=exits, tx=optax.sgd(LR),
+                                 mesh=mesh, exit_weights=list(weights), grad_accum=grad_accum,
+                                 rows_per_chunk=32)
+    batch = make_batch(seed=11)
+    state = steps.init_state(jax.random.PRNGKey(3))
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = steps.train_step(state, train_step.to_global_batch(batch,
+                                                                        steps.batch_shardings))
+    grads = jax.tree.map(lambda a, b: (a - np.asarray(b)) / LR, before, state.params)
+    ref_loss, ref_grads = naive_loss_and_grad(before, batch, exits, weights)
+    np.testing.assert_allclose(float(metrics["loss"]), float(ref_loss), rtol=1e-5)
+    assert_trees_close(grads, jax.tree.map(np.asarray, ref_grads), 1e-4)
+    np.testing.assert_allclose(float(metrics["grad_norm"]),
+                               float(optax.tree.norm(ref_grads)), rtol=1e-4)

@@ -102,7 +102,7 @@ def plan_steps(steps: Any, batch_shape: tuple[int, int],
         device_memory_bytes=None if device_memory_gib is None else device_memory_gib * GiB)
 
 
-def suggestions(plan: MemoryPlan, remat_policy: str, param_dtype: str) -> list[str]:
+def suggestions(plan: MemoryPlan, remat_policy: str, mu_dtype: str = "") -> list[str]:
     """What to change when a plan does not fit, most effective first."""
     if plan.fits is not False:
         return []
@@ -117,9 +117,12 @@ def suggestions(plan: MemoryPlan, remat_policy: str, param_dtype: str) -> list[s
                    "dots_with_no_batch_dims_saveable)")
     out.append("split the batch: raise --config.grad_accum (same effective batch, fewer "
                "activations live at once)")
-    if param_dtype == "float32":
-        out.append("bf16 master params and Adam moments: --config.param_dtype=bfloat16 (halves "
-                   "the state; less exact updates)")
+    # Not param_dtype=bfloat16: bf16 weights alone lose small updates (lr 2e-5 rounds away), so
+    # training keeps an fp32 master copy beside them (train_step.with_fp32_master), which
+    # costs 2 bytes per parameter more than fp32 params, not less.
+    if mu_dtype not in ("bfloat16", "bf16"):
+        out.append("Adam's first moment in bf16: --config.optim.mu_dtype=bfloat16 (saves 2 "
+                   "bytes per parameter; the second moment and the master weights stay fp32)")
     out.append("more devices: a larger slice / more hosts")
     return out
 

@@ -204,6 +204,8 @@ def _check_static(c: ml_collections.ConfigDict) -> None:
          f"batch_size={c.batch_size} is not divisible by grad_accum={c.grad_accum}")
     for name in ("dtype", "param_dtype"):
         need(c[name] in DTYPES, f"{name} must be one of {sorted(DTYPES)}, got {c[name]!r}")
+    need(c.optim.mu_dtype == "" or c.optim.mu_dtype in DTYPES,
+         f"optim.mu_dtype must be '' or one of {sorted(DTYPES)}, got {c.optim.mu_dtype!r}")
     need(c.attention_impl in modeling.ATTENTION_IMPLEMENTATIONS,
          f"attention_impl must be one of {modeling.ATTENTION_IMPLEMENTATIONS}, "
          f"got {c.attention_impl!r}")
@@ -450,7 +452,7 @@ class Trainer:
             lr=c.optim.lr, total_steps=self.total_steps, warmup_steps=warmup,
             schedule=c.optim.schedule, end_lr_ratio=c.optim.end_lr_ratio,
             weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
-            clip_norm=c.optim.clip_norm or None)
+            clip_norm=c.optim.clip_norm or None, mu_dtype=_mu_dtype(c))
         self.steps = SoftSteps(self.model, self.exits, tx, self.mesh, self.rules,
                                exit_weights=list(self.exit_weights), grad_accum=c.grad_accum,
                                rows_per_chunk=c.loss_rows_per_chunk, schedule=schedule)
@@ -748,6 +750,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     return Trainer(config, workdir).train()
 
 
+def _mu_dtype(c: ml_collections.ConfigDict) -> Any:
+    return DTYPES[c.optim.mu_dtype] if c.optim.mu_dtype else None
+
+
 def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) -> Any:
     """`--plan`: per-device memory of this config's train step, without allocating the model."""
     from sorted_jax import plan as planner
@@ -764,8 +770,7 @@ def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) 
     check_batch_size(c.batch_size, mesh, rules, c.grad_accum)
     model = modeling.make_model(mc, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
                                 attention_impl=c.attention_impl, remat_policy=c.remat_policy)
-    mu_dtype = DTYPES[c.param_dtype] if c.param_dtype != "float32" else None
-    tx, _ = make_optimizer(lr=c.optim.lr, total_steps=1000, mu_dtype=mu_dtype,
+    tx, _ = make_optimizer(lr=c.optim.lr, total_steps=1000, mu_dtype=_mu_dtype(c),
                            clip_norm=c.optim.clip_norm or None)
     steps = SoftSteps(model, exits, tx, mesh, rules, grad_accum=c.grad_accum,
                       rows_per_chunk=c.loss_rows_per_chunk)
@@ -817,7 +822,7 @@ def _run_plan(config: ml_collections.ConfigDict, argv: list[str], opts: dict[str
             print(f"  - {tip}")
         return 0
     p, mc, exits = plan_memory(config, opts.get("plan_device_memory"))
-    tips = planner.suggestions(p, config.remat_policy, config.param_dtype)
+    tips = planner.suggestions(p, config.remat_policy, config.optim.mu_dtype)
     header = (f"plan: {mc.num_params() / 1e9:.2f}B params, exits {list(exits)}, batch "
               f"{config.batch_size} x {config.max_len} (grad_accum {config.grad_accum}), remat "
               f"{config.remat_policy}, {config.dtype} compute / {config.param_dtype} params, "

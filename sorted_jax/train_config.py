@@ -92,6 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.clip_norm = 1.0  # 0 = no clipping
+    # Adam's first moment dtype: "" = fp32 (the master weights' dtype), "bfloat16" saves 2
+    # bytes per parameter. bf16 params keep an fp32 master copy in the optimizer state.
+    c.optim.mu_dtype = ""
 
     # -- loop --------------------------------------------------------------------------------
     c.log_every = 10

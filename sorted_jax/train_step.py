@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -62,6 +62,45 @@ def make_optimizer(*, lr: float, total_steps: int, warmup_steps: int = 0,
     return optax.chain(*parts), sched
 
 
+class MasterWeightsState(NamedTuple):
+    """fp32 copy of low-precision params, and the wrapped optimizer's state (over the copy)."""
+
+    master: Any
+    inner: Any
+
+
+def with_fp32_master(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run `tx` on an fp32 master copy of (bf16 / fp16) params, kept in the optimizer state.
+
+    A bf16 weight only changes when an update exceeds half its ulp (2^-9 of its magnitude): at
+    lr 2e-5 most of Adam's updates round away, and RMSNorm scales (~1.0) never move. The master
+    copy accumulates every update; the params are its cast (`SoftSteps` sets them to exactly
+    `master.astype(param dtype)` after each step). Costs 4 bytes per parameter on top of the
+    low-precision params, and the moments are fp32 unless `mu_dtype` says otherwise: bf16
+    params with a master copy never use less memory than fp32 params, they only halve what
+    FSDP gathers.
+    """
+    def init(params: Any) -> MasterWeightsState:
+        master = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+        return MasterWeightsState(master, tx.init(master))
+
+    def update(grads: Any, state: MasterWeightsState, params: Any = None
+               ) -> tuple[Any, MasterWeightsState]:
+        g32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        updates, inner = tx.update(g32, state.inner, state.master)
+        master = optax.apply_updates(state.master, updates)
+        if params is None:
+            return updates, MasterWeightsState(master, inner)
+        cast = jax.tree.map(lambda m, p: m.astype(p.dtype), master, params)
+        return jax.tree.map(lambda c, p: c - p, cast, params), MasterWeightsState(master, inner)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _low_precision(dtype: Any) -> bool:
+    return jnp.dtype(dtype).itemsize < 4
+
+
 @dataclasses.dataclass
 class SoftSteps:
     """Builds and holds the jitted init/train/eval functions for one model, exit set and mesh."""
@@ -76,11 +115,18 @@ class SoftSteps:
     rows_per_chunk: int = 4096
     schedule: Callable[[Array], Array] | None = None
     init_seq_len: int = 8
+    # fp32 master weights in the optimizer state (`with_fp32_master`); None = exactly when the
+    # model's params are bf16 / fp16.
+    master_weights: bool | None = None
 
     def __post_init__(self) -> None:
         cfg = self.model.config
         self.exits, self.weights = soft.resolve_exit_set(self.exits, self.exit_weights,
                                                          cfg.num_hidden_layers)
+        if self.master_weights is None:
+            self.master_weights = _low_precision(self.model.param_dtype)
+        if self.master_weights:
+            self.tx = with_fp32_master(self.tx)
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         self.abstract_state = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
@@ -192,9 +238,14 @@ class SoftSteps:
     def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         total, sums, grads = self._grads(state.params, batch)
         n = jnp.maximum(sums.tokens, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, state.params)
+        grad_dtype = (lambda p: jnp.float32) if self.master_weights else (lambda p: p.dtype)
+        grads = jax.tree.map(lambda g, p: (g / n).astype(grad_dtype(p)), grads, state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        if isinstance(opt_state, MasterWeightsState):  # exactly the master's cast, no rounding
+            params = jax.tree.map(lambda m, p: m.astype(p.dtype), opt_state.master,
+                                  state.params)
+        else:
+            params = optax.apply_updates(state.params, updates)
         metrics = {"loss": total / n, "grad_norm": optax.tree.norm(grads),
                    **soft.exit_metrics(sums, self.exits)}
         if self.schedule is not None:

@@ -44,9 +44,13 @@ def test_not_fitting_gives_suggestions():
     steps = build(cfg, (8, 1, 1), (8,))
     p = plan.plan_steps(steps, (8, 64), device_memory_gib=1e-4)
     assert p.fits is False and "does NOT fit" in p.table()
-    tips = plan.suggestions(p, "none", "float32")
+    tips = plan.suggestions(p, "none", "")
     assert any("mesh.shape=1,-1,1" in s for s in tips)
     assert any("remat_policy=full" in s for s in tips)
+    assert any("optim.mu_dtype=bfloat16" in s for s in tips)
+    # No advice to make params bf16: with their fp32 master copy they cost more, not less.
+    assert not any("param_dtype" in s for s in tips)
+    assert not any("mu_dtype" in s for s in plan.suggestions(p, "none", "bfloat16"))
 
 
 def test_soft_7b_plan_on_an_8_device_fsdp_mesh():
@@ -61,7 +65,10 @@ def test_soft_7b_plan_on_an_8_device_fsdp_mesh():
     assert "total / device" in p.table()
 
 
-def test_state_bytes_shrink_with_bf16_params():
+def test_bf16_params_are_planned_with_their_fp32_master_copy():
+    """bf16 params halve the params, but training keeps an fp32 master copy in the optimizer
+    state (they would not learn at lr 2e-5 otherwise): the plan counts it, so bf16 params never
+    look cheaper than fp32 ones."""
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -72,6 +79,10 @@ def test_state_bytes_shrink_with_bf16_params():
     a = plan._sharded_bytes(fp32.abstract_state.params, fp32.state_shardings.params)
     b = plan._sharded_bytes(bf16.abstract_state.params, bf16.state_shardings.params)
     assert b == pytest.approx(a / 2)
+    opt_a = plan._sharded_bytes(fp32.abstract_state.opt_state, fp32.state_shardings.opt_state)
+    opt_b = plan._sharded_bytes(bf16.abstract_state.opt_state, bf16.state_shardings.opt_state)
+    assert opt_b == pytest.approx(opt_a + a, rel=0.01)  # + the fp32 master
+    assert b + opt_b > a + opt_a
 
 
 def test_train_cli_plan_for_more_devices_than_this_process_has():

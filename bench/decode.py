@@ -105,6 +105,8 @@ def main(argv=None) -> int:
                    help="comma-separated draft depths (default: L/4, L/2, 3L/4)")
     p.add_argument("--max-draft", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute and KV-cache dtype (params stay as loaded); bfloat16 on a GPU")
     p.add_argument("--layer-scale", type=float, default=1.0,
                    help="random model: scale of each layer's residual update (synthetic)")
     p.add_argument("--logit-scale", type=float, default=1.0,
@@ -139,12 +141,12 @@ def main(argv=None) -> int:
              else sorted(set(range(step, big_l + 1, step)) | {big_l}))
     drafts = ([int(x) for x in args.draft_layers.split(",")] if args.draft_layers
               else sorted({max(1, big_l // 4), big_l // 2, 3 * big_l // 4} - {big_l}))
-    dec = Decoder(params, cfg, max_draft=args.max_draft)
+    dec = Decoder(params, cfg, dtype=jnp.dtype(args.dtype), max_draft=args.max_draft)
     n, reps = args.new_tokens, args.repeats
 
     print(f"model: {what}; L={big_l} D={cfg.hidden_size} V={cfg.vocab_size} "
-          f"heads={cfg.num_attention_heads}/{cfg.kv_heads}; batch {len(prompts)}, prompt "
-          f"{len(prompts[0])} tokens, {n} new tokens; backend {jax.default_backend()} "
+          f"heads={cfg.num_attention_heads}/{cfg.kv_heads} {args.dtype}; batch {len(prompts)}, "
+          f"prompt {len(prompts[0])} tokens, {n} new tokens; backend {jax.default_backend()} "
           f"({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}); "
           f"best of {reps}")
     runs: dict[str, dict] = {"full": {}}

@@ -94,11 +94,13 @@ def run_ours(cfg, exits, args) -> dict:
 
 
 def run_peer(args) -> list[dict]:
-    if not PEER.exists():
-        print(f"# peer script not found at {PEER}; skipping the peer", file=sys.stderr)
+    peer = Path(args.peer_script)
+    if not peer.exists():
+        print(f"# peer script not found at {peer}; skipping the peer", file=sys.stderr)
         return []
-    cmd = [sys.executable, str(PEER), "--size", args.size, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [sys.executable, str(peer), "--size", args.size, "--batch", str(args.batch),
+           "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--dtype", args.dtype]
     if args.peer_compile:
         cmd.append("--compile")
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -126,6 +128,9 @@ def main() -> None:
     ap.add_argument("--rows-per-chunk", type=int, default=4096)
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--peer-compile", action="store_true")
+    ap.add_argument("--peer-script", default=str(PEER),
+                    help="the peer's script (default: ../shared/bench/peer_soft_torch.py; a GPU "
+                         "machine gets a copy carried inside the repo, see bench/gpu_suite.sh)")
     args = ap.parse_args()
 
     cfg_kw, exit_sets = SIZES[args.size]

@@ -40,7 +40,7 @@
 #   The 1.25x tokens/s target means ~530 model TFLOP/s (9.5 GFLOP a token x 55.8k tokens/s),
 #   two thirds of the ~790 TFLOP/s a bf16 matmul reaches there: no room to recompute matmuls,
 #   so step 2 runs remat none (train_step.py's default). The 0.6x memory target (37.5 GiB) is the tighter one there: fp32 params, grads
-#   and Adam moments are ~16.4 GiB, the [L, B, T, D] hidden stack and its cotangent ~2.7 GiB,
+#   and Adam moments are ~16.4 GiB, the exits' [K, B, T, D] hidden states and cotangent ~2.7 GiB,
 #   and remat none keeps ~1 GiB of activations a layer (~23 GiB for 22 layers): ~42 GiB.
 #   dots_with_no_batch_dims_saveable keeps only the projections' outputs (q/k/v/o, gate/up/down:
 #   ~0.55 GiB a layer, ~12 GiB) and recomputes the element-wise ops and the flash attention

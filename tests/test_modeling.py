@@ -14,8 +14,11 @@ from conftest import make_hf_llama
 from sorted_jax import hf_mapping, modeling
 from sorted_jax.config import LlamaConfig
 
+# With head_dim 16 and rope_theta 500000 these put rotary frequencies in all three llama3 bands
+# (wavelength < 8: kept, 8..64: smoothed, > 64: divided by `factor`), so the HF parity tests
+# below see each band's formula (test_llama3_test_config_covers_all_three_bands checks it).
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+                  "high_freq_factor": 8.0, "original_max_position_embeddings": 64}
 
 
 def tiny_config(**overrides) -> LlamaConfig:
@@ -81,6 +84,27 @@ def test_every_exit_matches_hf(kv_heads, tied, rope):
     assert len(ours) == len(ref) == cfg.num_hidden_layers
     for n, (o, r) in enumerate(zip(ours, ref, strict=True), start=1):
         assert rel_err(o, r, mask) < 1e-4, f"exit {n}"
+
+
+def test_llama3_test_config_covers_all_three_bands():
+    import math
+
+    from sorted_jax.config import rope_inv_freq
+
+    cfg = tiny_config(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
+    base = tiny_config(rope_theta=500000.0)
+    wavelengths = [2 * math.pi / f for f in rope_inv_freq(base)]
+    high = 64 / LLAMA3_SCALING["high_freq_factor"]
+    bands = {"kept" if w < high else "scaled" if w > 64 else "smoothed" for w in wavelengths}
+    assert bands == {"kept", "smoothed", "scaled"}
+    # ...and each band's frequencies really change as its formula says.
+    for w, f, g in zip(wavelengths, rope_inv_freq(base), rope_inv_freq(cfg), strict=True):
+        if w < high:
+            assert g == f
+        elif w > 64:
+            assert g == pytest.approx(f / 8)
+        else:
+            assert f / 8 < g < f
 
 
 def test_left_padding_with_explicit_positions_matches_hf():

@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
+from sorted_jax import sharding
 from sorted_jax.config import LlamaConfig, rope_inv_freq
 
 Array = jax.Array
@@ -235,6 +237,36 @@ class Attention(nn.Module):
         return checkpoint_name(out, "attention_out"), cache
 
 
+def embed_lookup(table: Array, ids: Array, dtype: Dtype) -> Array:
+    """`table[ids]` `[B, T, D]`, batch-sharded, with a vocab-sharded table under a mesh.
+
+    GSPMD cannot partition a gather from a table split on vocab (tensor) and embed (fsdp) into
+    a batch-split output: it replicates the global batch's embeddings on every device. Here
+    each vocab shard looks up the ids it holds (others read 0) and one all-reduce over the
+    vocab axis adds the shards, for this device's rows only (Megatron's vocab-parallel
+    embedding); the table is gathered over fsdp first, as every FSDP weight is (without a vocab
+    split GSPMD would otherwise gather the ids of the whole batch to every device instead).
+    """
+    vocab_axes = sharding.axes_in_context("vocab", table.shape[0])
+    batch_axes = tuple(a for a in sharding.axes_in_context(BATCH, ids.shape[0])
+                       if a not in vocab_axes)
+    if not vocab_axes and not batch_axes:
+        return jnp.take(table, ids, axis=0).astype(dtype)
+
+    def local(tab: Array, idx: Array) -> Array:
+        if not vocab_axes:
+            return jnp.take(tab, idx, axis=0).astype(dtype)
+        offset = jax.lax.axis_index(vocab_axes) * tab.shape[0]
+        rel = idx - offset
+        inside = (rel >= 0) & (rel < tab.shape[0])
+        rows = jnp.take(tab, jnp.clip(rel, 0, tab.shape[0] - 1), axis=0).astype(dtype)
+        return jax.lax.psum(jnp.where(inside[..., None], rows, 0), vocab_axes)
+
+    b = batch_axes or None
+    return jax.shard_map(local, in_specs=(P(vocab_axes, None), P(b, None)),
+                         out_specs=P(b, None, None))(table, ids)
+
+
 def fp32_logits(x: Array, kernel: Array) -> Array:
     """x `[..., D]` @ kernel `[D, V]` in x's dtype, accumulated and returned in fp32."""
     return jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype),
@@ -404,7 +436,7 @@ class Llama(nn.Module):
         return self.run_layers(h, positions, attention_mask, segment_ids, cache, exits)
 
     def embed(self, input_ids: Array) -> Array:
-        h = self.embed_tokens(input_ids.astype(jnp.int32)).astype(self.dtype)
+        h = embed_lookup(self.embed_tokens.embedding, input_ids.astype(jnp.int32), self.dtype)
         return nn.with_logical_constraint(h, (BATCH, LENGTH, ACT_EMBED))
 
     def run_layers(self, h: Array, positions: Array | None = None,

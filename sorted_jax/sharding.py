@@ -145,6 +145,25 @@ def check_batch_size(global_batch: int, mesh: Mesh, rules: Rules = DEFAULT_RULES
                         f"(mesh {dict(mesh.shape)}); change the batch size or the mesh")
 
 
+def axes_in_context(logical: str, dim: int, rules: Rules | None = None) -> tuple[str, ...]:
+    """Mesh axes of the mesh in context (`jax.set_mesh`) that split a `dim`-sized `logical` axis.
+
+    Axes of size 1, axes not in the mesh and axes that would not divide `dim` are left out, as
+    `spec_for` does for parameters. Rules default to the flax logical rules in context.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    if rules is None:
+        rules = tuple(nn.get_logical_axis_rules()) or DEFAULT_RULES
+    chosen: list[str] = []
+    for a in mesh_axes_of(logical, tuple(rules)):
+        if a in mesh.axis_names and mesh.shape[a] > 1 and dim % math.prod(
+                mesh.shape[x] for x in [*chosen, a]) == 0:
+            chosen.append(a)
+    return tuple(chosen)
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
     """While tracing: the model's `with_logical_constraint` calls bind to this mesh."""

@@ -384,3 +384,15 @@ def test_sft_step_costs_what_a_plain_causal_lm_step_costs():
         plain = jax.jit(plain_step, donate_argnums=0).lower(state, batch).compile()
     plain_bytes = plain.memory_analysis().temp_size_in_bytes
     assert ours <= 1.05 * plain_bytes, (ours, plain_bytes)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
+def test_no_global_batch_is_gathered_anywhere_in_the_step(mesh_shape):
+    """No device ever holds the whole batch's tokens or activations: no all-gather (or
+    all-to-all) in the compiled step produces an array with the global batch's rows. (The
+    embedding lookup from a vocab x fsdp split table used to replicate them.)"""
+    stats, _ = compiled_stats(mesh_shape, batch=(16, 96))  # 16 x 96 is no parameter's dim
+    offenders = [c for c in stats.collectives if c.opcode.startswith(("all-gather", "all-to-all"))
+                 and any(dims[:2] == (16, 96) or 16 * 96 in dims
+                         for _, dims in hlo_stats.Instruction("", "", "", c.type, (), "").shapes)]
+    assert not offenders, offenders

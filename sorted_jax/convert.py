@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 
 from sorted_jax.config import ConfigError, LlamaConfig
+from sorted_jax.errors import ConversionError, run_cli
 from sorted_jax.hf_mapping import MappingError, expected_hf_names, hf_tensor_to_ours
 from sorted_jax.model_io import (
     CONFIG_FILE,
-    ModelIOError,
     atomic_dir,
     check_params,
     copy_tokenizer_files,
@@ -51,11 +51,6 @@ from sorted_jax.model_io import (
     save_params,
     unflatten,
 )
-
-
-class ConversionError(ModelIOError):
-    """An input that cannot be converted; the message names the file/tensor and the fix."""
-
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -652,19 +647,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> None:
+    if args.command == "hf-to-orbax":
+        out = hf_to_orbax(args.hf, args.out, args.dtype, args.allow_pickle, args.overwrite,
+                          not args.no_progress)
+    else:
+        out = orbax_to_hf(args.ckpt, args.out, args.exit_layer, args.step, args.dtype,
+                          args.shard_size, args.overwrite, not args.no_progress)
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "hf-to-orbax":
-            out = hf_to_orbax(args.hf, args.out, args.dtype, args.allow_pickle, args.overwrite,
-                              not args.no_progress)
-        else:
-            out = orbax_to_hf(args.ckpt, args.out, args.exit_layer, args.step, args.dtype,
-                              args.shard_size, args.overwrite, not args.no_progress)
-    except (ModelIOError, MappingError, ConfigError) as e:
-        raise SystemExit(f"sorted_jax.convert {args.command}: error: {e}") from None
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
+    return run_cli(f"sorted_jax.convert {args.command}", run, args)
 
 
 if __name__ == "__main__":

@@ -46,10 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sorted_jax import ict, model_io, sharding, soft
-from sorted_jax.config import ConfigError, LlamaConfig
+from sorted_jax import ict, model_io, pairs, sharding, soft
+from sorted_jax.config import LlamaConfig
 from sorted_jax.data import (
-    DataError,
     EvalIterator,
     SourceError,
     holdout_split,
@@ -58,19 +57,11 @@ from sorted_jax.data import (
     tokenize_records,
 )
 from sorted_jax.data.templates import TEMPLATES, format_prompt
+from sorted_jax.errors import EvalError, run_cli
 from sorted_jax.modeling import DTYPES
-from sorted_jax.triviaqa import TriviaQAError
 
 METRICS_MD, METRICS_JSON = "exit_metrics.md", "exit_metrics.json"
 QUALITY_PNG, SPEED_PNG = "exit_quality.png", "speed_quality.png"
-
-
-class EvalError(ValueError):
-    """Arguments, checkpoints or data that cannot be evaluated; the message says why."""
-
-
-USER_ERRORS = (EvalError, ict.IctError, model_io.ModelIOError, soft.ExitError, DataError,
-               TriviaQAError, ConfigError, sharding.MeshError, FileNotFoundError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,102 +688,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-# ---------------------------------------------------------------------------------------------
-# pair: judge input from a generation dump
-
-
-def read_generations(path: str | Path) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise EvalError(f"--gens file {str(p)!r} not found")
-    rows = []
-    need = ("id", "label", "exit", "instruction", "response")
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{p}:{n}: not valid JSON: {e.msg}") from None
-        if not isinstance(row, dict) or any(k not in row for k in need):
-            raise EvalError(f"{p}:{n}: not a --dump-generations line (needs {list(need)})")
-        rows.append(row)
-    if not rows:
-        raise EvalError(f"{p} holds no generations")
-    return rows
-
-
-def _column(text: str, flag: str) -> tuple[str, int]:
-    label, sep, exit_text = text.rpartition(":")
-    if not sep or not label:
-        raise EvalError(f"{flag} must be LABEL:EXIT, e.g. soft:4, got {text!r}")
-    try:
-        return label, int(exit_text)
-    except ValueError:
-        raise EvalError(f"{flag} {text!r}: the exit must be a layer number") from None
-
-
-def make_pairs(rows: Sequence[Mapping[str, Any]], a: tuple[str, int], b: tuple[str, int]
-               ) -> list[dict[str, Any]]:
-    """Judge inputs {instruction, input, response1 (a), response2 (b)} for shared ids."""
-    cols: dict[tuple[str, int], dict[int, Mapping[str, Any]]] = {}
-    for r in rows:
-        cols.setdefault((str(r["label"]), int(r["exit"])), {})[int(r["id"])] = r
-    for name, key in (("--a", a), ("--b", b)):
-        if key not in cols:
-            have = ", ".join(f"{lab}:{e}" for lab, e in sorted(cols))
-            raise EvalError(f"{name} {key[0]}:{key[1]} is not in the generations (have: {have})")
-    out = []
-    for i in sorted(set(cols[a]) & set(cols[b])):
-        ra, rb = cols[a][i], cols[b][i]
-        if ra.get("skipped") or rb.get("skipped"):  # prompt longer than a model's context
-            continue
-        if (ra["instruction"], ra.get("input", "")) != (rb["instruction"], rb.get("input", "")):
-            raise EvalError(f"generation id {i} has different instructions for "
-                            f"{a[0]}:{a[1]} and {b[0]}:{b[1]}: dumps of different data?")
-        out.append({"id": i, "instruction": ra["instruction"], "input": ra.get("input", ""),
-                    "response1": ra["response"], "response2": rb["response"],
-                    "model1": f"{a[0]}:{a[1]}", "model2": f"{b[0]}:{b[1]}"})
-    if not out:
-        raise EvalError(f"{a[0]}:{a[1]} and {b[0]}:{b[1]} share no instruction id")
-    return out
-
-
-def pair_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m sorted_jax.evaluate pair",
-        description="Judge input {instruction, input, response1, response2} (PandaLM style) "
-                    "for 'exit a of model X vs exit b of model Y' from a --dump-generations "
-                    "file.")
-    p.add_argument("--gens", required=True, help="JSONL from --dump-generations")
-    p.add_argument("--a", required=True, help="LABEL:EXIT of response1, e.g. soft:4")
-    p.add_argument("--b", required=True, help="LABEL:EXIT of response2, e.g. sft:8")
-    p.add_argument("--out", required=True, help="output JSONL")
-    args = p.parse_args(argv)
-    try:
-        pairs = make_pairs(read_generations(args.gens), _column(args.a, "--a"),
-                           _column(args.b, "--b"))
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs))
-    except EvalError as e:
-        print(f"sorted_jax.evaluate pair: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    print(f"wrote {len(pairs)} pairs ({args.a} vs {args.b}) to {args.out}")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "pair":
-        return pair_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except USER_ERRORS as e:
-        print(f"sorted_jax.evaluate: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        return pairs.main(argv[1:])
+    return run_cli("sorted_jax.evaluate", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from sorted_jax.decoding import (
     speculative_accept,
     warp_logits,
 )
+from sorted_jax.errors import DataError, MissingFileError, UsageError, run_cli
 
 __all__ = [
     "MODES", "PAPER_THRESHOLDS", "Decoder", "GenerationResult", "SamplingParams",
@@ -58,7 +59,7 @@ def _numbers(values: Sequence[str] | None, cast: type, what: str) -> list | None
             try:
                 out.append(cast(part))
             except ValueError:
-                raise ValueError(f"{what}, got {part!r}") from None
+                raise UsageError(f"{what}, got {part!r}") from None
     return out
 
 
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_records(path: str) -> list[dict[str, Any]]:
     f = Path(path)
     if not f.is_file():
-        raise ValueError(f"--prompts file {path} does not exist")
+        raise MissingFileError(f"--prompts file {path} does not exist")
     records = []
     for n, line in enumerate(f.read_text().splitlines(), 1):
         if not line.strip():
@@ -108,22 +109,22 @@ def _read_records(path: str) -> list[dict[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+            raise DataError(f"{path}:{n}: not valid JSON: {e}") from None
         if isinstance(rec, str):
             rec = {"prompt": rec}
         if not isinstance(rec, dict) or not ({"prompt", "instruction"} & set(rec)):
-            raise ValueError(f"{path}:{n}: expected an object with 'instruction' (and optional "
+            raise DataError(f"{path}:{n}: expected an object with 'instruction' (and optional "
                              "'input') or 'prompt'")
         records.append(rec)
     if not records:
-        raise ValueError(f"--prompts file {path} holds no records")
+        raise DataError(f"--prompts file {path} holds no records")
     return records
 
 
 def _prompt_text(rec: dict[str, Any], template: str) -> str:
     instruction = rec.get("instruction", rec.get("prompt"))
     if not isinstance(instruction, str) or not instruction.strip():
-        raise ValueError(f"empty prompt in record {rec!r}")
+        raise DataError(f"empty prompt in record {rec!r}")
     if template == "none":
         extra = rec.get("input", "")
         return instruction if not extra else f"{instruction}\n{extra}"
@@ -152,26 +153,26 @@ def _load(args):
         try:
             tokenizer = _load_tokenizer(args.ckpt)
         except FileNotFoundError:
-            raise ValueError(f"{args.ckpt} has no tokenizer files; pass --tokenizer (e.g. "
+            raise UsageError(f"{args.ckpt} has no tokenizer files; pass --tokenizer (e.g. "
                              "builtin or a tokenizer.model)") from None
     else:
         tokenizer = _load_tokenizer(spec)
     if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
+        raise DataError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
                          f"{config.vocab_size}")
     return params, config, tokenizer, dtype
 
 
 def _gen_kwargs(args, config) -> dict[str, Any]:
     if args.exit_layer is not None and args.mode != "fixed":
-        raise ValueError("--exit-layer applies to --mode fixed (use --exits for early-exit, "
+        raise UsageError("--exit-layer applies to --mode fixed (use --exits for early-exit, "
                          "--draft-layer for speculative)")
     if args.draft_layer is not None and args.mode != "speculative":
-        raise ValueError("--draft-layer applies to --mode speculative")
+        raise UsageError("--draft-layer applies to --mode speculative")
     if (args.exits or args.thresholds) and args.mode != "early-exit":
-        raise ValueError("--exits / --thresholds apply to --mode early-exit")
+        raise UsageError("--exits / --thresholds apply to --mode early-exit")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     kw: dict[str, Any] = dict(
         mode=args.mode, exit_layer=args.exit_layer,
         exits=_numbers(args.exits, int, "--exits must be layer numbers"),
@@ -266,12 +267,7 @@ def _result_line(record, tok, toks, args) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("sorted_jax.generate", run, args)
 
 
 if __name__ == "__main__":

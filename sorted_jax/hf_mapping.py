@@ -14,11 +14,7 @@ from typing import Any
 import numpy as np
 
 from sorted_jax.config import LlamaConfig
-
-
-class MappingError(ValueError):
-    """A state dict that does not fit the config: missing, unexpected or misshaped tensors."""
-
+from sorted_jax.errors import MappingError
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 

@@ -41,15 +41,12 @@ from jax.sharding import Mesh, NamedSharding
 
 from sorted_jax import model_io, sharding, soft
 from sorted_jax.config import LlamaConfig
+from sorted_jax.errors import IctError, run_cli
 from sorted_jax.modeling import DTYPES, Llama, abstract_params, head_weights
 
 HEADS_DIR = "ict_heads"
 ICT_FILE = "ict.json"
 Array = jax.Array
-
-
-class IctError(ValueError):
-    """ICT heads that cannot be read, or do not fit the model / the requested exits."""
 
 
 @dataclasses.dataclass
@@ -444,15 +441,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sorted_jax import evaluate as ev
-
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except ev.USER_ERRORS as e:
-        print(f"sorted_jax.ict: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_cli("sorted_jax.ict", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

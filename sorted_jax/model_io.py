@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from sorted_jax.config import ConfigError, LlamaConfig
+from sorted_jax.errors import ModelIOError
 from sorted_jax.hf_mapping import expected_hf_names, hf_tensor_to_ours
 
 CONFIG_FILE = "config.json"
@@ -43,10 +44,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "sorted_jax_tokenizer.json")
 
 PathLike = str | os.PathLike
-
-
-class ModelIOError(ValueError):
-    """A model dir / workdir that cannot be read or written; the message says what to fix."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sorted_jax.errors import UserError
 from sorted_jax.modeling import rms_norm
 
 Array = jax.Array
 
 
-class ExitError(ValueError):
+class ExitError(UserError):
     """An exit set that does not fit the model."""
 
 

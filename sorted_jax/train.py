@@ -48,7 +48,7 @@ from ml_collections import config_flags
 
 from sorted_jax import metrics_log, model_io, modeling, soft
 from sorted_jax.checkpoint import Checkpointer, CheckpointError
-from sorted_jax.config import PRESETS, ConfigError, LlamaConfig, preset
+from sorted_jax.config import PRESETS, LlamaConfig, preset
 from sorted_jax.data import (
     TEMPLATES,
     DataError,
@@ -62,6 +62,7 @@ from sorted_jax.data import (
     save_tokenizer_files,
     tokenize_records,
 )
+from sorted_jax.errors import NonFiniteLossError, TrainConfigError, run_cli
 from sorted_jax.modeling import DTYPES
 from sorted_jax.sharding import MeshError, check_batch_size, make_mesh, rules_from_config
 from sorted_jax.train_step import (
@@ -80,19 +81,6 @@ MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden
 ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "dim_per_head", "tie_word_embeddings")
 SCHEDULES = ("cosine", "linear", "constant")
-
-
-class TrainConfigError(ValueError):
-    """A training config that cannot run; raised before anything is compiled."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) became NaN/inf; the bad state was not saved."""
-
-
-# Errors that mean "fix the config / data / paths", reported as one line, exit status 2.
-USER_ERRORS = (TrainConfigError, ConfigError, soft.ExitError, MeshError, DataError,
-               FileNotFoundError, model_io.ModelIOError, CheckpointError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,13 +227,6 @@ def requested_model_config(c: ml_collections.ConfigDict) -> LlamaConfig | None:
     return preset(c.model.preset).replace(**overrides)
 
 
-def _filesystem_path(path: str | Path, what: str) -> Path:
-    try:
-        return model_io.require_filesystem_path(path, what)
-    except model_io.ModelIOError as e:
-        raise TrainConfigError(str(e)) from None
-
-
 def resolve_model_config(c: ml_collections.ConfigDict, workdir: Path,
                          resuming: bool) -> tuple[LlamaConfig, str]:
     """(model config, where it came from): the run's own (resume) > init_from's > the preset."""
@@ -254,7 +235,7 @@ def resolve_model_config(c: ml_collections.ConfigDict, workdir: Path,
         source, loaded = f"{workdir / model_io.CONFIG_FILE} (resuming)", model_io.load_config(
             workdir)
     elif c.init_from:
-        _filesystem_path(c.init_from, "init_from")
+        model_io.require_filesystem_path(c.init_from, "init_from")
         if not Path(c.init_from).exists():
             raise TrainConfigError(f"init_from={c.init_from!r} does not exist")
         source, loaded = f"init_from={c.init_from}", model_io.load_config(c.init_from)
@@ -314,7 +295,7 @@ def _read_records(spec: str, split: str, c: ml_collections.ConfigDict, what: str
         return open_records(spec, split, data_dir=c.data.tfds_data_dir or None,
                             seed=c.data.seed)
     except SourceError as e:
-        raise TrainConfigError(f"{what}={e}") from e
+        raise e.prefixed(f"{what}=") from e
 
 
 def _latest_step(workdir: Path) -> int | None:
@@ -342,8 +323,8 @@ def load_data(c: ml_collections.ConfigDict, tokenizer: Tokenizer) -> RunData:
     if c.data.eval_holdout > 0:
         try:
             records, eval_records = holdout_split(records, c.data.eval_holdout, c.data.seed)
-        except ValueError as e:
-            raise TrainConfigError(f"data.eval_holdout: {e}") from None
+        except DataError as e:
+            raise e.prefixed("data.eval_holdout: ") from None
     elif c.data.eval == "none":
         eval_records = None
     elif c.data.eval:
@@ -383,7 +364,7 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
         c = self.cfg = config
-        self.workdir = _filesystem_path(workdir, "--workdir").absolute()
+        self.workdir = model_io.require_filesystem_path(workdir, "--workdir").absolute()
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.is_main = self.process_index == 0
         _check_static(c)
@@ -411,7 +392,7 @@ class Trainer:
         try:
             check_batch_size(self.eval_batch_size, self.mesh, self.rules)
         except MeshError as e:
-            raise TrainConfigError(f"eval_batch_size: {e}") from None
+            raise e.prefixed("eval_batch_size: ") from None
         if self.eval_batch_size % self.process_count:
             raise TrainConfigError(f"eval batch size {self.eval_batch_size} is not divisible by "
                                    f"the {self.process_count} processes")
@@ -434,8 +415,8 @@ class Trainer:
             self.eval_iter = None if self.data.eval is None else EvalIterator(
                 self.data.eval, self.eval_batch_size, buckets=buckets,
                 process_index=self.process_index, process_count=self.process_count)
-        except ValueError as e:
-            raise TrainConfigError(f"data: {e}") from None
+        except DataError as e:
+            raise e.prefixed("data: ") from None
         self.steps_per_epoch = self.train_iter.steps_per_epoch
         self.total_steps = int(c.num_steps) if c.num_steps > 0 else max(
             1, math.ceil(c.epochs * self.steps_per_epoch))
@@ -503,7 +484,7 @@ class Trainer:
                 self.steps.state_shardings)
             try:
                 self.train_iter.load_state_dict(data_state)
-            except (KeyError, ValueError) as e:
+            except (KeyError, DataError) as e:
                 raise CheckpointError(f"the data position saved at step {self.resume_step} does "
                                       f"not fit this run's data: {e}") from None
             self._warn_changed(meta.get("train_config", {}))
@@ -835,18 +816,19 @@ def _run_plan(config: ml_collections.ConfigDict, argv: list[str], opts: dict[str
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     argv, plan_opts = _pop_plan_flags(argv)
-    try:
+
+    def command() -> int:
         config, workdir = parse_args(argv)
         if plan_opts is not None:
             return _run_plan(config, argv, plan_opts)
         run(config, workdir)
-    except USER_ERRORS as e:
-        print(f"sorted_jax.train: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return 0
+
+    try:
+        return run_cli("sorted_jax.train", command)
     except NonFiniteLossError as e:
         print(f"sorted_jax.train: {e}", file=sys.stderr, flush=True)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

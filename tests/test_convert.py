@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -100,9 +102,13 @@ def run(*argv) -> None:
 
 
 def fails(*argv, match: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    msg = str(exc.value.code)
+    """The command exits 2 with one `sorted_jax.convert CMD: error: ...` line naming `match`."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    msg = err.getvalue()
+    assert rc == 2, msg
+    assert msg.startswith(f"sorted_jax.convert {argv[0]}: error: ") and msg.count("\n") == 1, msg
     assert match.lower() in msg.lower(), msg
     return msg
 

@@ -76,6 +76,7 @@ from sorted_jax.decoding.sampling import (
     speculative_accept,
     top1_prob,
 )
+from sorted_jax.errors import DecodeError
 from sorted_jax.modeling import KVCache, make_model, slice_layers
 from sorted_jax.soft import default_exits  # the exit set SoFT trains by default
 
@@ -448,9 +449,9 @@ class Decoder:
                  ee_chunk: int = 8, pad_multiple: int = 8,
                  compiler_options: dict[str, Any] | None = None):
         if max_draft < 1:
-            raise ValueError(f"max_draft must be >= 1, got {max_draft}")
+            raise DecodeError(f"max_draft must be >= 1, got {max_draft}")
         if ee_chunk < 1:
-            raise ValueError(f"ee_chunk must be >= 1, got {ee_chunk}")
+            raise DecodeError(f"ee_chunk must be >= 1, got {ee_chunk}")
         self.params, self.config = params, config
         self.dtype = dtype
         self.cache_dtype = dtype if cache_dtype is None else cache_dtype
@@ -471,31 +472,31 @@ class Decoder:
         if mode == "early-exit":
             ex = tuple(default_exits(big_l) if exits is None else exits)
             if not ex:
-                raise ValueError("early-exit needs at least one exit layer")
+                raise DecodeError("early-exit needs at least one exit layer")
             for e in ex:
                 _check_layer("exit", e, 1, big_l)
             if any(b <= a for a, b in zip(ex, ex[1:], strict=False)):
-                raise ValueError(f"exits must be strictly increasing, got {list(ex)}")
+                raise DecodeError(f"exits must be strictly increasing, got {list(ex)}")
             th = default_thresholds(len(ex)) if thresholds is None else tuple(thresholds)
             if len(th) == len(ex):
                 th = th[:-1]  # the last exit always accepts
             if len(th) != len(ex) - 1:
-                raise ValueError(f"{len(ex)} exits need {len(ex) - 1} thresholds (the last exit "
+                raise DecodeError(f"{len(ex)} exits need {len(ex) - 1} thresholds (the last exit "
                                  f"always accepts), got {len(th)}")
             th = tuple(float(t) for t in th)
             if any(math.isnan(t) for t in th):
-                raise ValueError("thresholds must be numbers, got NaN")
+                raise DecodeError("thresholds must be numbers, got NaN")
             bounds = tuple(zip((0, *ex[:-1]), ex, strict=True))
             return _Plan("ladder", bounds, th)
         if mode == "speculative":
             if big_l < 2:
-                raise ValueError("speculative decoding needs a model with at least 2 layers")
+                raise DecodeError("speculative decoding needs a model with at least 2 layers")
             k = default_exits(big_l)[0] if draft_layer is None else draft_layer
             if k >= big_l:
                 k = big_l // 2 if draft_layer is None else k
             _check_layer("draft_layer", k, 1, big_l - 1)
             return _Plan("speculative", ((0, k), (k, big_l)), ())
-        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        raise DecodeError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
 
     def _params_for(self, bounds) -> tuple:
         if bounds not in self._seg_params:
@@ -508,30 +509,30 @@ class Decoder:
     def _prepare(self, prompts, max_new_tokens, max_len, temperature, top_k, top_p, eos_id,
                  slack):
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-            raise ValueError("prompts must be a list of token-id lists")
+            raise DecodeError("prompts must be a list of token-id lists")
         if len(prompts) == 0:
-            raise ValueError("no prompts given")
+            raise DecodeError("no prompts given")
         prompts = [[int(t) for t in p] for p in prompts]
         cfg = self.config
         for i, p in enumerate(prompts):
             if not p:
-                raise ValueError(f"prompt {i} is empty: at least one token (e.g. BOS) is needed")
+                raise DecodeError(f"prompt {i} is empty: at least one token (e.g. BOS) is needed")
             bad = [t for t in p if not 0 <= t < cfg.vocab_size]
             if bad:
-                raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): "
+                raise DecodeError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): "
                                  f"{bad[:5]}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+            raise DecodeError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+            raise DecodeError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise DecodeError(f"top_p must be in (0, 1], got {top_p}")
         if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+            raise DecodeError(f"top_k must be >= 0 (0 = off), got {top_k}")
         longest = max(len(p) for p in prompts)
         ctx = cfg.max_position_embeddings
         if longest + max_new_tokens > ctx:
-            raise ValueError(
+            raise DecodeError(
                 f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
                 f"model's context of {ctx} positions")
         mult = self.pad_multiple
@@ -540,7 +541,7 @@ class Decoder:
         if max_len is None:
             max_len = -(-need // 64) * 64
         if need > max_len:
-            raise ValueError(
+            raise DecodeError(
                 f"the KV cache holds {max_len} slots but prompt ({longest} tokens, padded to "
                 f"{p_len}) + max_new_tokens={max_new_tokens} needs {need}; raise max_len or "
                 "shorten the prompt / generation")
@@ -661,7 +662,7 @@ _GEN_DEFAULTS: dict[str, Any] = dict(
 def _check_layer(name: str, value: Any, lo: int, hi: int) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not (
             lo <= value <= hi):
-        raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
+        raise DecodeError(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
 
 
 def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]],

@@ -23,6 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sorted_jax import artifacts
+from sorted_jax.cli import parse_numbers
+from sorted_jax.data import Tokenizer, format_prompt
 from sorted_jax.decoding import (
     MODES,
     PAPER_THRESHOLDS,
@@ -39,6 +42,7 @@ from sorted_jax.decoding import (
     warp_logits,
 )
 from sorted_jax.errors import DataError, MissingFileError, UsageError, run_cli
+from sorted_jax.modeling import DTYPES
 
 __all__ = [
     "MODES", "PAPER_THRESHOLDS", "Decoder", "GenerationResult", "SamplingParams",
@@ -47,20 +51,6 @@ __all__ = [
 ]
 
 TEMPLATES = ("alpaca", "plain", "none")
-
-
-def _numbers(values: Sequence[str] | None, cast: type, what: str) -> list | None:
-    """Comma- or space-separated numbers from repeated CLI values; None when not given."""
-    if values is None:
-        return None
-    out = []
-    for v in values:
-        for part in str(v).replace(",", " ").split():
-            try:
-                out.append(cast(part))
-            except ValueError:
-                raise UsageError(f"{what}, got {part!r}") from None
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,39 +118,14 @@ def _prompt_text(rec: dict[str, Any], template: str) -> str:
     if template == "none":
         extra = rec.get("input", "")
         return instruction if not extra else f"{instruction}\n{extra}"
-    from sorted_jax.data.templates import format_prompt
-
     return format_prompt(instruction, rec.get("input", ""), template=template)
 
 
-def _load_tokenizer(spec):
-    try:
-        from sorted_jax.data import load_tokenizer
-    except ImportError:  # the data package is optional at import time
-        from sorted_jax.data.tokenizers import load_tokenizer
-    return load_tokenizer(spec)
-
-
-def _load(args):
-    import jax.numpy as jnp
-
-    from sorted_jax.model_io import load_params
-
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    params, config, tok_dir = load_params(args.ckpt, step=args.step, dtype=dtype)
-    spec = args.tokenizer or tok_dir
-    if spec is None:
-        try:
-            tokenizer = _load_tokenizer(args.ckpt)
-        except FileNotFoundError:
-            raise UsageError(f"{args.ckpt} has no tokenizer files; pass --tokenizer (e.g. "
-                             "builtin or a tokenizer.model)") from None
-    else:
-        tokenizer = _load_tokenizer(spec)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise DataError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
-                         f"{config.vocab_size}")
-    return params, config, tokenizer, dtype
+def _load(args: argparse.Namespace) -> tuple[dict, Any, Tokenizer, Any]:
+    art = artifacts.inspect(args.ckpt)
+    tokenizer = art.tokenizer(args.tokenizer)
+    dtype = DTYPES[args.dtype]
+    return art.load_params(step=args.step, dtype=dtype), art.config, tokenizer, dtype
 
 
 def _gen_kwargs(args, config) -> dict[str, Any]:
@@ -175,8 +140,8 @@ def _gen_kwargs(args, config) -> dict[str, Any]:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     kw: dict[str, Any] = dict(
         mode=args.mode, exit_layer=args.exit_layer,
-        exits=_numbers(args.exits, int, "--exits must be layer numbers"),
-        thresholds=_numbers(args.thresholds, float, "thresholds must be numbers"),
+        exits=parse_numbers(args.exits, int, "--exits must be layer numbers"),
+        thresholds=parse_numbers(args.thresholds, float, "thresholds must be numbers"),
         draft_layer=args.draft_layer,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed)

@@ -39,14 +39,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from sorted_jax import metrics_log, model_io, modeling, soft
+from sorted_jax import metrics_log, model_io, modeling, reports, soft
+from sorted_jax import plan as planner
 from sorted_jax.checkpoint import Checkpointer, CheckpointError
 from sorted_jax.config import PRESETS, LlamaConfig, preset
 from sorted_jax.data import (
@@ -477,8 +480,6 @@ class Trainer:
     def _initial_state(self) -> tuple[TrainState, int]:
         c = self.cfg
         if self.resume_step is not None:
-            import flax.linen as nn
-
             state, data_state, meta = self.checkpointer.restore(
                 self.resume_step, nn.unbox(self.steps.abstract_state),
                 self.steps.state_shardings)
@@ -533,8 +534,6 @@ class Trainer:
     def _stop_requested(self) -> bool:
         flag = self._stop_signal is not None
         if self.process_count > 1:  # every process must stop at the same step
-            from jax.experimental import multihost_utils
-
             flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
         return flag
 
@@ -561,7 +560,7 @@ class Trainer:
             self.logger.write(step, "eval", metrics)
             self.logger.flush()
             self._plot_history()[step] = metrics
-            metrics_log.plot_exit_losses(sorted(self._plot_history().items()),
+            reports.plot_exit_losses(sorted(self._plot_history().items()),
                                          self.workdir / metrics_log.EXIT_PLOT_FILE)
         return metrics
 
@@ -708,13 +707,13 @@ class Trainer:
         result["eval"] = final_eval
         result["train"] = {k: v for k, v in last_train.items() if k not in ("step", "split")}
         if self.is_main:
-            table = metrics_log.exit_table(
+            table = reports.exit_table(
                 final_eval, last_train, num_layers=self.model_config.num_hidden_layers,
                 title=f"Per-exit metrics at step {step} (exits {','.join(map(str, self.exits))}; "
                       "eval = held-out split)")
             (self.workdir / metrics_log.EXIT_TABLE_FILE).write_text(table)
             if final_eval is None:  # otherwise the eval at this step has just plotted
-                metrics_log.plot_exit_losses(sorted(self._plot_history().items()),
+                reports.plot_exit_losses(sorted(self._plot_history().items()),
                                              self.workdir / metrics_log.EXIT_PLOT_FILE)
             self._progress.close()
             print("\n" + table, flush=True)
@@ -731,8 +730,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 
 def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) -> Any:
     """`--plan`: per-device memory of this config's train step, without allocating the model."""
-    from sorted_jax import plan as planner
-
     _check_static(c)
     mc = requested_model_config(c)
     if mc is None:
@@ -783,8 +780,6 @@ def _pop_plan_flags(argv: list[str]) -> tuple[list[str], dict[str, Any] | None]:
 
 
 def _run_plan(config: ml_collections.ConfigDict, argv: list[str], opts: dict[str, Any]) -> int:
-    from sorted_jax import plan as planner
-
     want = int(opts.get("plan_devices") or 0)
     if want and want != jax.device_count():
         # Plan for N devices on this host: a child process with N fake CPU devices.

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sorted_jax.data.templates import format_prompt
 from sorted_jax.errors import MissingFileError, TriviaQAError
 
 PROMPT = "Question: {question}\nAnswer:"
@@ -52,8 +53,6 @@ def format_question(question: str, template: str | None = None) -> str:
     prompt = PROMPT.format(question=question.strip())
     if template in (None, "", "raw", "none"):
         return prompt
-    from sorted_jax.data.templates import format_prompt
-
     return format_prompt(prompt, "", template)
 
 

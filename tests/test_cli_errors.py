@@ -58,29 +58,19 @@ def _train_argv(workdir, *extra):
             *TRAIN_SMALL, "--config.num_steps=1", *extra]
 
 
-def test_train_errors(tmp_path, capsys, monkeypatch):
+def test_train_errors(tmp_path, capsys, broken_tokenizer):
     assert train.main(_train_argv(tmp_path / "a", "--config.exits=0")) == 2
     _one_error_line(capsys.readouterr().err, "sorted_jax.train")
-
-    def encode(self, text):
-        raise TypeError("a bug deep inside")
-
-    monkeypatch.setattr(ByteTokenizer, "encode", encode)
     with pytest.raises(TypeError, match="a bug deep inside"):
         train.main(_train_argv(tmp_path / "b"))
 
 
-def test_evaluate_errors(tmp_path, capsys, monkeypatch):
+def test_evaluate_errors(tmp_path, capsys, broken_tokenizer):
     common = ["--data", "builtin", "--limit", "4", "--mesh", "1,1,1", "--out",
               str(tmp_path / "out")]
     assert evaluate.main(["--ckpt", str(tmp_path / "nope"), *common]) == 2
     _one_error_line(capsys.readouterr().err, "sorted_jax.evaluate")
     model = tiny_model_dir(tmp_path / "model")
-
-    def encode(self, text):
-        raise TypeError("a bug deep inside")
-
-    monkeypatch.setattr(ByteTokenizer, "encode", encode)
     with pytest.raises(TypeError, match="a bug deep inside"):
         evaluate.main(["--ckpt", str(model), *common])
 
@@ -102,30 +92,20 @@ def test_evaluate_pair_errors(tmp_path, capsys, monkeypatch):
         evaluate.main(args)
 
 
-def test_ict_errors(tmp_path, capsys, monkeypatch):
+def test_ict_errors(tmp_path, capsys, broken_tokenizer):
     common = ["--data", "builtin", "--out", str(tmp_path / "out"), "--num-steps", "1",
               "--mesh", "1,1,1", "--batch-size", "2", "--max-len", "32"]
     assert ict.main(["--ckpt", str(tmp_path / "nope"), *common]) == 2
     _one_error_line(capsys.readouterr().err, "sorted_jax.ict")
     model = tiny_model_dir(tmp_path / "model")
-
-    def encode(self, text):
-        raise TypeError("a bug deep inside")
-
-    monkeypatch.setattr(ByteTokenizer, "encode", encode)
     with pytest.raises(TypeError, match="a bug deep inside"):
         ict.main(["--ckpt", str(model), *common])
 
 
-def test_generate_errors(tmp_path, capsys, monkeypatch):
+def test_generate_errors(tmp_path, capsys, broken_tokenizer):
     assert generate.main(["--ckpt", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     _one_error_line(capsys.readouterr().err, "sorted_jax.generate")
     model = tiny_model_dir(tmp_path / "model")
-
-    def encode(self, text):
-        raise TypeError("a bug deep inside")
-
-    monkeypatch.setattr(ByteTokenizer, "encode", encode)
     with pytest.raises(TypeError, match="a bug deep inside"):
         generate.main(["--ckpt", str(model), "--prompt", "x", "--max-new-tokens", "1"])
 

@@ -7,41 +7,28 @@ shape and shared across `Decoder` instances).
 
 from __future__ import annotations
 
-import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import FAST, GQA_4L, MHA_6L, SMALL_VOCAB_4L
 
 from sorted_jax.config import LlamaConfig
 from sorted_jax.decoding import Decoder, default_exits, default_thresholds
 from sorted_jax.decoding.engine import PAPER_THRESHOLDS
-from sorted_jax.modeling import abstract_params, make_model, slice_layers
+from sorted_jax.modeling import make_model, slice_layers
 
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 MAX_NEW = 12
 MAX_LEN = 32  # cache slots: prompts padded to 8 + 12 new tokens fit; one shape for all tests
 
-GQA = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                  eos_token_id=2)
-MHA = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=6,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                  eos_token_id=2)
+GQA, MHA = GQA_4L, MHA_6L
 
 
 def random_params(config: LlamaConfig, seed: int, scale: float = 4.0) -> dict:
     """Random weights with spread-out logits (std-0.02 init makes near-uniform, tie-prone
     distributions) and random norm scales (ones would hide a skipped/doubled norm)."""
-    shapes = nn.unbox(abstract_params(make_model(config)))  # no compile: numpy fills it
-    rng = np.random.default_rng(seed)
-
-    def fill(path, x):
-        if "scale" in jax.tree_util.keystr(path):
-            return jnp.asarray(1.0 + 0.2 * rng.standard_normal(x.shape), jnp.float32)
-        return jnp.asarray(0.02 * scale * rng.standard_normal(x.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return helpers.random_params(config, seed, std=0.02 * scale, as_jax=True)
 
 
 def random_prompts(seed: int, n: int, lo: int = 1, hi: int = 8, vocab: int = 96):
@@ -337,9 +324,7 @@ def test_speculative_accept_math():
     assert 0.5 * np.abs(emp3 - p[2]).sum() < 0.05
 
 
-SMALL_V = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                      eos_token_id=None)
+SMALL_V = SMALL_VOCAB_4L
 
 
 def test_speculative_sampling_matches_full_distribution():

@@ -7,32 +7,19 @@ Subprocess tests (SIGTERM + resume, two processes) are in test_train_resume.py.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers import TINY_CONFIG_FILE, TRAIN_SMALL, TRAIN_SMALL_CONFIG
 
 from sorted_jax import checkpoint, metrics_log, model_io, train
-from sorted_jax.config import preset
 from sorted_jax.data import save_tokenizer_files
 from sorted_jax.modeling import init_params, make_model
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.py")
-
-# A 2-layer, width-32 model on the builtin data: compiles in seconds on 2 cores.
-SMALL = [
-    "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
-    "--config.model.num_hidden_layers=2", "--config.model.num_attention_heads=2",
-    "--config.model.num_key_value_heads=1", "--config.exits=1,2", "--config.eval_exits=",
-    "--config.batch_size=8", "--config.eval_batches=2", "--config.eval_at_start=False",
-    "--config.optim.schedule=constant",
-    "--config.optim.warmup_steps=0", "--config.optim.lr=3e-3", "--config.data.max_records=400",
-]
-SMALL_CONFIG = preset("tiny").replace(vocab_size=264, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1)
+TINY = str(TINY_CONFIG_FILE)
+SMALL = TRAIN_SMALL
+SMALL_CONFIG = TRAIN_SMALL_CONFIG
 
 
 def argv(workdir, *extra):

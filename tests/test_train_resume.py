@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import TRAIN_SMALL
 
 from sorted_jax import metrics_log, model_io
 
@@ -26,14 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 200  # long enough (a few seconds) to be interrupted mid-run
 
 SMALL = [
-    "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
-    "--config.model.num_hidden_layers=2", "--config.model.num_attention_heads=2",
-    "--config.model.num_key_value_heads=1", "--config.exits=1,2", "--config.eval_exits=",
-    "--config.batch_size=8", "--config.eval_batches=2", "--config.eval_at_start=False",
-    "--config.eval_every=0", "--config.log_every=1", "--config.checkpoint_every=50",
-    # constant lr: the first steps do not depend on num_steps (the 2-process run is shorter)
-    "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
-    "--config.optim.lr=3e-3", "--config.data.max_records=400",
+    *TRAIN_SMALL, "--config.eval_every=0", "--config.log_every=1",
+    "--config.checkpoint_every=50",
+    # constant lr (TRAIN_SMALL): the first steps do not depend on num_steps (the 2-process run
+    # is shorter)
     "--config.data.eval=none",  # no eval step to compile
 ]
 

@@ -36,6 +36,7 @@ from sorted_jax.data.sources import (
     open_records,
     open_split,
     read_tfds_records,
+    split_records,
 )
 from sorted_jax.data.templates import TEMPLATES, format_example, format_prompt
 from sorted_jax.data.tokenizers import (
@@ -77,6 +78,7 @@ __all__ = [
     "read_tfds_records",
     "save_tokenizer_files",
     "spec_kind",
+    "split_records",
     "steps_per_epoch",
     "tokenize_example",
     "tokenize_records",

@@ -30,7 +30,8 @@ from sorted_jax.data.records import (
 )
 
 __all__ = ["DataError", "Record", "SourceError", "holdout_split", "load_records", "map_fields",
-           "open_records", "open_split", "read_json_records", "read_tfds_records"]
+           "open_records", "open_split", "read_json_records", "read_tfds_records",
+           "split_records"]
 
 
 def _to_str(value: Any) -> Any:
@@ -157,12 +158,19 @@ def open_records(spec: str, split: str = "train", *, data_dir: str | None = None
         raise SourceError(f"{spec!r}: {e} (or give a JSON/JSONL file instead)") from e
 
 
+def split_records(records: list[Record], spec: str, split: str, *, holdout: int = 0,
+                  seed: int = 0) -> list[Record]:
+    """For a JSON file with `holdout` > 0: the held-out (eval) part of `records` or the rest
+    (train), split as training's `data.eval_holdout` does; other sources are returned whole."""
+    if spec_kind(spec) != "file" or holdout <= 0:
+        return records
+    train, held = holdout_split(records, holdout, seed)
+    return held if split == "eval" else train
+
+
 def open_split(spec: str, split: str, *, holdout: int = 0, seed: int = 0, limit: int = 0,
                data_dir: str | None = None) -> list[Record]:
-    """Records of `spec`; for a JSON file with `holdout` > 0 the held-out (eval) part or the
-    rest (train), split as training's `data.eval_holdout` does; the first `limit` if > 0."""
+    """`open_records` then `split_records`; the first `limit` records if > 0."""
     records = open_records(spec, split, data_dir=data_dir, seed=seed)
-    if spec_kind(spec) == "file" and holdout > 0:
-        train, held = holdout_split(records, holdout, seed)
-        records = held if split == "eval" else train
+    records = split_records(records, spec, split, holdout=holdout, seed=seed)
     return records[:limit] if limit else records

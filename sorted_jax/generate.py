@@ -9,7 +9,7 @@
 "input"} or {"prompt"}) writes one JSONL result per record to `--out` (or stdout). Statistics
 (tokens/s, average exit layer, acceptance rate, full-model passes) go to stderr.
 
-The decoding engine lives in `sorted_jax.decoding`; this module re-exports its API.
+The decoding engine is `sorted_jax.decoding` (`Decoder`, `DecodeOptions`).
 """
 
 from __future__ import annotations
@@ -29,26 +29,17 @@ from sorted_jax.data import Tokenizer, format_prompt
 from sorted_jax.decoding import (
     MODES,
     PAPER_THRESHOLDS,
+    DecodeOptions,
     Decoder,
+    DecodeStats,
+    EarlyExitStats,
     GenerationResult,
-    SamplingParams,
-    default_exits,
-    default_thresholds,
-    generate,
-    greedy_accept,
-    probs_of,
-    select,
-    speculative_accept,
-    warp_logits,
+    SpeculativeStats,
 )
 from sorted_jax.errors import DataError, MissingFileError, UsageError, run_cli
 from sorted_jax.modeling import DTYPES
 
-__all__ = [
-    "MODES", "PAPER_THRESHOLDS", "Decoder", "GenerationResult", "SamplingParams",
-    "default_exits", "default_thresholds", "generate", "greedy_accept", "main", "probs_of",
-    "select", "speculative_accept", "warp_logits",
-]
+__all__ = ["build_parser", "main", "run"]
 
 TEMPLATES = ("alpaca", "plain", "none")
 
@@ -128,7 +119,8 @@ def _load(args: argparse.Namespace) -> tuple[dict, Any, Tokenizer, Any]:
     return art.load_params(step=args.step, dtype=dtype), art.config, tokenizer, dtype
 
 
-def _gen_kwargs(args, config) -> dict[str, Any]:
+def _options(args: argparse.Namespace) -> DecodeOptions:
+    """The request the flags describe (flags of another mode are refused)."""
     if args.exit_layer is not None and args.mode != "fixed":
         raise UsageError("--exit-layer applies to --mode fixed (use --exits for early-exit, "
                          "--draft-layer for speculative)")
@@ -138,96 +130,87 @@ def _gen_kwargs(args, config) -> dict[str, Any]:
         raise UsageError("--exits / --thresholds apply to --mode early-exit")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    kw: dict[str, Any] = dict(
+    return DecodeOptions(
         mode=args.mode, exit_layer=args.exit_layer,
         exits=parse_numbers(args.exits, int, "--exits must be layer numbers"),
         thresholds=parse_numbers(args.thresholds, float, "thresholds must be numbers"),
-        draft_layer=args.draft_layer,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed)
-    return kw
+        draft_layer=args.draft_layer, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
-def _summary(stats: dict[str, Any], seconds: float) -> str:
-    parts = [f"{stats['tokens']} tokens in {seconds:.2f}s "
-             f"({stats['tokens'] / max(seconds, 1e-9):.1f} tok/s incl. compile)"]
-    if "avg_exit_layer" in stats:
-        parts.append(f"avg exit layer {stats['avg_exit_layer']:.2f}")
-        parts.append("exits " + " ".join(f"{k}:{v}" for k, v in stats["exit_histogram"].items()))
-    if "acceptance_rate" in stats:
-        parts.append(f"acceptance {stats['acceptance_rate']:.3f} "
-                     f"({stats['accepted']}/{stats['drafted']} drafts)")
-        parts.append(f"full-model passes {stats['full_passes']}")
+def _summary(stats: DecodeStats, seconds: float) -> str:
+    parts = [f"{stats.tokens} tokens in {seconds:.2f}s "
+             f"({stats.tokens / max(seconds, 1e-9):.1f} tok/s incl. compile)"]
+    if isinstance(stats, EarlyExitStats):
+        parts.append(f"avg exit layer {stats.avg_exit_layer:.2f}")
+        parts.append("exits " + " ".join(f"{k}:{v}" for k, v in stats.exit_histogram.items()))
+    if isinstance(stats, SpeculativeStats):
+        parts.append(f"acceptance {stats.acceptance_rate:.3f} "
+                     f"({stats.accepted}/{stats.drafted} drafts)")
+        parts.append(f"full-model passes {stats.full_passes}")
     return "; ".join(parts)
-
-
-def _merge(total: dict[str, Any] | None, stats: dict[str, Any]) -> dict[str, Any]:
-    if total is None:
-        return dict(stats)
-    out = dict(total)
-    for k in ("tokens", "drafted", "accepted", "full_passes", "committed_drafts",
-              "draft_passes"):
-        if k in stats:
-            out[k] = out.get(k, 0) + stats[k]
-    if "exit_histogram" in stats:
-        hist = {k: out["exit_histogram"].get(k, 0) + v for k, v in stats["exit_histogram"].items()}
-        out["exit_histogram"] = hist
-        n = max(sum(hist.values()), 1)
-        out["avg_exit_layer"] = sum(k * v for k, v in hist.items()) / n
-    if "drafted" in out:
-        out["acceptance_rate"] = out["accepted"] / out["drafted"] if out["drafted"] else 0.0
-    return out
-
-
-def run(args: argparse.Namespace) -> None:
-    params, config, tok, dtype = _load(args)
-    kw = _gen_kwargs(args, config)
-    dec = Decoder(params, config, dtype=dtype, max_draft=args.max_draft, pad_multiple=64)
-    dec.plan(kw["mode"], kw["exit_layer"], kw["exits"], kw["thresholds"], kw["draft_layer"])
-    records = [{"prompt": args.prompt}] if args.prompt is not None else _read_records(
-        args.prompts)
-    texts = [_prompt_text(r, args.template) for r in records]
-    ids = [[tok.bos_id] + tok.encode(t) for t in texts]
-    longest = max(len(i) for i in ids)
-    # one cache length for the whole run, so every batch reuses one compiled program
-    kw["max_len"] = int(math.ceil(longest / 64) * 64 + math.ceil(args.max_new_tokens / 64) * 64)
-    out_f = open(args.out, "w") if args.out else None
-    t0 = time.perf_counter()
-    try:
-        if args.prompt is not None:
-            made: list[int] = []
-            shown = ""
-            for new in dec.stream(ids[0], **kw):
-                made += new
-                text = tok.decode(made)
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
-            sys.stdout.write("\n")
-            results = [(records[0], texts[0], made)]
-            total = dec.last_stats
-        else:
-            results, total = [], None
-            for i in range(0, len(ids), args.batch_size):
-                res: GenerationResult = dec.generate(ids[i:i + args.batch_size], **kw)
-                total = _merge(total, res.stats)
-                for j, toks in enumerate(res.tokens):
-                    results.append((records[i + j], texts[i + j], toks))
-                    line = _result_line(records[i + j], tok, toks, args)
-                    (out_f or sys.stdout).write(json.dumps(line) + "\n")
-                print(f"[{min(i + args.batch_size, len(ids))}/{len(ids)}]", file=sys.stderr)
-        if args.prompt is not None and out_f is not None:
-            out_f.write(json.dumps(_result_line(records[0], tok, results[0][2], args)) + "\n")
-    finally:
-        if out_f is not None:
-            out_f.close()
-    print(_summary(total, time.perf_counter() - t0), file=sys.stderr)
 
 
 def _result_line(record, tok, toks, args) -> dict[str, Any]:
     finished = bool(toks) and toks[-1] == tok.eos_id
     return {**record, "output": tok.decode(toks), "tokens": toks,
             "finish_reason": "eos" if finished else "length", "mode": args.mode}
+
+
+def _stream(dec: Decoder, opts: DecodeOptions, ids: list[int], tok: Tokenizer) -> list[int]:
+    """Decode one prompt, writing its text to stdout as it grows; returns the ids."""
+    made: list[int] = []
+    shown = ""
+    for new in dec.stream(ids, opts):
+        made += new
+        text = tok.decode(made)
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write("\n")
+    return made
+
+
+def _batches(dec: Decoder, opts: DecodeOptions, ids: list[list[int]], records: list[dict],
+             tok: Tokenizer, args: argparse.Namespace, out: Any) -> DecodeStats:
+    """Decode every prompt, `--batch-size` at a time, one JSON line each to `out`."""
+    total: DecodeStats | None = None
+    for i in range(0, len(ids), args.batch_size):
+        res: GenerationResult = dec.generate(ids[i:i + args.batch_size], opts)
+        total = res.stats if total is None else total.merge(res.stats)
+        for j, toks in enumerate(res.tokens):
+            out.write(json.dumps(_result_line(records[i + j], tok, toks, args)) + "\n")
+        print(f"[{min(i + args.batch_size, len(ids))}/{len(ids)}]", file=sys.stderr)
+    assert total is not None
+    return total
+
+
+def run(args: argparse.Namespace) -> None:
+    params, config, tok, dtype = _load(args)
+    opts = _options(args)
+    dec = Decoder(params, config, dtype=dtype, max_draft=args.max_draft, pad_multiple=64)
+    dec.plan(opts)  # bad layers / thresholds fail before any prompt is read
+    records = [{"prompt": args.prompt}] if args.prompt is not None else _read_records(
+        args.prompts)
+    ids = [[tok.bos_id] + tok.encode(_prompt_text(r, args.template)) for r in records]
+    longest = max(len(i) for i in ids)
+    # one cache length for the whole run, so every batch reuses one compiled program
+    opts = opts.replace(max_len=int(math.ceil(longest / 64) * 64
+                                    + math.ceil(args.max_new_tokens / 64) * 64))
+    out_f = open(args.out, "w") if args.out else None  # noqa: SIM115
+    t0 = time.perf_counter()
+    try:
+        if args.prompt is not None:
+            made = _stream(dec, opts, ids[0], tok)
+            total = dec.last_stats
+            if out_f is not None:
+                out_f.write(json.dumps(_result_line(records[0], tok, made, args)) + "\n")
+        else:
+            total = _batches(dec, opts, ids, records, tok, args, out_f or sys.stdout)
+    finally:
+        if out_f is not None:
+            out_f.close()
+    print(_summary(total, time.perf_counter() - t0), file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -172,7 +172,7 @@ def test_stream_equals_generate(gqa, prompts3):
         full = dec.generate(prompts3[:1], max_new_tokens=MAX_NEW, max_len=MAX_LEN, **kw)
         pieces = list(dec.stream(prompts3[0], max_new_tokens=MAX_NEW, max_len=MAX_LEN, **kw))
         assert sum(pieces, []) == full.tokens[0]
-        assert dec.last_stats["tokens"] == len(full.tokens[0])
+        assert dec.last_stats.tokens == len(full.tokens[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_early_exit_thresholds_above_one_equal_full(gqa, prompts3):
     ee = dec.generate(prompts3, mode="early-exit", exits=[1, 2, 4], thresholds=[1.1, 1.1],
                       max_new_tokens=MAX_NEW, max_len=MAX_LEN)
     assert ee.tokens == full.tokens
-    assert ee.stats["avg_exit_layer"] == 4.0
+    assert ee.stats.avg_exit_layer == 4.0
 
 
 def test_early_exit_lazy_kv_is_exact(gqa, prompts3):
@@ -243,15 +243,15 @@ def test_early_exit_lazy_kv_is_exact(gqa, prompts3):
         got = dec.generate(prompts3, mode="early-exit", exits=exits, thresholds=th,
                            max_new_tokens=MAX_NEW, max_len=MAX_LEN)
         assert got.tokens == ref, th
-        assert got.stats["avg_exit_layer"] == pytest.approx(np.mean(layers))
-        assert sum(got.stats["exit_histogram"].values()) == len(layers)
+        assert got.stats.avg_exit_layer == pytest.approx(np.mean(layers))
+        assert sum(got.stats.exit_histogram.values()) == len(layers)
         confs.append(sorted(set(layers)))
     assert any(len(c) == 3 for c in confs), confs  # all three exits were used somewhere
     ref1, _, _ = reference_decode(gqa, GQA, prompts3, MAX_NEW, exits=exits,
                                   thresholds=[0.0, 0.0])
     got1 = dec.generate(prompts3, mode="early-exit", exits=exits, thresholds=[0.0, 0.0],
                         max_new_tokens=MAX_NEW, max_len=MAX_LEN)
-    assert got1.tokens == ref1 and got1.stats["avg_exit_layer"] == 1.0
+    assert got1.tokens == ref1 and got1.stats.avg_exit_layer == 1.0
     assert ref_all == reference_decode(gqa, GQA, prompts3, MAX_NEW)[0]
 
 
@@ -286,9 +286,9 @@ def test_speculative_greedy_equals_full(config, seeds, draft, batch):
             spec = dec.generate(chunk, mode="speculative", draft_layer=draft,
                                 max_new_tokens=MAX_NEW, max_len=MAX_LEN)
             assert spec.tokens == full.tokens, (seed, i)
-            accepted += spec.stats["accepted"]
-            drafted += spec.stats["drafted"]
-            assert spec.stats["full_passes"] <= max(len(t) for t in full.tokens)
+            accepted += spec.stats.accepted
+            drafted += spec.stats.drafted
+            assert spec.stats.full_passes <= max(len(t) for t in full.tokens)
     assert 0 < accepted < drafted  # both acceptances and rejections were exercised
 
 
@@ -338,7 +338,7 @@ def test_speculative_sampling_matches_full_distribution():
                        max_new_tokens=3, seed=5, max_len=16, eos_id=[])
     toks = np.asarray(res.tokens)
     assert toks.shape == (rows, 3)
-    assert 0 < res.stats["acceptance_rate"] < 1
+    assert 0 < res.stats.acceptance_rate < 1
     # exact marginals by enumerating every 1- and 2-token continuation (one batched call)
     v = SMALL_V.vocab_size
     seqs = [prompt] + [prompt + [a] for a in range(v)] + [

@@ -45,6 +45,11 @@ IO_2L = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hid
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
 
 
+# The memory planner: 2 layers, width 64, full multi-head attention.
+PLAN_2L = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4)
+
+
 def tiny_config(kv: int = 4, tied: bool = False, layers: int = 3, vocab: int = 128,
                 **kw) -> LlamaConfig:
     """Conversion tests' model: width 64, 4 heads, `kv` kv heads, `layers` layers."""

@@ -4,6 +4,7 @@ shared head reproduce SoftSteps' eval."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +39,8 @@ def test_init_heads_and_exit_model():
     params = random_params(CFG)
     heads = ict_heads.init_heads(params, CFG, [4, 2])
     assert heads.exits == (2, 4)
-    assert heads.norm_scale.shape == (2, 32) and heads.lm_head_kernel.shape == (2, 32, 264)
+    chex.assert_shape(heads.norm_scale, (2, 32))
+    chex.assert_shape(heads.lm_head_kernel, (2, 32, 264))
     np.testing.assert_array_equal(heads.lm_head_kernel[1], params["lm_head"]["kernel"])
     heads.lm_head_kernel[0] += 1.0
     p2, c2 = ict_heads.exit_model(params, CFG, heads, 2)
@@ -66,7 +68,7 @@ def test_shared_heads_reproduce_softsteps_eval(dataset):
     batch = to_global_batch(next(iter(EvalIterator(dataset, 8))), steps.batch_shardings)
     a = jax.device_get(steps.eval_step(params, batch))
     b = jax.device_get(hev.eval_step(params, tree, batch))
-    np.testing.assert_allclose(b.loss, a.loss, rtol=1e-5)
+    chex.assert_trees_all_close(b.loss, a.loss, rtol=1e-5)
     np.testing.assert_array_equal(b.correct, a.correct)
     assert float(a.tokens) == float(b.tokens) > 0
 
@@ -87,8 +89,8 @@ def test_train_heads_only_heads_change_and_loss_falls(dataset):
         heads, opt, metrics = trainer.train_step(p_dev, heads, opt, batch)
     assert trainer.loss(p_dev, heads, batch) < loss0 - 0.1
     assert np.isfinite(float(metrics["loss"]))
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(p_dev), before)
-    jax.tree.map(np.testing.assert_array_equal, params, before)
+    chex.assert_trees_all_equal(jax.device_get(p_dev), before)
+    chex.assert_trees_all_equal(params, before)
     host = jax.device_get(heads)
     for k in range(len(EXITS)):  # every head moved away from the shared init
         assert not np.array_equal(host["lm_head_kernel"][k], init.lm_head_kernel[k])
@@ -106,7 +108,7 @@ def test_cli_writes_loadable_artifact(sft_dir, tmp_path, capsys):
     src, _ = model_io.load_model_dir(sft_dir)
     got, cfg = model_io.load_model_dir(out)
     assert cfg == CFG
-    jax.tree.map(np.testing.assert_array_equal, got, src)
+    chex.assert_trees_all_equal(got, src)
     heads = ict_heads.load_heads(out, CFG)
     assert heads is not None and heads.exits == (2, 4)
     init = ict_heads.init_heads(src, CFG, (2, 4))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def test_cli_run_writes_everything(tmp_path, capsys):
     assert model_io.workdir_steps(wd) == [4, 6]
     params, config, _ = model_io.load_params(wd)
     assert config == SMALL_CONFIG
-    assert params["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 32, 64)
+    chex.assert_shape(params["layers"]["mlp"]["up_proj"]["kernel"], (2, 32, 64))
     ckpt = checkpoint.Checkpointer(wd)
     meta = ckpt.read_meta(6)
     ckpt.close()
@@ -145,7 +146,7 @@ def test_init_from_model_dir_loads_weights(tmp_path):
     assert trainer.model_config == SMALL_CONFIG
     assert trainer.start_step == 0 and int(trainer.state.step) == 0
     loaded = jax.tree.map(np.asarray, trainer.state.params)
-    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    chex.assert_trees_all_equal(loaded, params)
     trainer.checkpointer.close()
 
     # on an fsdp x tensor mesh the weights are read straight into their shards
@@ -154,8 +155,7 @@ def test_init_from_model_dir_loads_weights(tmp_path):
     emb = sharded.state.params["embed_tokens"]["embedding"]
     assert emb.sharding.spec == sharded.steps.params_shardings["embed_tokens"]["embedding"].spec
     assert len({str(s.index) for s in emb.addressable_shards}) > 1  # really split
-    jax.tree.map(np.testing.assert_array_equal,
-                 jax.tree.map(np.asarray, sharded.state.params), params)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, sharded.state.params), params)
     sharded.checkpointer.close()
 
     # an explicit preset must agree with the weights

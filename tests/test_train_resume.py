@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -104,7 +105,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, cache_dir, referenc
     got, _, got_step = model_io.load_workdir_params(wd)
     want, _, want_step = model_io.load_workdir_params(reference)
     assert got_step == want_step == STEPS
-    jax.tree.map(np.testing.assert_array_equal, got, want)
+    chex.assert_trees_all_equal(got, want)
     # the same data stream: every step after the resume saw the same batch (same loss)
     ref, mine = train_losses(reference), train_losses(wd)
     assert set(mine) == set(ref) == set(range(1, STEPS + 1))
@@ -165,7 +166,7 @@ def test_two_processes_match_one(tmp_path, cache_dir, reference):
     ckpt = Checkpointer(wd, keep=2)
     restored, data, _ = ckpt.restore(10, nn.unbox(other.abstract_state), other.state_shardings)
     ckpt.close()
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored.params), saved)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, restored.params), saved)
     assert int(restored.step) == 10 and data["index"] > 0
     kernel = restored.params["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.mesh.shape == {"data": 1, "fsdp": 2, "tensor": 2}

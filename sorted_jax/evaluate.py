@@ -6,7 +6,7 @@
         --dump-generations gens.jsonl --num-generations 20
     python -m sorted_jax.evaluate pair --gens gens.jsonl --a soft:4 --b sft:8 --out pairs.jsonl
 
-`--ckpt` is a model dir or a training workdir (`model_io.load_params`), or an SFT+ICT dir
+`--ckpt` is a model dir, a training workdir or an SFT+ICT dir (`artifacts.inspect`)
 (`python -m sorted_jax.ict`), whose exits are then scored with their own heads. Per exit n
 (first n layers + final norm + lm_head) on the held-out records of `--data` (`--split`,
 default eval) with the training template: token cross-entropy, perplexity and top-1 token

@@ -4,7 +4,7 @@
     python -m sorted_jax.generate --ckpt DIR --prompts in.jsonl --out out.jsonl \\
         --mode speculative --draft-layer 12
 
-`--ckpt` is a model dir or a training workdir (`sorted_jax.model_io.load_params`). A single
+`--ckpt` is a model dir or a training workdir (`sorted_jax.artifacts.inspect`). A single
 `--prompt` streams tokens to stdout; `--prompts` (JSONL, one record per line: {"instruction",
 "input"} or {"prompt"}) writes one JSONL result per record to `--out` (or stdout). Statistics
 (tokens/s, average exit layer, acceptance rate, full-model passes) go to stderr.

@@ -6,7 +6,7 @@
         --dump-generations gens.jsonl --num-generations 20
     python -m sorted_jax.evaluate pair --gens gens.jsonl --a soft:4 --b sft:8 --out pairs.jsonl
 
-`--ckpt` is a model dir, a training workdir or an SFT+ICT dir (`artifacts.inspect`)
+`--ckpt` is a model dir, a training workdir (`artifacts.inspect` reads any) or an SFT+ICT dir
 (`python -m sorted_jax.ict`), whose exits are then scored with their own heads. Per exit n
 (first n layers + final norm + lm_head) on the held-out records of `--data` (`--split`,
 default eval) with the training template: token cross-entropy, perplexity and top-1 token

@@ -22,15 +22,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from sorted_jax.errors import CheckpointError
 from sorted_jax.model_io import CHECKPOINTS_DIR
 from sorted_jax.model_io import DATA_ITEM as DATA
 from sorted_jax.model_io import META_ITEM as META
 from sorted_jax.model_io import STATE_ITEM as STATE
 from sorted_jax.train_step import TrainState
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or does not fit the current run."""
 
 
 def state_tree(state: TrainState) -> dict[str, Any]:

@@ -14,8 +14,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sorted_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A model config value that cannot describe a LLaMA model."""
 
 

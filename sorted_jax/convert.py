@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import re
 import struct
 import sys
@@ -32,30 +33,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
+from tqdm import tqdm
 
+from sorted_jax import artifacts
 from sorted_jax.config import ConfigError, LlamaConfig
-from sorted_jax.hf_mapping import MappingError, expected_hf_names, hf_tensor_to_ours
+from sorted_jax.errors import ConversionError, run_cli
+from sorted_jax.hf_mapping import (
+    MappingError,
+    as_numpy,
+    expected_hf_names,
+    hf_tensor_to_ours,
+    iter_hf_tensors,
+)
 from sorted_jax.model_io import (
     CONFIG_FILE,
-    ModelIOError,
     atomic_dir,
     check_params,
     copy_tokenizer_files,
     dtype_name,
     expected_param_shapes,
     find_tokenizer_files,
-    load_config,
-    load_params,
     resolve_dtype,
     save_params,
     unflatten,
 )
-
-
-class ConversionError(ModelIOError):
-    """An input that cannot be converted; the message names the file/tensor and the fix."""
-
+from sorted_jax.modeling import slice_layers
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -65,8 +69,6 @@ _MAX_LISTED = 12
 
 
 def _bf16() -> np.dtype:
-    import ml_dtypes
-
     return np.dtype(ml_dtypes.bfloat16)
 
 
@@ -264,8 +266,6 @@ def check_tokenizer(directory: Path, config: LlamaConfig) -> None:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 file=sys.stderr, disable=not enabled, leave=False)
 
@@ -409,9 +409,7 @@ def _read_safetensors(files: list[Path], weight_map: Mapping[str, str] | None,
 
 
 def _torch_load(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
-    import pickle
-
-    import torch
+    import torch  # heavy optional package: only for .bin checkpoints
 
     def load(mmap: bool):
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=mmap)
@@ -441,8 +439,6 @@ def _torch_load(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
 
 def _read_bins(files: list[Path], config: LlamaConfig, dtype: np.dtype, hf_dir: Path,
                allow_pickle: bool, progress: bool) -> dict:
-    from sorted_jax.hf_mapping import as_numpy
-
     filler = _Filler(config, dtype)
     seen: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     with _progress(len(files), "reading .bin shards", progress) as bar:
@@ -547,8 +543,6 @@ def generation_config_dict(config: LlamaConfig) -> dict:
 def write_hf_dir(tmp: Path, params: Mapping[str, Any], config: LlamaConfig,
                  dtype: np.dtype | None, max_shard_bytes: int, progress: bool = True) -> None:
     """Write safetensors shards + index, config.json and generation_config.json into `tmp`."""
-    from sorted_jax.hf_mapping import iter_hf_tensors
-
     tensors = list(iter_hf_tensors(params, config))  # views into params, no copies
     out_dtype = dtype or np.result_type(*[w.dtype for _, w in tensors])
     shards = plan_shards(tensors, dtype, max_shard_bytes)
@@ -581,8 +575,6 @@ def export_hf(params: Mapping[str, Any], config: LlamaConfig, out_dir: str | Pat
               tokenizer: str | Path | Iterable[str | Path] | None = None,
               overwrite: bool = False, progress: bool = True) -> Path:
     """Write params (or the sub-model of depth `exit_layer`) as an HF LlamaForCausalLM dir."""
-    from sorted_jax.modeling import slice_layers
-
     L = config.num_hidden_layers
     k = L if exit_layer is None else exit_layer
     _check_exit_layer(k, config)
@@ -609,11 +601,12 @@ def orbax_to_hf(ckpt: str | Path, out_dir: str | Path, exit_layer: int | None = 
                               "pass --overwrite")
     parse_size(shard_size)
     resolve_dtype(dtype)
-    if exit_layer is not None and (Path(ckpt) / CONFIG_FILE).is_file():
-        _check_exit_layer(exit_layer, load_config(ckpt))  # before reading any weights
-    params, config, tok_dir = load_params(ckpt, step)
-    return export_hf(params, config, out, exit_layer, dtype, shard_size, tok_dir, overwrite,
-                     progress)
+    art = artifacts.inspect(ckpt)
+    if exit_layer is not None:
+        _check_exit_layer(exit_layer, art.config)  # before reading any weights
+    params = art.load_params(step)
+    return export_hf(params, art.config, out, exit_layer, dtype, shard_size, art.tokenizer_dir,
+                     overwrite, progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,19 +645,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> None:
+    if args.command == "hf-to-orbax":
+        out = hf_to_orbax(args.hf, args.out, args.dtype, args.allow_pickle, args.overwrite,
+                          not args.no_progress)
+    else:
+        out = orbax_to_hf(args.ckpt, args.out, args.exit_layer, args.step, args.dtype,
+                          args.shard_size, args.overwrite, not args.no_progress)
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "hf-to-orbax":
-            out = hf_to_orbax(args.hf, args.out, args.dtype, args.allow_pickle, args.overwrite,
-                              not args.no_progress)
-        else:
-            out = orbax_to_hf(args.ckpt, args.out, args.exit_layer, args.step, args.dtype,
-                              args.shard_size, args.overwrite, not args.no_progress)
-    except (ModelIOError, MappingError, ConfigError) as e:
-        raise SystemExit(f"sorted_jax.convert {args.command}: error: {e}") from None
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
+    return run_cli(f"sorted_jax.convert {args.command}", run, args)
 
 
 if __name__ == "__main__":

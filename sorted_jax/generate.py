@@ -4,12 +4,12 @@
     python -m sorted_jax.generate --ckpt DIR --prompts in.jsonl --out out.jsonl \\
         --mode speculative --draft-layer 12
 
-`--ckpt` is a model dir or a training workdir (`sorted_jax.model_io.load_params`). A single
+`--ckpt` is a model dir or a training workdir (`sorted_jax.artifacts.inspect`). A single
 `--prompt` streams tokens to stdout; `--prompts` (JSONL, one record per line: {"instruction",
 "input"} or {"prompt"}) writes one JSONL result per record to `--out` (or stdout). Statistics
 (tokens/s, average exit layer, acceptance rate, full-model passes) go to stderr.
 
-The decoding engine lives in `sorted_jax.decoding`; this module re-exports its API.
+The decoding engine is `sorted_jax.decoding` (`Decoder`, `DecodeOptions`).
 """
 
 from __future__ import annotations
@@ -23,43 +23,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sorted_jax import artifacts
+from sorted_jax.cli import parse_numbers
+from sorted_jax.data import Tokenizer, format_prompt
 from sorted_jax.decoding import (
     MODES,
     PAPER_THRESHOLDS,
+    DecodeOptions,
     Decoder,
+    DecodeStats,
+    EarlyExitStats,
     GenerationResult,
-    SamplingParams,
-    default_exits,
-    default_thresholds,
-    generate,
-    greedy_accept,
-    probs_of,
-    select,
-    speculative_accept,
-    warp_logits,
+    SpeculativeStats,
 )
+from sorted_jax.errors import DataError, MissingFileError, UsageError, run_cli
+from sorted_jax.modeling import DTYPES
 
-__all__ = [
-    "MODES", "PAPER_THRESHOLDS", "Decoder", "GenerationResult", "SamplingParams",
-    "default_exits", "default_thresholds", "generate", "greedy_accept", "main", "probs_of",
-    "select", "speculative_accept", "warp_logits",
-]
+__all__ = ["build_parser", "main", "run"]
 
 TEMPLATES = ("alpaca", "plain", "none")
-
-
-def _numbers(values: Sequence[str] | None, cast: type, what: str) -> list | None:
-    """Comma- or space-separated numbers from repeated CLI values; None when not given."""
-    if values is None:
-        return None
-    out = []
-    for v in values:
-        for part in str(v).replace(",", " ").split():
-            try:
-                out.append(cast(part))
-            except ValueError:
-                raise ValueError(f"{what}, got {part!r}") from None
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_records(path: str) -> list[dict[str, Any]]:
     f = Path(path)
     if not f.is_file():
-        raise ValueError(f"--prompts file {path} does not exist")
+        raise MissingFileError(f"--prompts file {path} does not exist")
     records = []
     for n, line in enumerate(f.read_text().splitlines(), 1):
         if not line.strip():
@@ -108,154 +90,65 @@ def _read_records(path: str) -> list[dict[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+            raise DataError(f"{path}:{n}: not valid JSON: {e}") from None
         if isinstance(rec, str):
             rec = {"prompt": rec}
         if not isinstance(rec, dict) or not ({"prompt", "instruction"} & set(rec)):
-            raise ValueError(f"{path}:{n}: expected an object with 'instruction' (and optional "
+            raise DataError(f"{path}:{n}: expected an object with 'instruction' (and optional "
                              "'input') or 'prompt'")
         records.append(rec)
     if not records:
-        raise ValueError(f"--prompts file {path} holds no records")
+        raise DataError(f"--prompts file {path} holds no records")
     return records
 
 
 def _prompt_text(rec: dict[str, Any], template: str) -> str:
     instruction = rec.get("instruction", rec.get("prompt"))
     if not isinstance(instruction, str) or not instruction.strip():
-        raise ValueError(f"empty prompt in record {rec!r}")
+        raise DataError(f"empty prompt in record {rec!r}")
     if template == "none":
         extra = rec.get("input", "")
         return instruction if not extra else f"{instruction}\n{extra}"
-    from sorted_jax.data.templates import format_prompt
-
     return format_prompt(instruction, rec.get("input", ""), template=template)
 
 
-def _load_tokenizer(spec):
-    try:
-        from sorted_jax.data import load_tokenizer
-    except ImportError:  # the data package is optional at import time
-        from sorted_jax.data.tokenizers import load_tokenizer
-    return load_tokenizer(spec)
+def _load(args: argparse.Namespace) -> tuple[dict, Any, Tokenizer, Any]:
+    art = artifacts.inspect(args.ckpt)
+    tokenizer = art.tokenizer(args.tokenizer)
+    dtype = DTYPES[args.dtype]
+    return art.load_params(step=args.step, dtype=dtype), art.config, tokenizer, dtype
 
 
-def _load(args):
-    import jax.numpy as jnp
-
-    from sorted_jax.model_io import load_params
-
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    params, config, tok_dir = load_params(args.ckpt, step=args.step, dtype=dtype)
-    spec = args.tokenizer or tok_dir
-    if spec is None:
-        try:
-            tokenizer = _load_tokenizer(args.ckpt)
-        except FileNotFoundError:
-            raise ValueError(f"{args.ckpt} has no tokenizer files; pass --tokenizer (e.g. "
-                             "builtin or a tokenizer.model)") from None
-    else:
-        tokenizer = _load_tokenizer(spec)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
-                         f"{config.vocab_size}")
-    return params, config, tokenizer, dtype
-
-
-def _gen_kwargs(args, config) -> dict[str, Any]:
+def _options(args: argparse.Namespace) -> DecodeOptions:
+    """The request the flags describe (flags of another mode are refused)."""
     if args.exit_layer is not None and args.mode != "fixed":
-        raise ValueError("--exit-layer applies to --mode fixed (use --exits for early-exit, "
+        raise UsageError("--exit-layer applies to --mode fixed (use --exits for early-exit, "
                          "--draft-layer for speculative)")
     if args.draft_layer is not None and args.mode != "speculative":
-        raise ValueError("--draft-layer applies to --mode speculative")
+        raise UsageError("--draft-layer applies to --mode speculative")
     if (args.exits or args.thresholds) and args.mode != "early-exit":
-        raise ValueError("--exits / --thresholds apply to --mode early-exit")
+        raise UsageError("--exits / --thresholds apply to --mode early-exit")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    kw: dict[str, Any] = dict(
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return DecodeOptions(
         mode=args.mode, exit_layer=args.exit_layer,
-        exits=_numbers(args.exits, int, "--exits must be layer numbers"),
-        thresholds=_numbers(args.thresholds, float, "thresholds must be numbers"),
-        draft_layer=args.draft_layer,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed)
-    return kw
+        exits=parse_numbers(args.exits, int, "--exits must be layer numbers"),
+        thresholds=parse_numbers(args.thresholds, float, "thresholds must be numbers"),
+        draft_layer=args.draft_layer, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
-def _summary(stats: dict[str, Any], seconds: float) -> str:
-    parts = [f"{stats['tokens']} tokens in {seconds:.2f}s "
-             f"({stats['tokens'] / max(seconds, 1e-9):.1f} tok/s incl. compile)"]
-    if "avg_exit_layer" in stats:
-        parts.append(f"avg exit layer {stats['avg_exit_layer']:.2f}")
-        parts.append("exits " + " ".join(f"{k}:{v}" for k, v in stats["exit_histogram"].items()))
-    if "acceptance_rate" in stats:
-        parts.append(f"acceptance {stats['acceptance_rate']:.3f} "
-                     f"({stats['accepted']}/{stats['drafted']} drafts)")
-        parts.append(f"full-model passes {stats['full_passes']}")
+def _summary(stats: DecodeStats, seconds: float) -> str:
+    parts = [f"{stats.tokens} tokens in {seconds:.2f}s "
+             f"({stats.tokens / max(seconds, 1e-9):.1f} tok/s incl. compile)"]
+    if isinstance(stats, EarlyExitStats):
+        parts.append(f"avg exit layer {stats.avg_exit_layer:.2f}")
+        parts.append("exits " + " ".join(f"{k}:{v}" for k, v in stats.exit_histogram.items()))
+    if isinstance(stats, SpeculativeStats):
+        parts.append(f"acceptance {stats.acceptance_rate:.3f} "
+                     f"({stats.accepted}/{stats.drafted} drafts)")
+        parts.append(f"full-model passes {stats.full_passes}")
     return "; ".join(parts)
-
-
-def _merge(total: dict[str, Any] | None, stats: dict[str, Any]) -> dict[str, Any]:
-    if total is None:
-        return dict(stats)
-    out = dict(total)
-    for k in ("tokens", "drafted", "accepted", "full_passes", "committed_drafts",
-              "draft_passes"):
-        if k in stats:
-            out[k] = out.get(k, 0) + stats[k]
-    if "exit_histogram" in stats:
-        hist = {k: out["exit_histogram"].get(k, 0) + v for k, v in stats["exit_histogram"].items()}
-        out["exit_histogram"] = hist
-        n = max(sum(hist.values()), 1)
-        out["avg_exit_layer"] = sum(k * v for k, v in hist.items()) / n
-    if "drafted" in out:
-        out["acceptance_rate"] = out["accepted"] / out["drafted"] if out["drafted"] else 0.0
-    return out
-
-
-def run(args: argparse.Namespace) -> None:
-    params, config, tok, dtype = _load(args)
-    kw = _gen_kwargs(args, config)
-    dec = Decoder(params, config, dtype=dtype, max_draft=args.max_draft, pad_multiple=64)
-    dec.plan(kw["mode"], kw["exit_layer"], kw["exits"], kw["thresholds"], kw["draft_layer"])
-    records = [{"prompt": args.prompt}] if args.prompt is not None else _read_records(
-        args.prompts)
-    texts = [_prompt_text(r, args.template) for r in records]
-    ids = [[tok.bos_id] + tok.encode(t) for t in texts]
-    longest = max(len(i) for i in ids)
-    # one cache length for the whole run, so every batch reuses one compiled program
-    kw["max_len"] = int(math.ceil(longest / 64) * 64 + math.ceil(args.max_new_tokens / 64) * 64)
-    out_f = open(args.out, "w") if args.out else None
-    t0 = time.perf_counter()
-    try:
-        if args.prompt is not None:
-            made: list[int] = []
-            shown = ""
-            for new in dec.stream(ids[0], **kw):
-                made += new
-                text = tok.decode(made)
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
-            sys.stdout.write("\n")
-            results = [(records[0], texts[0], made)]
-            total = dec.last_stats
-        else:
-            results, total = [], None
-            for i in range(0, len(ids), args.batch_size):
-                res: GenerationResult = dec.generate(ids[i:i + args.batch_size], **kw)
-                total = _merge(total, res.stats)
-                for j, toks in enumerate(res.tokens):
-                    results.append((records[i + j], texts[i + j], toks))
-                    line = _result_line(records[i + j], tok, toks, args)
-                    (out_f or sys.stdout).write(json.dumps(line) + "\n")
-                print(f"[{min(i + args.batch_size, len(ids))}/{len(ids)}]", file=sys.stderr)
-        if args.prompt is not None and out_f is not None:
-            out_f.write(json.dumps(_result_line(records[0], tok, results[0][2], args)) + "\n")
-    finally:
-        if out_f is not None:
-            out_f.close()
-    print(_summary(total, time.perf_counter() - t0), file=sys.stderr)
 
 
 def _result_line(record, tok, toks, args) -> dict[str, Any]:
@@ -264,14 +157,65 @@ def _result_line(record, tok, toks, args) -> dict[str, Any]:
             "finish_reason": "eos" if finished else "length", "mode": args.mode}
 
 
+def _stream(dec: Decoder, opts: DecodeOptions, ids: list[int], tok: Tokenizer) -> list[int]:
+    """Decode one prompt, writing its text to stdout as it grows; returns the ids."""
+    made: list[int] = []
+    shown = ""
+    for new in dec.stream(ids, opts):
+        made += new
+        text = tok.decode(made)
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write("\n")
+    return made
+
+
+def _batches(dec: Decoder, opts: DecodeOptions, ids: list[list[int]], records: list[dict],
+             tok: Tokenizer, args: argparse.Namespace, out: Any) -> DecodeStats:
+    """Decode every prompt, `--batch-size` at a time, one JSON line each to `out`."""
+    total: DecodeStats | None = None
+    for i in range(0, len(ids), args.batch_size):
+        res: GenerationResult = dec.generate(ids[i:i + args.batch_size], opts)
+        total = res.stats if total is None else total.merge(res.stats)
+        for j, toks in enumerate(res.tokens):
+            out.write(json.dumps(_result_line(records[i + j], tok, toks, args)) + "\n")
+        print(f"[{min(i + args.batch_size, len(ids))}/{len(ids)}]", file=sys.stderr)
+    assert total is not None
+    return total
+
+
+def run(args: argparse.Namespace) -> None:
+    params, config, tok, dtype = _load(args)
+    opts = _options(args)
+    dec = Decoder(params, config, dtype=dtype, max_draft=args.max_draft, pad_multiple=64)
+    dec.plan(opts)  # bad layers / thresholds fail before any prompt is read
+    records = [{"prompt": args.prompt}] if args.prompt is not None else _read_records(
+        args.prompts)
+    ids = [[tok.bos_id] + tok.encode(_prompt_text(r, args.template)) for r in records]
+    longest = max(len(i) for i in ids)
+    # one cache length for the whole run, so every batch reuses one compiled program
+    opts = opts.replace(max_len=int(math.ceil(longest / 64) * 64
+                                    + math.ceil(args.max_new_tokens / 64) * 64))
+    out_f = open(args.out, "w") if args.out else None  # noqa: SIM115
+    t0 = time.perf_counter()
+    try:
+        if args.prompt is not None:
+            made = _stream(dec, opts, ids[0], tok)
+            total = dec.last_stats
+            if out_f is not None:
+                out_f.write(json.dumps(_result_line(records[0], tok, made, args)) + "\n")
+        else:
+            total = _batches(dec, opts, ids, records, tok, args, out_f or sys.stdout)
+    finally:
+        if out_f is not None:
+            out_f.close()
+    print(_summary(total, time.perf_counter() - t0), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("sorted_jax.generate", run, args)
 
 
 if __name__ == "__main__":

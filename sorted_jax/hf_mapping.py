@@ -11,14 +11,11 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from sorted_jax.config import LlamaConfig
-
-
-class MappingError(ValueError):
-    """A state dict that does not fit the config: missing, unexpected or misshaped tensors."""
-
+from sorted_jax.errors import MappingError
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 
@@ -172,12 +169,10 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig,
 def as_numpy(x: Any) -> np.ndarray:
     """A numpy view of a numpy/jax array or torch tensor (torch bf16 kept as ml_dtypes bf16)."""
     if hasattr(x, "detach"):  # a torch tensor; torch cannot .numpy() bf16, so reinterpret its bits
-        import torch
+        import torch  # heavy optional package: only when handed a torch tensor
 
         t = x.detach().cpu()
         if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     return np.asarray(x)

@@ -1,6 +1,7 @@
-"""Training logs: `metrics.jsonl`, TensorBoard events, progress bar, per-exit table and plot.
+"""Training logs: `metrics.jsonl`, TensorBoard events, the progress bar, per-exit metric keys.
 
-Everything here is host-side and cheap; the trainer creates it on process 0 only.
+Everything here is host-side and cheap; the trainer creates it on process 0 only. The table and
+plot written from these logs are `reports`'.
 """
 
 from __future__ import annotations
@@ -8,10 +9,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -91,74 +95,12 @@ def compact_exits(metrics: Mapping[str, Any]) -> str:
     return " ".join(f"e{e} {v:.3f}" for e, v in exit_values(metrics).items())
 
 
-def exit_table(eval_metrics: Mapping[str, Any] | None, train_metrics: Mapping[str, Any] | None,
-               *, num_layers: int, title: str = "") -> str:
-    """Markdown table, one row per exit: eval loss / perplexity / token accuracy, train loss."""
-    eval_metrics = eval_metrics or {}
-    train_metrics = train_metrics or {}
-    ev_loss, ev_acc = exit_values(eval_metrics, "loss"), exit_values(eval_metrics, "accuracy")
-    tr_loss = exit_values(train_metrics, "loss")
-    exits = sorted(set(ev_loss) | set(tr_loss))
-    lines = [f"{title}\n" if title else ""]
-    lines.append("| exit (layers) | eval loss | eval ppl | eval token acc | train loss |")
-    lines.append("|---:|---:|---:|---:|---:|")
-
-    def fmt(v: float | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
-    for e in exits:
-        loss = ev_loss.get(e)
-        ppl = math.exp(min(loss, 50.0)) if loss is not None else None
-        tag = f"{e}/{num_layers}"
-        lines.append(f"| {tag} | {fmt(loss, '.4f')} | {fmt(ppl, '.3f')} | "
-                     f"{fmt(ev_acc.get(e), '.4f')} | {fmt(tr_loss.get(e), '.4f')} |")
-    return "\n".join(line for line in lines if line) + "\n"
-
-
-def plot_exit_losses(history: Sequence[tuple[int, Mapping[str, Any]]], path: str | Path,
-                     title: str = "held-out loss per exit") -> bool:
-    """PNG of eval loss vs step, one line per exit; `history` = [(step, eval metrics)].
-
-    Returns False (and writes nothing) when there is nothing to plot.
-    """
-    points: dict[int, list[tuple[int, float]]] = {}
-    for step, metrics in history:
-        for e, v in exit_values(metrics).items():
-            points.setdefault(e, []).append((int(step), v))
-    if not points:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for e, pts in sorted(points.items()):
-        pts.sort()
-        style = "o-" if len(pts) < 30 else "-"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"exit {e}",
-                markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
 class Progress:
     """A tqdm bar (step, compact per-exit loss, tokens/s; tqdm adds the ETA), or nothing."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self._bar = None
         if enabled:
-            import sys
-
-            from tqdm.auto import tqdm
-
             # Redrawn every second on a terminal; in a log file, a line every 30 s.
             tty = sys.stderr.isatty()
             self._bar = tqdm(total=total, initial=initial, desc="train", unit="step",

@@ -30,10 +30,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from sorted_jax.config import ConfigError, LlamaConfig
-from sorted_jax.hf_mapping import expected_hf_names, hf_tensor_to_ours
+from sorted_jax.errors import ModelIOError
+from sorted_jax.modeling import DTYPES, abstract_params, make_model
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -45,29 +50,19 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 PathLike = str | os.PathLike
 
 
-class ModelIOError(ValueError):
-    """A model dir / workdir that cannot be read or written; the message says what to fix."""
-
-
 # ---------------------------------------------------------------------------------------------
-# dtypes
+# dtypes and shapes
 
 
 def resolve_dtype(dtype: Any) -> np.dtype | None:
-    """`None`, a name ("float32", "bf16", ...) or a numpy/jax dtype -> numpy dtype or None."""
+    """`None`, a name of `modeling.DTYPES` ("float32", "bf16", ...) or a numpy/jax dtype ->
+    numpy dtype or None."""
     if dtype is None:
         return None
-    names = {"float32": "float32", "fp32": "float32", "f32": "float32",
-             "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
-             "fp16": "float16", "f16": "float16"}
     if isinstance(dtype, str):
-        if dtype.lower() not in names:
+        if dtype.lower() not in DTYPES:
             raise ModelIOError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
-        dtype = names[dtype.lower()]
-        if dtype == "bfloat16":
-            import ml_dtypes
-
-            return np.dtype(ml_dtypes.bfloat16)
+        dtype = DTYPES[dtype.lower()]
     return np.dtype(dtype)
 
 
@@ -75,32 +70,11 @@ def dtype_name(dtype: Any) -> str:
     return np.dtype(dtype).name  # "float32", "bfloat16", "float16"
 
 
-# ---------------------------------------------------------------------------------------------
-# params validation
-
-
 def expected_param_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Path -> shape of every leaf of our params tree for `config` (no allocation, no JAX)."""
-    from sorted_jax.hf_mapping import hf_shape
-
-    shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
-    d, v = config.hidden_size, config.vocab_size
-    for name in expected_hf_names(config):
-        if name.startswith("model.layers.0."):
-            module = name[len("model.layers.0."):-len(".weight")]
-            hf = hf_shape(module, config)
-        elif name.startswith("model.layers."):
-            continue
-        elif name == "model.norm.weight":
-            hf = (d,)
-        else:
-            hf = (v, d)
-        dummy = np.broadcast_to(np.zeros((), np.float32), hf)
-        mapped = hf_tensor_to_ours(name, dummy, config)
-        assert mapped is not None
-        path, layer, w = mapped
-        shapes[path] = (config.num_hidden_layers, *w.shape) if layer is not None else w.shape
-    return shapes
+    """Path -> shape of every leaf of our params tree for `config`: the model's own abstract
+    params (`jax.eval_shape` of its init, nothing allocated)."""
+    tree = nn.unbox(abstract_params(make_model(config)))
+    return {path: tuple(leaf.shape) for path, leaf in flatten(tree).items()}
 
 
 def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -252,19 +226,12 @@ def copy_tokenizer_files(src: PathLike | Iterable[PathLike] | None, dst: PathLik
 # Orbax params
 
 
-def _ocp():
-    import orbax.checkpoint as ocp
-
-    return ocp
-
-
 def _no_copy_registry():
     """Orbax's standard type handlers, except numpy arrays are written without a deep copy.
 
     Orbax deep-copies host arrays before an (async) save by default: a second copy of the
     model. Our saves are synchronous and the caller does not mutate params meanwhile.
     """
-    ocp = _ocp()
     th = ocp.type_handlers
     handlers = [(ty, th.get_type_handler(ty)) for ty in th.supported_types()
                 if ty is not np.ndarray]
@@ -278,7 +245,6 @@ def save_params(path: PathLike, params: Mapping[str, Any]) -> None:
     Stored uncompressed: zstd on (mostly incompressible) float weights saved <10% of disk
     but cost ~0.8x the model in extra RAM and 6x the time (measured, 0.9 GB model).
     """
-    ocp = _ocp()
     handler = ocp.PyTreeCheckpointHandler(use_compression=False,
                                           type_handler_registry=_no_copy_registry())
     ckptr = ocp.Checkpointer(handler)
@@ -301,11 +267,8 @@ def _param_path(path: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _restore_arg(dtype: np.dtype | None, sharding: Any = None) -> Any:
-    ocp = _ocp()
     if sharding is None:
         return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
-    import jax
-
     return ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=sharding, dtype=dtype)
 
 
@@ -334,7 +297,6 @@ def restore_params(path: PathLike, dtype: Any = None, shardings: Any = None,
                    config: LlamaConfig | None = None) -> dict:
     """Read an Orbax PyTree checkpoint of params as numpy arrays (optionally cast), or as
     `jax.Array`s in `shardings`; with `config`, shapes are checked before reading."""
-    ocp = _ocp()
     path = Path(path).absolute()
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
@@ -409,9 +371,6 @@ def load_model_dir(path: PathLike, dtype: Any = None, shardings: Any = None
 
 def _manager(ckpt_dir: Path):
     """A read-only manager; Orbax's warnings about its read-only mode are silenced."""
-    from absl import logging as absl_logging
-
-    ocp = _ocp()
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
@@ -438,7 +397,6 @@ def load_workdir_params(workdir: PathLike, step: int | None = None, dtype: Any =
                         shardings: Any = None) -> tuple[dict, LlamaConfig, int]:
     """(params, config, step) from a training workdir; only `params` is read from disk (as
     numpy, or as `jax.Array`s in `shardings`)."""
-    ocp = _ocp()
     wd = Path(workdir).absolute()
     config = load_config(wd)
     ckpt_dir = wd / CHECKPOINTS_DIR

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sorted_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = tuple[tuple[str, Any], ...]
@@ -41,7 +43,7 @@ DEFAULT_RULES: Rules = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     """A mesh shape or batch size that the devices cannot provide."""
 
 

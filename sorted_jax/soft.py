@@ -26,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sorted_jax import sharding
+from sorted_jax.errors import UserError
 from sorted_jax.exit_loss import multi_exit_ce
 from sorted_jax.modeling import rms_norm
 
 Array = jax.Array
 
 
-class ExitError(ValueError):
+class ExitError(UserError):
     """An exit set that does not fit the model."""
 
 

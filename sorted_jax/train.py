@@ -21,6 +21,11 @@ Workdir:
     WORKDIR/final_metrics.json
     WORKDIR/exit_loss.png          held-out loss per exit over training
 
+The pieces: `run_spec` parses and resolves the config into a frozen, device-free `RunSpec`
+(every check that needs no device); `Trainer` adds the mesh, data, jitted steps and state; its
+loop is `train_steps()`, a generator of `train_loop.StepInfo`s, with logging, evaluation and
+checkpoints as hooks that run every N steps. `--plan` is `train_plan`.
+
 SIGTERM / SIGINT: the step in flight finishes, a checkpoint is written and the process exits 0
 (a second SIGINT aborts). A non-finite loss stops the run naming the step, without saving the
 bad state: the last checkpoint on disk is the last good one.
@@ -28,42 +33,27 @@ bad state: the last checkpoint on disk is the last good one.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import math
-import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
-from sorted_jax import metrics_log, model_io, modeling, soft
+from sorted_jax import metrics_log, model_io, modeling, reports, run_spec, soft, train_plan
 from sorted_jax.checkpoint import Checkpointer, CheckpointError
-from sorted_jax.config import PRESETS, ConfigError, LlamaConfig, preset
-from sorted_jax.data import (
-    TEMPLATES,
-    DataError,
-    DataIterator,
-    EvalIterator,
-    SourceError,
-    Tokenizer,
-    holdout_split,
-    load_tokenizer,
-    open_records,
-    save_tokenizer_files,
-    tokenize_records,
-)
+from sorted_jax.data import DataError, DataIterator, EvalIterator, load_tokenizer
+from sorted_jax.errors import NonFiniteLossError, TrainConfigError, run_cli
 from sorted_jax.modeling import DTYPES
-from sorted_jax.sharding import MeshError, check_batch_size, make_mesh, rules_from_config
+from sorted_jax.run_spec import RunSpec, parse_args
+from sorted_jax.sharding import MeshError, check_batch_size, make_mesh
+from sorted_jax.train_loop import Hooks, StepInfo, StopSignals, Window
 from sorted_jax.train_step import (
     SoftSteps,
     TrainState,
@@ -72,96 +62,8 @@ from sorted_jax.train_step import (
     to_global_batch,
 )
 
-TRAIN_CONFIG_FILE = "train_config.json"
-TOKENIZER_DIR = "tokenizer"
-MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
-# Fields that fix the shapes of the weights: they must agree with weights being loaded.
-ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-               "num_attention_heads", "num_key_value_heads", "dim_per_head", "tie_word_embeddings")
-SCHEDULES = ("cosine", "linear", "constant")
-
-
-class TrainConfigError(ValueError):
-    """A training config that cannot run; raised before anything is compiled."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) became NaN/inf; the bad state was not saved."""
-
-
-# Errors that mean "fix the config / data / paths", reported as one line, exit status 2.
-USER_ERRORS = (TrainConfigError, ConfigError, soft.ExitError, MeshError, DataError,
-               FileNotFoundError, model_io.ModelIOError, CheckpointError)
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-
-
-def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
-    fv = flags.FlagValues()
-    # sys_argv: config_flags defines one flag per override it finds in these args.
-    config_flags.DEFINE_config_file(
-        "config", None, "training config file, e.g. configs/tiny.py", flag_values=fv,
-        lock_config=True, sys_argv=list(argv))
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs); re-run to resume",
-                        flag_values=fv)
-    return fv
-
-
-def _override_keys(argv: Sequence[str]) -> list[str]:
-    return [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-
-
-def _unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str | None:
-    """A clear message if `key` ("config.optim.lrr") is not a field of `config`, else None."""
-    node: Any = config
-    parts = key.split(".")[1:]
-    for i, part in enumerate(parts):
-        if isinstance(node, ml_collections.ConfigDict) and part in node:
-            node = node[part]
-            continue
-        where = ".".join(["config", *parts[:i]])
-        if not isinstance(node, ml_collections.ConfigDict):
-            return f"unknown config key '{key}': '{where}' is a value, not a group"
-        known = sorted(node.keys())
-        close = difflib.get_close_matches(part, known, n=1)
-        hint = f" Did you mean '{where}.{close[0]}'?" if close else ""
-        return (f"unknown config key '{key}'.{hint} Fields of '{where}': {', '.join(known)} "
-                "(see sorted_jax/train_config.py)")
-    return None
-
-
-def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
-    """(config with overrides applied, workdir) from `argv` (argv[0] is the program name)."""
-    argv = list(argv)
-    fv = _flag_values(argv)
-    try:
-        rest = fv(argv)
-    except (AttributeError, KeyError, flags.Error) as e:
-        # ml_collections reports an unknown override as a bare KeyError: find it and explain.
-        plain = [a for a in argv if not a.startswith("--config.")]
-        base = _flag_values(plain)
-        try:
-            base(plain)
-            config = base.config
-        except Exception:  # the config file itself is broken: its own message is the best
-            config = None
-        if config is not None:
-            for key in _override_keys(argv):
-                msg = _unknown_key_message(config, key)
-                if msg:
-                    raise TrainConfigError(msg) from None
-        raise TrainConfigError(f"bad command line: {e}") from None
-    if len(rest) > 1:
-        raise TrainConfigError(f"unexpected arguments {rest[1:]}; use --config=... "
-                               "--workdir=... [--config.key=value ...]")
-    if fv.config is None:
-        raise TrainConfigError("--config is required, e.g. --config=configs/tiny.py")
-    if not fv.workdir:
-        raise TrainConfigError("--workdir is required: where checkpoints and logs go")
-    return fv.config, fv.workdir
+__all__ = ["NonFiniteLossError", "RunSpec", "TrainConfigError", "Trainer", "init_distributed",
+           "main", "parse_args", "run"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,185 +87,6 @@ def init_distributed(d: ml_collections.ConfigDict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# config resolution (no devices, nothing compiled)
-
-
-def _check_static(c: ml_collections.ConfigDict) -> None:
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise TrainConfigError(msg)
-
-    for name in ("batch_size", "grad_accum", "log_every", "loss_rows_per_chunk"):
-        need(int(c[name]) >= 1, f"{name} must be >= 1, got {c[name]}")
-    for name in ("num_steps", "eval_every", "eval_batches", "eval_batch_size",
-                 "checkpoint_every", "keep_checkpoints"):
-        need(int(c[name]) >= 0, f"{name} must be >= 0, got {c[name]}")
-    need(c.max_len >= 2, f"max_len must be >= 2, got {c.max_len}")
-    need(c.num_steps > 0 or c.epochs > 0, "set num_steps > 0 or epochs > 0")
-    need(c.batch_size % c.grad_accum == 0,
-         f"batch_size={c.batch_size} is not divisible by grad_accum={c.grad_accum}")
-    for name in ("dtype", "param_dtype"):
-        need(c[name] in DTYPES, f"{name} must be one of {sorted(DTYPES)}, got {c[name]!r}")
-    need(c.optim.mu_dtype == "" or c.optim.mu_dtype in DTYPES,
-         f"optim.mu_dtype must be '' or one of {sorted(DTYPES)}, got {c.optim.mu_dtype!r}")
-    need(c.attention_impl in modeling.ATTENTION_IMPLEMENTATIONS,
-         f"attention_impl must be one of {modeling.ATTENTION_IMPLEMENTATIONS}, "
-         f"got {c.attention_impl!r}")
-    need(c.remat_policy in modeling.REMAT_POLICY_NAMES,
-         f"remat_policy must be one of {modeling.REMAT_POLICY_NAMES}, got {c.remat_policy!r}")
-    need(c.optim.schedule in SCHEDULES,
-         f"optim.schedule must be one of {SCHEDULES}, got {c.optim.schedule!r}")
-    need(c.optim.lr > 0, f"optim.lr must be > 0, got {c.optim.lr}")
-    need(c.data.template in TEMPLATES,
-         f"data.template must be one of {sorted(TEMPLATES)}, got {c.data.template!r}")
-    need(len(tuple(c.mesh.shape)) == 3,
-         f"mesh.shape needs 3 entries (data, fsdp, tensor), got {tuple(c.mesh.shape)} (a "
-         "--config.mesh.shape override given twice is concatenated by ml_collections)")
-    need(isinstance(c.exits, str) and c.exits.strip() != "",
-         "exits is empty: give layer numbers like '12,16,20', 'default', 'all' or 'last'")
-    if c.model.preset:
-        need(c.model.preset in PRESETS,
-             f"unknown model.preset {c.model.preset!r}; known: {', '.join(PRESETS)}")
-
-
-def _arch_diff(a: LlamaConfig, b: LlamaConfig) -> list[str]:
-    return [f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in ARCH_FIELDS
-            if getattr(a, f) != getattr(b, f)]
-
-
-def requested_model_config(c: ml_collections.ConfigDict) -> LlamaConfig | None:
-    """The preset with its overrides, or None when model.preset is empty."""
-    overrides = {k: int(c.model[k]) for k in MODEL_OVERRIDES if int(c.model[k])}
-    if not c.model.preset:
-        if overrides:
-            raise TrainConfigError(f"model overrides {overrides} need a model.preset")
-        return None
-    return preset(c.model.preset).replace(**overrides)
-
-
-def _filesystem_path(path: str | Path, what: str) -> Path:
-    try:
-        return model_io.require_filesystem_path(path, what)
-    except model_io.ModelIOError as e:
-        raise TrainConfigError(str(e)) from None
-
-
-def resolve_model_config(c: ml_collections.ConfigDict, workdir: Path,
-                         resuming: bool) -> tuple[LlamaConfig, str]:
-    """(model config, where it came from): the run's own (resume) > init_from's > the preset."""
-    wanted = requested_model_config(c)
-    if resuming:
-        source, loaded = f"{workdir / model_io.CONFIG_FILE} (resuming)", model_io.load_config(
-            workdir)
-    elif c.init_from:
-        _filesystem_path(c.init_from, "init_from")
-        if not Path(c.init_from).exists():
-            raise TrainConfigError(f"init_from={c.init_from!r} does not exist")
-        source, loaded = f"init_from={c.init_from}", model_io.load_config(c.init_from)
-    else:
-        if wanted is None:
-            raise TrainConfigError("model.preset is empty and there is no init_from to take the "
-                                   "model from: set one of them")
-        return wanted, f"preset {c.model.preset!r}"
-    if wanted is not None:
-        diff = _arch_diff(wanted, loaded)
-        if diff:
-            raise TrainConfigError(
-                f"the model of {source} does not match model.preset={c.model.preset!r} with its "
-                f"overrides ({'; '.join(diff)}); set --config.model.preset= (empty) to take the "
-                "architecture from the weights, or fix the preset")
-        if c.model.max_position_embeddings:
-            loaded = loaded.replace(max_position_embeddings=int(c.model.max_position_embeddings))
-    return loaded, source
-
-
-def _tokenizer_spec(c: ml_collections.ConfigDict, workdir: Path, resuming: bool) -> str:
-    if c.data.tokenizer:
-        return c.data.tokenizer
-    candidates = [workdir / TOKENIZER_DIR] if resuming else []
-    if c.init_from:
-        candidates += [Path(c.init_from), Path(c.init_from) / TOKENIZER_DIR]
-    for cand in candidates:
-        if model_io.find_tokenizer_files(cand):  # the builtin marker file is one of them
-            return str(cand)
-    where = (f"no tokenizer files were found in {', '.join(str(x) for x in candidates)}"
-             if candidates else "init_from is not set")
-    raise TrainConfigError(
-        f"data.tokenizer is empty and {where}; set --config.data.tokenizer to 'builtin', a "
-        "SentencePiece .model file (LLaMA-2: the base model's tokenizer.model) or a tokenizer dir")
-
-
-def _parse_floats(text: str, name: str) -> list[float] | None:
-    if not text.strip():
-        return None
-    try:
-        return [float(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise TrainConfigError(f"{name} must be comma-separated numbers, got {text!r}") from None
-
-
-def _parse_ints(text: str, name: str) -> list[int] | None:
-    values = _parse_floats(text, name)
-    if values is None:
-        return None
-    if any(v != int(v) for v in values):
-        raise TrainConfigError(f"{name} must be integers, got {text!r}")
-    return [int(v) for v in values]
-
-
-def _read_records(spec: str, split: str, c: ml_collections.ConfigDict, what: str) -> list:
-    try:
-        return open_records(spec, split, data_dir=c.data.tfds_data_dir or None,
-                            seed=c.data.seed)
-    except SourceError as e:
-        raise TrainConfigError(f"{what}={e}") from e
-
-
-def _latest_step(workdir: Path) -> int | None:
-    """The last finished checkpoint step of a workdir, or None for a fresh run."""
-    steps = model_io.workdir_steps(workdir)
-    if steps and not (workdir / model_io.CONFIG_FILE).is_file():
-        raise TrainConfigError(f"{workdir} has checkpoints but no {model_io.CONFIG_FILE}: it "
-                               "cannot be resumed; use another workdir")
-    return steps[-1] if steps else None
-
-
-@dataclasses.dataclass
-class RunData:
-    train: Any  # TokenizedDataset
-    eval: Any | None
-    train_records: int
-    eval_records: int
-
-
-def load_data(c: ml_collections.ConfigDict, tokenizer: Tokenizer) -> RunData:
-    records = _read_records(c.data.train, c.data.train_split, c, "data.train")
-    if c.data.max_records:
-        records = records[:c.data.max_records]
-    eval_records = None
-    if c.data.eval_holdout > 0:
-        try:
-            records, eval_records = holdout_split(records, c.data.eval_holdout, c.data.seed)
-        except ValueError as e:
-            raise TrainConfigError(f"data.eval_holdout: {e}") from None
-    elif c.data.eval == "none":
-        eval_records = None
-    elif c.data.eval:
-        eval_records = _read_records(c.data.eval, c.data.eval_split, c, "data.eval")
-    elif c.data.train == "builtin" or c.data.train.startswith("tfds:"):
-        eval_records = _read_records(c.data.train, c.data.eval_split, c, "data.eval")
-    train = tokenize_records(records, tokenizer, c.max_len, c.data.template)
-    if len(train) == 0:
-        raise TrainConfigError(f"data.train={c.data.train!r}: no record fits max_len="
-                               f"{c.max_len} (every prompt is too long)")
-    ev = None
-    if eval_records:
-        ev = tokenize_records(eval_records, tokenizer, c.max_len, c.data.template)
-        ev = ev if len(ev) else None
-    return RunData(train, ev, len(records), len(eval_records or []))
-
-
-# ---------------------------------------------------------------------------------------------
 # the trainer
 
 
@@ -378,81 +101,88 @@ def _is_finite(metrics: Mapping[str, float]) -> bool:
 class Trainer:
     """Everything a run needs, validated and built in `__init__`; `train()` runs the loop.
 
-    Construction order: static config checks, model config, exits, mesh and batch sizes,
-    tokenizer and data (all before anything is compiled), then the jitted steps and the train
-    state (restored from the workdir, loaded from init_from, or freshly initialised).
+    Construction order: the resolved spec (`run_spec.resolve`: config checks, model config,
+    exits, tokenizer), then the mesh and batch sizes, tokenizer and data (all before anything
+    is compiled), then the jitted steps and the train state (restored from the workdir, loaded
+    from init_from, or freshly initialised).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
-        c = self.cfg = config
-        self.workdir = _filesystem_path(workdir, "--workdir").absolute()
+    def __init__(self, config: ml_collections.ConfigDict | RunSpec,
+                 workdir: str | Path | None = None):
+        spec = config if isinstance(config, RunSpec) else run_spec.resolve(config, workdir)
+        self.spec, self.cfg, self.workdir = spec, spec.config, spec.workdir
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.is_main = self.process_index == 0
-        _check_static(c)
+        self.resume_step = spec.resume_step
+        self.model_config, self.model_source = spec.model_config, spec.model_source
+        self.exits, self.exit_weights = spec.exits, spec.exit_weights
+        self.eval_exits, self.tokenizer_spec = spec.eval_exits, spec.tokenizer_spec
+        self._setup_mesh()
+        self._setup_data()
+        self._setup_steps()
+        self._progress: metrics_log.Progress | None = None
+        if self.is_main:
+            spec.write_files()
+        self.checkpointer = Checkpointer(self.workdir, keep=self.cfg.keep_checkpoints,
+                                         async_save=self.cfg.async_checkpointing)
+        self.state, self.start_step = self._initial_state()
+        self.step = self.start_step
+        self.logger = metrics_log.MetricsLogger(
+            self.workdir, tensorboard=self.cfg.tensorboard) if self.is_main else None
+        self._stop = StopSignals(self.process_count)
+        self.interrupted: str | None = None
+        self._last_eval: tuple[int, dict[str, float]] | None = None
+        self._last_train: dict[str, Any] = {}
+        self._eval_points: dict[int, Mapping[str, Any]] | None = None  # step -> eval metrics
 
-        self.resume_step = _latest_step(self.workdir)
-        resuming = self.resume_step is not None
-        self.model_config, self.model_source = resolve_model_config(c, self.workdir, resuming)
-        mc = self.model_config
-        self.exits, self.exit_weights = soft.resolve_exit_set(
-            c.exits, _parse_floats(c.exit_weights, "exit_weights"), mc.num_hidden_layers)
-        self.eval_exits = (soft.resolve_exits(c.eval_exits, mc.num_hidden_layers)
-                           if c.eval_exits.strip() else self.exits)
-        if c.max_len > mc.max_position_embeddings:
-            raise TrainConfigError(f"max_len={c.max_len} exceeds the model's "
-                                   f"max_position_embeddings={mc.max_position_embeddings}")
-
-        # devices: mesh and batch sizes
-        self.mesh = make_mesh(tuple(c.mesh.shape))
-        self.rules = rules_from_config(c.mesh.rules)
+    # -- setup -------------------------------------------------------------------------------
+    def _setup_mesh(self) -> None:
+        """The mesh, and batch sizes that fit it and the process count."""
+        c, n = self.cfg, self.process_count
+        self.mesh = make_mesh(self.spec.mesh_shape)
+        self.rules = self.spec.rules
         check_batch_size(c.batch_size, self.mesh, self.rules, c.grad_accum)
-        if c.batch_size % self.process_count:
-            raise TrainConfigError(f"batch_size={c.batch_size} is not divisible by the "
-                                   f"{self.process_count} processes")
-        self.eval_batch_size = c.eval_batch_size or c.batch_size // c.grad_accum
+        if c.batch_size % n:
+            raise TrainConfigError(f"batch_size={c.batch_size} is not divisible by the {n} "
+                                   "processes")
+        self.eval_batch_size = self.spec.eval_batch_size
         try:
             check_batch_size(self.eval_batch_size, self.mesh, self.rules)
         except MeshError as e:
-            raise TrainConfigError(f"eval_batch_size: {e}") from None
-        if self.eval_batch_size % self.process_count:
+            raise e.prefixed("eval_batch_size: ") from None
+        if self.eval_batch_size % n:
             raise TrainConfigError(f"eval batch size {self.eval_batch_size} is not divisible by "
-                                   f"the {self.process_count} processes")
+                                   f"the {n} processes")
 
-        # tokenizer and data
-        self.tokenizer_spec = _tokenizer_spec(c, self.workdir, resuming)
-        self.tokenizer = load_tokenizer(self.tokenizer_spec)
-        if self.tokenizer.vocab_size > mc.vocab_size:
-            raise TrainConfigError(
-                f"the tokenizer {self.tokenizer_spec!r} has {self.tokenizer.vocab_size} ids but "
-                f"the model's vocab_size is {mc.vocab_size}: ids past the embedding would be "
-                "silently clamped; use a matching tokenizer or set model.vocab_size")
-        self.data = load_data(c, self.tokenizer)
-        buckets = _parse_ints(c.data.buckets, "data.buckets")
+    def _setup_data(self) -> None:
+        """Tokenizer, records and this process's iterators; the run's length in steps."""
+        c, spec = self.cfg, self.spec
+        self.tokenizer = load_tokenizer(spec.tokenizer_spec)
+        spec.check_tokenizer(self.tokenizer)
+        self.data = run_spec.load_data(c, self.tokenizer)
+        where = dict(process_index=self.process_index, process_count=self.process_count)
+        buckets = None if spec.buckets is None else list(spec.buckets)
         try:
-            self.train_iter = DataIterator(
-                self.data.train, c.batch_size, seed=c.seed, shuffle=c.data.shuffle,
-                buckets=buckets, process_index=self.process_index,
-                process_count=self.process_count)
+            self.train_iter = DataIterator(self.data.train, c.batch_size, seed=c.seed,
+                                           shuffle=c.data.shuffle, buckets=buckets, **where)
             self.eval_iter = None if self.data.eval is None else EvalIterator(
-                self.data.eval, self.eval_batch_size, buckets=buckets,
-                process_index=self.process_index, process_count=self.process_count)
-        except ValueError as e:
-            raise TrainConfigError(f"data: {e}") from None
+                self.data.eval, self.eval_batch_size, buckets=buckets, **where)
+        except DataError as e:
+            raise e.prefixed("data: ") from None
         self.steps_per_epoch = self.train_iter.steps_per_epoch
-        self.total_steps = int(c.num_steps) if c.num_steps > 0 else max(
-            1, math.ceil(c.epochs * self.steps_per_epoch))
-        warmup = (c.optim.warmup_steps if c.optim.warmup_steps >= 0
-                  else round(c.optim.warmup_ratio * self.total_steps))
+        self.total_steps = spec.total_steps(self.steps_per_epoch)
 
-        # model and jitted steps (traced, not compiled yet)
+    def _setup_steps(self) -> None:
+        """The model, the optimizer and the jitted train / eval steps (traced, not compiled)."""
+        c, o = self.cfg, self.cfg.optim
         self.model = modeling.make_model(
-            mc, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
+            self.model_config, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
             attention_impl=c.attention_impl, remat_policy=c.remat_policy)
         tx, schedule = make_optimizer(
-            lr=c.optim.lr, total_steps=self.total_steps, warmup_steps=warmup,
-            schedule=c.optim.schedule, end_lr_ratio=c.optim.end_lr_ratio,
-            weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
-            clip_norm=c.optim.clip_norm or None, mu_dtype=_mu_dtype(c))
+            lr=o.lr, total_steps=self.total_steps,
+            warmup_steps=self.spec.warmup_steps(self.total_steps), schedule=o.schedule,
+            end_lr_ratio=o.end_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+            eps=o.eps, clip_norm=o.clip_norm or None, mu_dtype=run_spec.mu_dtype_of(c))
         self.steps = SoftSteps(self.model, self.exits, tx, self.mesh, self.rules,
                                exit_weights=list(self.exit_weights), grad_accum=c.grad_accum,
                                rows_per_chunk=c.loss_rows_per_chunk, schedule=schedule)
@@ -463,18 +193,6 @@ class Trainer:
         self._params_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
             [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
 
-        self._progress: metrics_log.Progress | None = None
-        self._prepare_workdir()
-        self.checkpointer = Checkpointer(self.workdir, keep=c.keep_checkpoints,
-                                         async_save=c.async_checkpointing)
-        self.state, self.start_step = self._initial_state()
-        self.logger = metrics_log.MetricsLogger(
-            self.workdir, tensorboard=c.tensorboard) if self.is_main else None
-        self._stop_signal: int | None = None
-        self._last_eval: tuple[int, dict[str, float]] | None = None
-        self._eval_points: dict[int, Mapping[str, Any]] | None = None  # step -> eval metrics
-
-    # -- setup helpers -----------------------------------------------------------------------
     def note(self, text: str) -> None:
         """A line above the progress bar (process 0 only)."""
         if self.is_main:
@@ -483,32 +201,21 @@ class Trainer:
             else:
                 print(text, flush=True)
 
-    def _prepare_workdir(self) -> None:
-        if not self.is_main:
-            return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config_file = self.workdir / model_io.CONFIG_FILE
-        if self.resume_step is None or not config_file.is_file():
-            self.model_config.to_json_file(config_file)
-        (self.workdir / TRAIN_CONFIG_FILE).write_text(self.cfg.to_json_best_effort(indent=2))
-        tok_dir = self.workdir / TOKENIZER_DIR
-        if Path(self.tokenizer_spec).absolute() != tok_dir.absolute():
-            save_tokenizer_files(self.tokenizer_spec, tok_dir)
-
     def _initial_state(self) -> tuple[TrainState, int]:
         c = self.cfg
         if self.resume_step is not None:
-            import flax.linen as nn
-
             state, data_state, meta = self.checkpointer.restore(
                 self.resume_step, nn.unbox(self.steps.abstract_state),
                 self.steps.state_shardings)
             try:
                 self.train_iter.load_state_dict(data_state)
-            except (KeyError, ValueError) as e:
+            except (KeyError, DataError) as e:
                 raise CheckpointError(f"the data position saved at step {self.resume_step} does "
                                       f"not fit this run's data: {e}") from None
-            self._warn_changed(meta.get("train_config", {}))
+            changed = self.spec.changed_fields(meta.get("train_config", {}))
+            if changed:
+                self.note(f"warning: resuming with changed config fields {changed} (the "
+                          "checkpoint was written with different values)")
             self.note(f"resuming {self.workdir} from step {self.resume_step} (data epoch "
                      f"{self.train_iter.epoch}, example {self.train_iter.index})"
                      + ("; init_from ignored" if c.init_from else ""))
@@ -521,43 +228,6 @@ class Trainer:
             self.note(f"loaded weights from {c.init_from} (fresh optimizer, step 0)")
             return self.steps.state_from_params(params), 0
         return self.steps.init_state(jax.random.PRNGKey(c.seed)), 0
-
-    def _warn_changed(self, saved: Mapping[str, Any]) -> None:
-        now = json.loads(self.cfg.to_json_best_effort())
-        changed = [k for k in ("exits", "seed", "batch_size", "max_len", "data", "model")
-                   if k in saved and saved[k] != now.get(k)]
-        if changed:
-            self.note(f"warning: resuming with changed config fields {changed} (the checkpoint "
-                     "was written with different values)")
-
-    def meta(self, step: int) -> dict[str, Any]:
-        return {
-            "step": int(step),
-            "total_steps": self.total_steps,
-            "exits": list(self.exits),
-            "eval_exits": list(self.eval_exits),
-            "exit_weights": [float(w) for w in self.exit_weights],
-            "model_config": self.model_config.to_hf_dict(),
-            "model_source": self.model_source,
-            "tokenizer": self.tokenizer_spec,
-            "process_count": self.process_count,
-            "train_config": json.loads(self.cfg.to_json_best_effort()),
-            "time": time.time(),
-        }
-
-    # -- signals -----------------------------------------------------------------------------
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop_signal = signum
-        if signum == signal.SIGINT:  # a second Ctrl-C aborts at once
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def _stop_requested(self) -> bool:
-        flag = self._stop_signal is not None
-        if self.process_count > 1:  # every process must stop at the same step
-            from jax.experimental import multihost_utils
-
-            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-        return flag
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, params: Any) -> dict[str, float] | None:
@@ -582,7 +252,7 @@ class Trainer:
             self.logger.write(step, "eval", metrics)
             self.logger.flush()
             self._plot_history()[step] = metrics
-            metrics_log.plot_exit_losses(sorted(self._plot_history().items()),
+            reports.plot_exit_losses(sorted(self._plot_history().items()),
                                          self.workdir / metrics_log.EXIT_PLOT_FILE)
         return metrics
 
@@ -605,24 +275,83 @@ class Trainer:
         if not bool(self._params_finite(self.state.params)):
             self._non_finite(f"the parameters became non-finite at step {step}")
         if self.checkpointer.save(step, self.state, self.train_iter.state_dict(),
-                                  self.meta(step)):
+                                  self.spec.checkpoint_meta(step, self.total_steps,
+                                                            self.process_count)):
             self.note(f"checkpoint: step {step}")
 
+    def _fetch(self, step: int, metrics: Any, tokens: Any) -> StepInfo:
+        metrics, tokens = jax.device_get((metrics, tokens))  # one transfer for both
+        host = _host(metrics)
+        if not _is_finite(host):
+            self._non_finite(f"non-finite loss at step {step} (loss={host.get('loss')}, "
+                             f"grad_norm={host.get('grad_norm')})")
+        return StepInfo(step, host, int(tokens))
+
+    def _should_stop(self) -> bool:
+        # Multi-process runs agree on stopping at log boundaries (a collective each step
+        # would stall the device pipeline).
+        if self.process_count > 1 and self.step % self.cfg.log_every:
+            return False
+        if self._stop.requested():
+            self.interrupted = self._stop.name
+        return self.interrupted is not None
+
+    def train_steps(self, hooks: Hooks) -> Iterator[StepInfo]:
+        """Train steps until `total_steps` (or a stop signal), each yielded once finished.
+
+        A step's metrics are fetched one step late, so the host never waits for the device,
+        except where `hooks` has a hook due that reads the train state (evaluation, a
+        checkpoint): that step is yielded before the next one is dispatched. `self.step` and
+        `self.state` are always the latest dispatched step's.
+        """
+        pending = None
+        while self.step < self.total_steps and not self._should_stop():
+            batch = to_global_batch(next(self.train_iter), self.steps.batch_shardings)
+            self.state, metrics = self.steps.train_step(self.state, batch)
+            self.step += 1
+            current = (self.step, metrics, self._count_tokens(batch["attention_mask"]))
+            if pending is not None:
+                yield self._fetch(*pending)
+            pending = current
+            if hooks.need_state(self.step, self.total_steps):
+                yield self._fetch(*pending)
+                pending = None
+        if pending is not None:
+            yield self._fetch(*pending)
+
+    def _log_train(self, info: StepInfo, window: Window) -> None:
+        mean = window.mean()
+        if mean is None:
+            return
+        mean["epoch"] = info.step / self.steps_per_epoch
+        self._last_train = mean
+        if self.logger:
+            self.logger.write(info.step, "train", mean)
+        self._progress.show(mean, mean["tokens_per_s"])
+        window.reset()
+
+    def hooks(self) -> Hooks:
+        """Progress, logging every log_every steps (and at the end), evaluation every
+        eval_every, checkpoints every checkpoint_every; the last two pause the throughput."""
+        c, window, hooks = self.cfg, Window(), Hooks()
+        hooks.add(window.add, every=1)
+        hooks.add(lambda info: self._progress.update(), every=1)
+        hooks.add(lambda info: self._log_train(info, window), every=c.log_every, at_end=True)
+        hooks.add(lambda info: self._eval_and_log(info.step), every=c.eval_every,
+                  needs_state=True, pauses=window)
+        hooks.add(lambda info: self._save(info.step), every=c.checkpoint_every,
+                  needs_state=True, pauses=window)
+        return hooks
+
     def train(self) -> dict[str, Any]:
-        handlers = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                handlers[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread: no handlers
-                pass
+        self._stop.install()
         self._progress = metrics_log.Progress(self.total_steps, self.start_step, self.is_main)
         launch_t0 = time.time()
         try:
             result = self._loop()
         finally:
             self._progress.close()
-            for sig, old in handlers.items():
-                signal.signal(sig, old)
+            self._stop.uninstall()
             self.checkpointer.close()
             if self.logger:
                 self.logger.close()
@@ -633,113 +362,60 @@ class Trainer:
         return result
 
     def _loop(self) -> dict[str, Any]:
-        c = self.cfg
-        step = self.start_step
+        n_eval = 0 if self.data.eval is None else len(self.data.eval)
         self.note(f"model: {self.model_source}, {self.model_config.num_hidden_layers} layers, "
-                 f"{self.model_config.num_params() / 1e6:.2f}M params; exits {self.exits} "
-                 f"(eval {self.eval_exits}); "
-                 f"{len(self.data.train)} train examples ({self.steps_per_epoch} steps/epoch), "
-                 f"{0 if self.data.eval is None else len(self.data.eval)} eval; "
-                 f"steps {step} -> {self.total_steps}; mesh {dict(self.mesh.shape)}; "
-                 f"{self.process_count} process(es)")
-        if c.eval_at_start and step == 0:
+                  f"{self.model_config.num_params() / 1e6:.2f}M params; exits {self.exits} "
+                  f"(eval {self.eval_exits}); {len(self.data.train)} train examples "
+                  f"({self.steps_per_epoch} steps/epoch), {n_eval} eval; steps {self.step} -> "
+                  f"{self.total_steps}; mesh {dict(self.mesh.shape)}; "
+                  f"{self.process_count} process(es)")
+        if self.cfg.eval_at_start and self.step == 0:
             self._eval_and_log(0)
-
-        window: list[dict[str, float]] = []
-        window_tokens, window_t0, paused = 0, time.time(), 0.0
-        last_train: dict[str, float] = {}
-        pending = None  # (step, device metrics, device token count): fetched one step late
-        interrupted = None
-
-        def finish(p) -> None:
-            nonlocal window_tokens
-            s, m, n = p
-            m, n = jax.device_get((m, n))  # one transfer for both
-            host = _host(m)
-            if not _is_finite(host):
-                self._non_finite(f"non-finite loss at step {s} (loss={host.get('loss')}, "
-                                 f"grad_norm={host.get('grad_norm')})")
-            window.append(host)
-            window_tokens += int(n)
-
-        while step < self.total_steps:
-            # Multi-process runs agree on stopping at log boundaries (a collective each step
-            # would stall the device pipeline).
-            check = self.process_count == 1 or step % c.log_every == 0
-            if check and self._stop_requested():
-                interrupted = signal.Signals(self._stop_signal or signal.SIGTERM).name
-                break
-            local = next(self.train_iter)
-            batch = to_global_batch(local, self.steps.batch_shardings)
-            self.state, metrics = self.steps.train_step(self.state, batch)
-            step += 1
-            tokens = self._count_tokens(batch["attention_mask"])
-            if pending is not None:
-                finish(pending)
-            pending = (step, metrics, tokens)
-            self._progress.update()
-            at_log = step % c.log_every == 0
-            at_eval = bool(c.eval_every) and step % c.eval_every == 0
-            at_ckpt = bool(c.checkpoint_every) and step % c.checkpoint_every == 0
-            if not (at_log or at_eval or at_ckpt or step == self.total_steps):
-                continue
-            finish(pending)
-            pending = None
-            if (at_log or step == self.total_steps) and window:
-                elapsed = max(time.time() - window_t0 - paused, 1e-9)
-                mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                mean["tokens_per_s"] = window_tokens / elapsed
-                mean["steps_per_s"] = len(window) / elapsed
-                mean["epoch"] = step / self.steps_per_epoch
-                last_train = mean
-                if self.logger:
-                    self.logger.write(step, "train", mean)
-                self._progress.show(mean, mean["tokens_per_s"])
-                window, window_tokens, window_t0, paused = [], 0, time.time(), 0.0
-            t0 = time.time()
-            if at_eval:
-                self._eval_and_log(step)
-            if at_ckpt:
-                self._save(step)
-            paused += time.time() - t0
-        if pending is not None:
-            finish(pending)
-
-        self._save(step)
+        hooks = self.hooks()
+        for info in self.train_steps(hooks):
+            hooks.run(info, self.total_steps)
+        self._save(self.step)
         self.checkpointer.wait()
+        return self._finish(self.step)
+
+    def _finish(self, step: int) -> dict[str, Any]:
         result: dict[str, Any] = {
             "step": step, "total_steps": self.total_steps, "exits": list(self.exits),
             "eval_exits": list(self.eval_exits),
-            "num_layers": self.model_config.num_hidden_layers, "interrupted": interrupted,
+            "num_layers": self.model_config.num_hidden_layers, "interrupted": self.interrupted,
         }
-        if interrupted:
-            self.note(f"stopped by {interrupted} at step {step}; checkpoint saved in "
-                     f"{self.checkpointer.directory}. Re-run the same command to resume.")
-            result["train"] = last_train
+        if self.interrupted:
+            self.note(f"stopped by {self.interrupted} at step {step}; checkpoint saved in "
+                      f"{self.checkpointer.directory}. Re-run the same command to resume.")
+            result["train"] = self._last_train
             return result
-
         final_eval = None
         if self._last_eval is not None and self._last_eval[0] == step:
             final_eval = self._last_eval[1]
         elif self.eval_iter is not None:
             final_eval = self._eval_and_log(step)
+        last_train = self._last_train
         if not last_train and self.is_main:  # nothing trained in this launch (resumed at end)
             rows = metrics_log.read_metrics(self.workdir, "train")
             last_train = rows[-1] if rows else {}
         result["eval"] = final_eval
         result["train"] = {k: v for k, v in last_train.items() if k not in ("step", "split")}
         if self.is_main:
-            table = metrics_log.exit_table(
-                final_eval, last_train, num_layers=self.model_config.num_hidden_layers,
-                title=f"Per-exit metrics at step {step} (exits {','.join(map(str, self.exits))}; "
-                      "eval = held-out split)")
-            (self.workdir / metrics_log.EXIT_TABLE_FILE).write_text(table)
-            if final_eval is None:  # otherwise the eval at this step has just plotted
-                metrics_log.plot_exit_losses(sorted(self._plot_history().items()),
-                                             self.workdir / metrics_log.EXIT_PLOT_FILE)
-            self._progress.close()
-            print("\n" + table, flush=True)
+            self._write_report(step, final_eval, last_train)
         return result
+
+    def _write_report(self, step: int, final_eval: Mapping[str, Any] | None,
+                      last_train: Mapping[str, Any]) -> None:
+        table = reports.exit_table(
+            final_eval, last_train, num_layers=self.model_config.num_hidden_layers,
+            title=f"Per-exit metrics at step {step} (exits {','.join(map(str, self.exits))}; "
+                  "eval = held-out split)")
+        (self.workdir / metrics_log.EXIT_TABLE_FILE).write_text(table)
+        if final_eval is None:  # otherwise the eval at this step has just plotted
+            reports.plot_exit_losses(sorted(self._plot_history().items()),
+                                     self.workdir / metrics_log.EXIT_PLOT_FILE)
+        self._progress.close()
+        print("\n" + table, flush=True)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -750,108 +426,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     return Trainer(config, workdir).train()
 
 
-def _mu_dtype(c: ml_collections.ConfigDict) -> Any:
-    return DTYPES[c.optim.mu_dtype] if c.optim.mu_dtype else None
-
-
-def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) -> Any:
-    """`--plan`: per-device memory of this config's train step, without allocating the model."""
-    from sorted_jax import plan as planner
-
-    _check_static(c)
-    mc = requested_model_config(c)
-    if mc is None:
-        if not c.init_from:
-            raise TrainConfigError("--plan needs model.preset or init_from for the model shape")
-        mc = model_io.load_config(c.init_from)
-    exits = soft.resolve_exits(c.exits, mc.num_hidden_layers)
-    mesh = make_mesh(tuple(c.mesh.shape))
-    rules = rules_from_config(c.mesh.rules)
-    check_batch_size(c.batch_size, mesh, rules, c.grad_accum)
-    model = modeling.make_model(mc, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
-                                attention_impl=c.attention_impl, remat_policy=c.remat_policy)
-    tx, _ = make_optimizer(lr=c.optim.lr, total_steps=1000, mu_dtype=_mu_dtype(c),
-                           clip_norm=c.optim.clip_norm or None)
-    steps = SoftSteps(model, exits, tx, mesh, rules, grad_accum=c.grad_accum,
-                      rows_per_chunk=c.loss_rows_per_chunk)
-    gib = None
-    if device_memory:
-        key = device_memory.lower()
-        try:
-            gib = planner.DEVICE_MEMORY_GIB[key] if key in planner.DEVICE_MEMORY_GIB else float(
-                key)
-        except ValueError:
-            raise TrainConfigError(
-                f"--plan_device_memory={device_memory!r}: give GiB or one of "
-                f"{', '.join(planner.DEVICE_MEMORY_GIB)}") from None
-    return planner.plan_steps(steps, (c.batch_size, c.max_len), gib), mc, exits
-
-
-def _pop_plan_flags(argv: list[str]) -> tuple[list[str], dict[str, Any] | None]:
-    """Strip `--plan`, `--plan_devices=N`, `--plan_device_memory=X`, `--plan_json` from argv."""
-    opts: dict[str, Any] = {}
-    rest = []
-    for a in argv:
-        name, _, value = a.partition("=")
-        if name in ("--plan", "--plan_json"):
-            opts[name[2:]] = True
-        elif name in ("--plan_devices", "--plan_device_memory"):
-            opts[name[2:]] = value
-        else:
-            rest.append(a)
-    if not opts:
-        return rest, None
-    if not any(a.startswith("--workdir") for a in rest):
-        rest.append("--workdir=unused-by-plan")
-    return rest, opts
-
-
-def _run_plan(config: ml_collections.ConfigDict, argv: list[str], opts: dict[str, Any]) -> int:
-    from sorted_jax import plan as planner
-
-    want = int(opts.get("plan_devices") or 0)
-    if want and want != jax.device_count():
-        # Plan for N devices on this host: a child process with N fake CPU devices.
-        child = [a for a in argv[1:] if not a.startswith("--plan_devices")]
-        child += ["--plan_json", f"--plan_devices={want}"]
-        if opts.get("plan_device_memory"):
-            child.append(f"--plan_device_memory={opts['plan_device_memory']}")
-        result = planner.plan_in_subprocess(child, want)
-        print(result["table"])
-        for tip in result["suggestions"]:
-            print(f"  - {tip}")
-        return 0
-    p, mc, exits = plan_memory(config, opts.get("plan_device_memory"))
-    tips = planner.suggestions(p, config.remat_policy, config.optim.mu_dtype)
-    header = (f"plan: {mc.num_params() / 1e9:.2f}B params, exits {list(exits)}, batch "
-              f"{config.batch_size} x {config.max_len} (grad_accum {config.grad_accum}), remat "
-              f"{config.remat_policy}, {config.dtype} compute / {config.param_dtype} params, "
-              f"{p.devices} device(s)")
-    table = header + "\n" + p.table()
-    if opts.get("plan_json"):
-        print(json.dumps({**p.to_json(), "table": table, "suggestions": tips}))
-    else:
-        print(table)
-        for tip in tips:
-            print(f"  - {tip}")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
-    argv, plan_opts = _pop_plan_flags(argv)
-    try:
+    argv, plan_opts = train_plan.pop_plan_flags(argv)
+
+    def command() -> int:
         config, workdir = parse_args(argv)
         if plan_opts is not None:
-            return _run_plan(config, argv, plan_opts)
+            return train_plan.run_plan(config, argv, plan_opts)
         run(config, workdir)
-    except USER_ERRORS as e:
-        print(f"sorted_jax.train: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return 0
+
+    try:
+        return run_cli("sorted_jax.train", command)
     except NonFiniteLossError as e:
         print(f"sorted_jax.train: {e}", file=sys.stderr, flush=True)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

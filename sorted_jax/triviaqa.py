@@ -21,13 +21,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sorted_jax.data.templates import format_prompt
+from sorted_jax.errors import MissingFileError, TriviaQAError
+
 PROMPT = "Question: {question}\nAnswer:"
 _PUNCT = frozenset(string.punctuation + "‘’´`")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-class TriviaQAError(ValueError):
-    """A TriviaQA file that is not in the official format; the message says where."""
 
 
 def normalize_answer(text: str) -> str:
@@ -54,8 +53,6 @@ def format_question(question: str, template: str | None = None) -> str:
     prompt = PROMPT.format(question=question.strip())
     if template in (None, "", "raw", "none"):
         return prompt
-    from sorted_jax.data.templates import format_prompt
-
     return format_prompt(prompt, "", template)
 
 
@@ -114,7 +111,7 @@ def load_triviaqa(path: str | Path, limit: int | None = None) -> list[TriviaQAIt
     """Questions with their answer aliases from an official TriviaQA JSON file."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"TriviaQA file {str(p)!r} not found")
+        raise MissingFileError(f"TriviaQA file {str(p)!r} not found")
     try:
         data = json.loads(p.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import numpy as np
@@ -42,7 +43,7 @@ def test_roundtrip_onto_fsdp_shardings(tmp_path):
     assert data == {"epoch": 0, "index": 40} and meta == {"exits": [1, 2]}
     # same tree (optimizer namedtuples included), same values, the run's shardings
     assert jax.tree.structure(restored) == jax.tree.structure(expected)
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), expected)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, restored), expected)
     kernel = restored.params["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding == steps.state_shardings.params["layers"]["mlp"]["up_proj"]["kernel"]
     assert not kernel.sharding.is_fully_replicated
@@ -51,7 +52,7 @@ def test_roundtrip_onto_fsdp_shardings(tmp_path):
     CONFIG.to_json_file(tmp_path / "config.json")
     params, config, step = model_io.load_workdir_params(tmp_path)
     assert step == 5 and config == CONFIG
-    jax.tree.map(np.testing.assert_array_equal, params, expected.params)
+    chex.assert_trees_all_equal(params, expected.params)
 
 
 def test_keep_n_and_restore_mismatch(tmp_path):

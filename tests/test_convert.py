@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ASSETS, tiny_config
 
 from sorted_jax.config import LlamaConfig
 from sorted_jax.convert import main, parse_size, read_safetensors_header, write_safetensors
@@ -22,14 +25,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-
-
-def tiny_config(kv: int = 4, tied: bool = False, layers: int = 3, vocab: int = 128,
-                **kw) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv,
-                       tie_word_embeddings=tied, max_position_embeddings=64, **kw)
 
 
 def save_hf(model, directory: Path, fmt: str) -> Path:
@@ -100,9 +95,13 @@ def run(*argv) -> None:
 
 
 def fails(*argv, match: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    msg = str(exc.value.code)
+    """The command exits 2 with one `sorted_jax.convert CMD: error: ...` line naming `match`."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    msg = err.getvalue()
+    assert rc == 2, msg
+    assert msg.startswith(f"sorted_jax.convert {argv[0]}: error: ") and msg.count("\n") == 1, msg
     assert match.lower() in msg.lower(), msg
     return msg
 

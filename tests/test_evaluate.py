@@ -9,26 +9,25 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_ict import CFG, random_params
+from helpers import ASSETS, BYTE_4L, FAST, random_params
 
-from sorted_jax import evaluate, ict, model_io
+import sorted_jax.heads as ict_heads
+from sorted_jax import cli, evaluate, model_io, reports
 from sorted_jax.data import EvalIterator, builtin_records, tokenize_records
 from sorted_jax.data.tokenizers import ByteTokenizer, save_tokenizer_files
 from sorted_jax.modeling import make_model, rms_norm
 from sorted_jax.sharding import make_mesh
 from sorted_jax.train_step import SoftSteps, to_global_batch
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+CFG = BYTE_4L
 EXITS = (1, 2, 4)
 LIMIT, BATCH, MAX_LEN = 20, 8, 48
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 COMMON = ["--data", "builtin", "--template", "plain", "--max-len", str(MAX_LEN),
           "--batch-size", str(BATCH), "--mesh", "1,1,1", "--limit", str(LIMIT)]
 
@@ -48,8 +47,8 @@ def dirs(tmp_path_factory):
     params = random_params(CFG, 1)
     model_io.save_model_dir(root / "model", params, CFG)
     save_tokenizer_files("builtin", root / "model")
-    heads = ict.init_heads(params, CFG, (1, 2, 4))
-    ict.save_ict_dir(root / "ict", params, CFG, heads, "builtin", {"template": "plain"})
+    heads = ict_heads.init_heads(params, CFG, (1, 2, 4))
+    ict_heads.save_ict_dir(root / "ict", params, CFG, heads, "builtin", {"template": "plain"})
     return root, params
 
 
@@ -145,7 +144,7 @@ def test_table_leaves_missing_cells_blank():
     results = [{"label": "a", "exits": {2: {"loss": 1.0, "perplexity": 2.7, "accuracy": 0.5}}},
                {"label": "b", "exits": {4: {"loss": 2.0, "perplexity": 7.4, "accuracy": 0.25,
                                             "ms_per_token": 1.5}}}]
-    md = evaluate.metrics_table(results)
+    md = reports.metrics_table(results)
     assert "| 2 | 1.0000 | 2.700 | 0.5000 | - | - | - | - |" in md
     assert "| 4 | - | - | - | 2.0000 | 7.400 | 0.2500 | 1.500 |" in md
 
@@ -318,23 +317,23 @@ def test_defaults_from_the_training_run(dirs, tmp_path):
     (d / "train_config.json").write_text(json.dumps(cfg))
     ck = evaluate.load_checkpoint(d, "run", load_weights=False)
     assert ck.params is None and not ck.is_ict
-    assert evaluate.default_exits_of(ck) == (1, 3)
+    assert ck.default_exits() == (1, 3)
     s = ck.settings
-    assert (s["template"], s["max_len"], s["buckets"], s["eval_holdout"], s["data_seed"],
-            s["lr"]) == ("plain", 40, [40], 2, 3, 0.003)
+    assert (s.template, s.max_len, s.buckets, s.eval_holdout, s.data_seed,
+            s.lr) == ("plain", 40, [40], 2, 3, 0.003)
     cfg["eval_exits"] = ""  # an SFT run without eval exits: the SoFT default set
     (d / "train_config.json").write_text(json.dumps(cfg))
     ck = evaluate.load_checkpoint(d, "run", load_weights=False)
-    assert evaluate.default_exits_of(ck) == (1, 2, 3, 4)  # soft.default_exits(4)
+    assert ck.default_exits() == (1, 2, 3, 4)  # soft.default_exits(4)
     ict_ck = evaluate.load_checkpoint(root / "ict", "i", load_weights=False)
-    assert evaluate.default_exits_of(ict_ck) == (1, 2, 4) and ict_ck.settings["template"] == "plain"
+    assert ict_ck.default_exits() == (1, 2, 4) and ict_ck.settings.template == "plain"
 
     # a JSON file with a held-out part: eval = the records training held out, train = the rest
     data = tmp_path / "data.json"
     recs = [{"instruction": f"i{i}", "input": "", "output": f"o{i}"} for i in range(6)]
     data.write_text(json.dumps(recs))
-    held = evaluate.load_split_records(str(data), "eval", holdout=2, seed=3)
-    rest = evaluate.load_split_records(str(data), "train", holdout=2, seed=3)
+    held = cli.open_split_records(str(data), "eval", holdout=2, seed=3)
+    rest = cli.open_split_records(str(data), "train", holdout=2, seed=3)
     assert len(held) == 2 and len(rest) == 4
     assert sorted(r["instruction"] for r in held + rest) == sorted(r["instruction"] for r in recs)
-    assert evaluate.load_split_records(str(data), "eval") == recs
+    assert cli.open_split_records(str(data), "eval") == recs

@@ -7,41 +7,28 @@ shape and shared across `Decoder` instances).
 
 from __future__ import annotations
 
-import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import FAST, GQA_4L, MHA_6L, SMALL_VOCAB_4L
 
 from sorted_jax.config import LlamaConfig
 from sorted_jax.decoding import Decoder, default_exits, default_thresholds
 from sorted_jax.decoding.engine import PAPER_THRESHOLDS
-from sorted_jax.modeling import abstract_params, make_model, slice_layers
+from sorted_jax.modeling import make_model, slice_layers
 
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 MAX_NEW = 12
 MAX_LEN = 32  # cache slots: prompts padded to 8 + 12 new tokens fit; one shape for all tests
 
-GQA = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                  eos_token_id=2)
-MHA = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=6,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                  eos_token_id=2)
+GQA, MHA = GQA_4L, MHA_6L
 
 
 def random_params(config: LlamaConfig, seed: int, scale: float = 4.0) -> dict:
     """Random weights with spread-out logits (std-0.02 init makes near-uniform, tie-prone
     distributions) and random norm scales (ones would hide a skipped/doubled norm)."""
-    shapes = nn.unbox(abstract_params(make_model(config)))  # no compile: numpy fills it
-    rng = np.random.default_rng(seed)
-
-    def fill(path, x):
-        if "scale" in jax.tree_util.keystr(path):
-            return jnp.asarray(1.0 + 0.2 * rng.standard_normal(x.shape), jnp.float32)
-        return jnp.asarray(0.02 * scale * rng.standard_normal(x.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return helpers.random_params(config, seed, std=0.02 * scale, as_jax=True)
 
 
 def random_prompts(seed: int, n: int, lo: int = 1, hi: int = 8, vocab: int = 96):
@@ -185,7 +172,7 @@ def test_stream_equals_generate(gqa, prompts3):
         full = dec.generate(prompts3[:1], max_new_tokens=MAX_NEW, max_len=MAX_LEN, **kw)
         pieces = list(dec.stream(prompts3[0], max_new_tokens=MAX_NEW, max_len=MAX_LEN, **kw))
         assert sum(pieces, []) == full.tokens[0]
-        assert dec.last_stats["tokens"] == len(full.tokens[0])
+        assert dec.last_stats.tokens == len(full.tokens[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +218,7 @@ def test_early_exit_thresholds_above_one_equal_full(gqa, prompts3):
     ee = dec.generate(prompts3, mode="early-exit", exits=[1, 2, 4], thresholds=[1.1, 1.1],
                       max_new_tokens=MAX_NEW, max_len=MAX_LEN)
     assert ee.tokens == full.tokens
-    assert ee.stats["avg_exit_layer"] == 4.0
+    assert ee.stats.avg_exit_layer == 4.0
 
 
 def test_early_exit_lazy_kv_is_exact(gqa, prompts3):
@@ -256,15 +243,15 @@ def test_early_exit_lazy_kv_is_exact(gqa, prompts3):
         got = dec.generate(prompts3, mode="early-exit", exits=exits, thresholds=th,
                            max_new_tokens=MAX_NEW, max_len=MAX_LEN)
         assert got.tokens == ref, th
-        assert got.stats["avg_exit_layer"] == pytest.approx(np.mean(layers))
-        assert sum(got.stats["exit_histogram"].values()) == len(layers)
+        assert got.stats.avg_exit_layer == pytest.approx(np.mean(layers))
+        assert sum(got.stats.exit_histogram.values()) == len(layers)
         confs.append(sorted(set(layers)))
     assert any(len(c) == 3 for c in confs), confs  # all three exits were used somewhere
     ref1, _, _ = reference_decode(gqa, GQA, prompts3, MAX_NEW, exits=exits,
                                   thresholds=[0.0, 0.0])
     got1 = dec.generate(prompts3, mode="early-exit", exits=exits, thresholds=[0.0, 0.0],
                         max_new_tokens=MAX_NEW, max_len=MAX_LEN)
-    assert got1.tokens == ref1 and got1.stats["avg_exit_layer"] == 1.0
+    assert got1.tokens == ref1 and got1.stats.avg_exit_layer == 1.0
     assert ref_all == reference_decode(gqa, GQA, prompts3, MAX_NEW)[0]
 
 
@@ -299,9 +286,9 @@ def test_speculative_greedy_equals_full(config, seeds, draft, batch):
             spec = dec.generate(chunk, mode="speculative", draft_layer=draft,
                                 max_new_tokens=MAX_NEW, max_len=MAX_LEN)
             assert spec.tokens == full.tokens, (seed, i)
-            accepted += spec.stats["accepted"]
-            drafted += spec.stats["drafted"]
-            assert spec.stats["full_passes"] <= max(len(t) for t in full.tokens)
+            accepted += spec.stats.accepted
+            drafted += spec.stats.drafted
+            assert spec.stats.full_passes <= max(len(t) for t in full.tokens)
     assert 0 < accepted < drafted  # both acceptances and rejections were exercised
 
 
@@ -337,9 +324,7 @@ def test_speculative_accept_math():
     assert 0.5 * np.abs(emp3 - p[2]).sum() < 0.05
 
 
-SMALL_V = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                      eos_token_id=None)
+SMALL_V = SMALL_VOCAB_4L
 
 
 def test_speculative_sampling_matches_full_distribution():
@@ -353,7 +338,7 @@ def test_speculative_sampling_matches_full_distribution():
                        max_new_tokens=3, seed=5, max_len=16, eos_id=[])
     toks = np.asarray(res.tokens)
     assert toks.shape == (rows, 3)
-    assert 0 < res.stats["acceptance_rate"] < 1
+    assert 0 < res.stats.acceptance_rate < 1
     # exact marginals by enumerating every 1- and 2-token continuation (one batched call)
     v = SMALL_V.vocab_size
     seqs = [prompt] + [prompt + [a] for a in range(v)] + [

@@ -7,12 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from helpers import BYTE_4L_W64
 
-from sorted_jax.config import LlamaConfig
-
-CFG = LlamaConfig(vocab_size=264, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
-                  bos_token_id=1, eos_token_id=2)
+CFG = BYTE_4L_W64
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +17,7 @@ def fast_compile(monkeypatch):
     """The CLI's decoder compiles with XLA's cheap optimisation level (as test_generate's)."""
     import functools
 
-    from test_generate import FAST
+    from helpers import FAST
 
     import sorted_jax.generate as gen
     from sorted_jax.decoding import Decoder
@@ -60,7 +57,7 @@ def test_cli_jsonl_matches_decoder(model_dir, tmp_path, capsys):
     tok = ByteTokenizer()
     params, config, _ = load_params(model_dir)
     ids = [[1] + tok.encode("hi there"), [1] + tok.encode("abc\nde")]
-    from test_generate import FAST
+    from helpers import FAST
 
     # same padding and cache length as the CLI: the compiled program is shared
     want = Decoder(params, config, pad_multiple=64, compiler_options=FAST).generate(

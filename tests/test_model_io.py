@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import IO_2L
 
 from sorted_jax import model_io
 from sorted_jax.config import LlamaConfig
@@ -25,8 +26,7 @@ from sorted_jax.model_io import (
 )
 from sorted_jax.modeling import abstract_params, make_model
 
-CONFIG = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+CONFIG = IO_2L
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,29 @@ def params():
                       for path, shape in expected_param_shapes(CONFIG).items()})
 
 
-def test_expected_shapes_match_model_init():
+@pytest.mark.parametrize("config", [CONFIG, CONFIG.replace(tie_word_embeddings=True)])
+def test_expected_shapes_match_model_init_and_hf_mapping(config):
+    """The expected shapes are the model init's, and every HF tensor of the config maps onto
+    exactly them (stacked on `layers` for decoder-layer tensors)."""
     import flax.linen as nn
 
-    model_params = nn.unbox(abstract_params(make_model(CONFIG)))
+    from sorted_jax.hf_mapping import expected_hf_names, hf_shape, hf_tensor_to_ours
+
+    model_params = nn.unbox(abstract_params(make_model(config)))
     want = {path: tuple(x.shape) for path, x in flatten(model_params).items()}
-    assert want == {p: tuple(s) for p, s in expected_param_shapes(CONFIG).items()}
+    got = {p: tuple(s) for p, s in expected_param_shapes(config).items()}
+    assert want == got
+    mapped = {}
+    d, v = config.hidden_size, config.vocab_size
+    for name in expected_hf_names(config):
+        if name.startswith("model.layers."):
+            module = name.split(".", 3)[3][:-len(".weight")]
+            hf = hf_shape(module, config)
+        else:
+            hf = (d,) if name == "model.norm.weight" else (v, d)
+        path, layer, w = hf_tensor_to_ours(name, np.zeros(hf, np.float32), config)
+        mapped[path] = (config.num_hidden_layers, *w.shape) if layer is not None else w.shape
+    assert mapped == got
 
 
 def assert_tree_equal(a, b):

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import PLAN_2L
 
 from sorted_jax import modeling, plan, sharding, train_step
-from sorted_jax.config import LlamaConfig, preset
+from sorted_jax.config import preset
 
 
 def build(cfg, mesh_shape, exits, remat="none"):
@@ -69,8 +70,7 @@ def test_bf16_params_are_planned_with_their_fp32_master_copy():
     """bf16 params halve the params, but training keeps an fp32 master copy in the optimizer
     state (they would not learn at lr 2e-5 otherwise): the plan counts it, so bf16 params never
     look cheaper than fp32 ones."""
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4)
+    cfg = PLAN_2L
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     tx, _ = train_step.make_optimizer(lr=1e-4, total_steps=10, mu_dtype=jnp.bfloat16)
     fp32 = train_step.SoftSteps(modeling.make_model(cfg), exits=(2,), tx=tx, mesh=mesh)

@@ -7,32 +7,20 @@ Subprocess tests (SIGTERM + resume, two processes) are in test_train_resume.py.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
+from helpers import TINY_CONFIG_FILE, TRAIN_SMALL, TRAIN_SMALL_CONFIG
 
 from sorted_jax import checkpoint, metrics_log, model_io, train
-from sorted_jax.config import preset
 from sorted_jax.data import save_tokenizer_files
 from sorted_jax.modeling import init_params, make_model
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.py")
-
-# A 2-layer, width-32 model on the builtin data: compiles in seconds on 2 cores.
-SMALL = [
-    "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
-    "--config.model.num_hidden_layers=2", "--config.model.num_attention_heads=2",
-    "--config.model.num_key_value_heads=1", "--config.exits=1,2", "--config.eval_exits=",
-    "--config.batch_size=8", "--config.eval_batches=2", "--config.eval_at_start=False",
-    "--config.optim.schedule=constant",
-    "--config.optim.warmup_steps=0", "--config.optim.lr=3e-3", "--config.data.max_records=400",
-]
-SMALL_CONFIG = preset("tiny").replace(vocab_size=264, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1)
+TINY = str(TINY_CONFIG_FILE)
+SMALL = TRAIN_SMALL
+SMALL_CONFIG = TRAIN_SMALL_CONFIG
 
 
 def argv(workdir, *extra):
@@ -55,7 +43,7 @@ def test_cli_run_writes_everything(tmp_path, capsys):
     assert model_io.workdir_steps(wd) == [4, 6]
     params, config, _ = model_io.load_params(wd)
     assert config == SMALL_CONFIG
-    assert params["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 32, 64)
+    chex.assert_shape(params["layers"]["mlp"]["up_proj"]["kernel"], (2, 32, 64))
     ckpt = checkpoint.Checkpointer(wd)
     meta = ckpt.read_meta(6)
     ckpt.close()
@@ -158,7 +146,7 @@ def test_init_from_model_dir_loads_weights(tmp_path):
     assert trainer.model_config == SMALL_CONFIG
     assert trainer.start_step == 0 and int(trainer.state.step) == 0
     loaded = jax.tree.map(np.asarray, trainer.state.params)
-    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    chex.assert_trees_all_equal(loaded, params)
     trainer.checkpointer.close()
 
     # on an fsdp x tensor mesh the weights are read straight into their shards
@@ -167,8 +155,7 @@ def test_init_from_model_dir_loads_weights(tmp_path):
     emb = sharded.state.params["embed_tokens"]["embedding"]
     assert emb.sharding.spec == sharded.steps.params_shardings["embed_tokens"]["embedding"].spec
     assert len({str(s.index) for s in emb.addressable_shards}) > 1  # really split
-    jax.tree.map(np.testing.assert_array_equal,
-                 jax.tree.map(np.asarray, sharded.state.params), params)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, sharded.state.params), params)
     sharded.checkpointer.close()
 
     # an explicit preset must agree with the weights

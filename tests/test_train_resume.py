@@ -16,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
+from helpers import TRAIN_SMALL
 
 from sorted_jax import metrics_log, model_io
 
@@ -26,14 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 200  # long enough (a few seconds) to be interrupted mid-run
 
 SMALL = [
-    "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
-    "--config.model.num_hidden_layers=2", "--config.model.num_attention_heads=2",
-    "--config.model.num_key_value_heads=1", "--config.exits=1,2", "--config.eval_exits=",
-    "--config.batch_size=8", "--config.eval_batches=2", "--config.eval_at_start=False",
-    "--config.eval_every=0", "--config.log_every=1", "--config.checkpoint_every=50",
-    # constant lr: the first steps do not depend on num_steps (the 2-process run is shorter)
-    "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
-    "--config.optim.lr=3e-3", "--config.data.max_records=400",
+    *TRAIN_SMALL, "--config.eval_every=0", "--config.log_every=1",
+    "--config.checkpoint_every=50",
+    # constant lr (TRAIN_SMALL): the first steps do not depend on num_steps (the 2-process run
+    # is shorter)
     "--config.data.eval=none",  # no eval step to compile
 ]
 
@@ -107,7 +105,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, cache_dir, referenc
     got, _, got_step = model_io.load_workdir_params(wd)
     want, _, want_step = model_io.load_workdir_params(reference)
     assert got_step == want_step == STEPS
-    jax.tree.map(np.testing.assert_array_equal, got, want)
+    chex.assert_trees_all_equal(got, want)
     # the same data stream: every step after the resume saw the same batch (same loss)
     ref, mine = train_losses(reference), train_losses(wd)
     assert set(mine) == set(ref) == set(range(1, STEPS + 1))
@@ -168,7 +166,7 @@ def test_two_processes_match_one(tmp_path, cache_dir, reference):
     ckpt = Checkpointer(wd, keep=2)
     restored, data, _ = ckpt.restore(10, nn.unbox(other.abstract_state), other.state_shardings)
     ckpt.close()
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored.params), saved)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, restored.params), saved)
     assert int(restored.step) == 10 and data["index"] > 0
     kernel = restored.params["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.mesh.shape == {"data": 1, "fsdp": 2, "tensor": 2}

@@ -1,7 +1,10 @@
 """Data for SoFT: prompt templates, record sources, tokenizers, deterministic batching.
 
 Importing this package is light (numpy only); sentencepiece, transformers and
-tensorflow-datasets are imported when a loader needs them.
+tensorflow-datasets are imported when a loader needs them. Modules, lowest first: `records`
+(the record type, its errors, JSON files, `spec_kind`), `templates`, `tokenizers`, `builtin`,
+`alpaca_tfds`, `sources` (every source behind one spec string), `pipeline` (tokenizing,
+batching).
 """
 
 from sorted_jax.data.builtin import builtin_records
@@ -19,15 +22,21 @@ from sorted_jax.data.pipeline import (
     tokenize_example,
     tokenize_records,
 )
-from sorted_jax.data.sources import (
+from sorted_jax.data.records import (
     DataError,
     Record,
     SourceError,
+    read_json_records,
+    spec_kind,
+    validate_record,
+)
+from sorted_jax.data.sources import (
     holdout_split,
     load_records,
     open_records,
-    read_json_records,
+    open_split,
     read_tfds_records,
+    split_records,
 )
 from sorted_jax.data.templates import TEMPLATES, format_example, format_prompt
 from sorted_jax.data.tokenizers import (
@@ -63,11 +72,15 @@ __all__ = [
     "holdout_split",
     "load_records",
     "open_records",
+    "open_split",
     "load_tokenizer",
     "read_json_records",
     "read_tfds_records",
     "save_tokenizer_files",
+    "spec_kind",
+    "split_records",
     "steps_per_epoch",
     "tokenize_example",
     "tokenize_records",
+    "validate_record",
 ]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sorted_jax.data.sources import Record
+from sorted_jax.data.records import Record, SourceError
 
 LETTERS = string.ascii_lowercase
 EVAL_BUCKETS = 10
@@ -103,7 +103,7 @@ def builtin_records(
 ) -> list[Record]:
     """The generated ``train`` (may repeat a prompt) or ``eval`` (unique prompts) split."""
     if split not in ("train", "eval"):
-        raise ValueError(f"builtin dataset has splits 'train' and 'eval', not {split!r}")
+        raise SourceError(f"builtin dataset has splits 'train' and 'eval', not {split!r}")
     want_eval = split == "eval"
     count = num_eval if want_eval else num_train
     rng = np.random.default_rng([seed, int(want_eval)])

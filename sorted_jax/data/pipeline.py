@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from sorted_jax.data.sources import Record
+from sorted_jax.data.records import Record
 from sorted_jax.data.templates import format_example
 from sorted_jax.data.tokenizers import Tokenizer
+from sorted_jax.errors import DataError
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions")
 
@@ -126,7 +127,7 @@ def tokenize_records(
 ) -> TokenizedDataset:
     """Format each record with ``template`` and tokenize it (truncation: see the module doc)."""
     if max_len < 2:
-        raise ValueError(f"max_len must be >= 2, got {max_len}")
+        raise DataError(f"max_len must be >= 2, got {max_len}")
     tokens, masks, dropped, truncated = [], [], 0, 0
     pairs = [format_example(record, template) for record in records]
     for start in range(0, len(pairs), chunk_size):
@@ -160,7 +161,7 @@ def choose_bucket(length: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if b >= length:
             return b
-    raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {buckets[-1]}")
+    raise DataError(f"sequence of {length} tokens exceeds the largest bucket {buckets[-1]}")
 
 
 def _check_buckets(buckets: Sequence[int] | None, max_len: int) -> list[int]:
@@ -168,7 +169,7 @@ def _check_buckets(buckets: Sequence[int] | None, max_len: int) -> list[int]:
         return default_buckets(max_len)
     buckets = sorted(int(b) for b in buckets)
     if not buckets or buckets[0] < 2 or buckets[-1] < max_len:
-        raise ValueError(f"buckets {buckets} must be >= 2 and reach max_len={max_len}")
+        raise DataError(f"buckets {buckets} must be >= 2 and reach max_len={max_len}")
     return buckets
 
 
@@ -204,7 +205,7 @@ def collate(
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
+        raise DataError(
             f"global batch size {global_batch_size} must be a positive multiple of the "
             f"process count {process_count}"
         )
@@ -213,7 +214,7 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 def _check_process(process_index: int, process_count: int) -> None:
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        raise DataError(f"process_index {process_index} not in [0, {process_count})")
 
 
 def _global_to_local(
@@ -241,7 +242,7 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     """Full global batches per epoch (the training iterator drops the remainder)."""
     steps = num_examples // global_batch_size
     if steps == 0:
-        raise ValueError(
+        raise DataError(
             f"{num_examples} examples cannot fill one global batch of {global_batch_size}"
         )
     return steps
@@ -330,13 +331,13 @@ class DataIterator:
             ("global_batch_size", self.global_batch_size),
         ):
             if key in state and int(state[key]) != mine:
-                raise ValueError(
+                raise DataError(
                     f"data state has {key}={int(state[key])} but this iterator has {mine}: "
                     "resuming would not continue the same stream"
                 )
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or index < 0 or index % self.global_batch_size:
-            raise ValueError(f"invalid data position epoch={epoch} index={index}")
+            raise DataError(f"invalid data position epoch={epoch} index={index}")
         self.epoch, self.index = epoch, index
 
 
@@ -360,7 +361,7 @@ class EvalIterator:
         _check_process(process_index, process_count)
         local_batch_size(global_batch_size, process_count)
         if len(dataset) == 0:
-            raise ValueError("empty eval dataset")
+            raise DataError("empty eval dataset")
         self.dataset = dataset
         self.global_batch_size = global_batch_size
         self.buckets = _check_buckets(buckets, dataset.max_len)

@@ -1,144 +1,37 @@
-"""Record sources: each yields dicts ``{"instruction", "input", "output"}`` of ``str``.
+"""Record sources: each yields `Record`s ``{"instruction", "input", "output"}`` of ``str``.
 
-* a local JSON list file or JSONL file (:func:`read_json_records`);
+* a local JSON list file or JSONL file (`records.read_json_records`);
 * a TFDS dataset read as ``array_record`` through ``tfds.data_source`` -- no TensorFlow
   needed -- with a field mapping (:func:`read_tfds_records`);
 * ``builtin``: a generated toy instruction set (:mod:`sorted_jax.data.builtin`).
 
+`load_records` reads a spec string (`records.spec_kind`); `open_records` / `open_split` are its
+command-line forms (a missing file or an unreadable source is a `SourceError`).
 Malformed data raises :class:`DataError` naming the file and the line, never a bare KeyError.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import numpy as np
 
+from sorted_jax.data import alpaca_tfds
+from sorted_jax.data.builtin import builtin_records
+from sorted_jax.data.records import (
+    DataError,
+    Record,
+    SourceError,
+    read_json_records,
+    spec_kind,
+    validate_record,
+)
 
-class Record(TypedDict):
-    instruction: str
-    input: str
-    output: str
-
-
-class SourceError(ValueError):
-    """A data source that cannot be opened at all: a missing file, a bad split, an unprepared
-    TFDS dataset. The message starts with the spec, so a CLI can prefix its flag name."""
-
-
-class DataError(ValueError):
-    """A malformed record or data file; the message says where."""
-
-
-REQUIRED_FIELDS = ("instruction", "output")
-
-
-def validate_record(obj: Any, where: str) -> Record:
-    """Check one raw record and return it as a :class:`Record` (``input`` defaults to "")."""
-    if not isinstance(obj, Mapping):
-        raise DataError(f"{where}: record is a {type(obj).__name__}, expected a JSON object")
-    for key in REQUIRED_FIELDS:
-        if key not in obj:
-            raise DataError(f"{where}: record has no {key!r} field (keys: {sorted(obj)})")
-    rec = {
-        "instruction": obj["instruction"],
-        "input": obj.get("input", ""),
-        "output": obj["output"],
-    }
-    for key, value in rec.items():
-        if not isinstance(value, str):
-            kind = type(value).__name__
-            raise DataError(f"{where}: field {key!r} is a {kind}, expected a string")
-    return Record(**rec)
-
-
-class _LineCounter:
-    """Line number of a position in ``text``, counted incrementally (positions only grow)."""
-
-    def __init__(self, text: str):
-        self.text, self.pos, self.line = text, 0, 1
-
-    def __call__(self, pos: int) -> int:
-        if pos < self.pos:
-            return self.text.count("\n", 0, pos) + 1
-        self.line += self.text.count("\n", self.pos, pos)
-        self.pos = pos
-        return self.line
-
-
-def _iter_json_list(text: str, path: Path) -> Iterator[Record]:
-    """Records of a JSON list, each checked with the line where it starts."""
-    decoder = json.JSONDecoder()
-    n = len(text)
-    _line_of = _LineCounter(text)
-
-    def skip_ws(i: int) -> int:
-        while i < n and text[i] in " \t\r\n":
-            i += 1
-        return i
-
-    pos = skip_ws(text.index("[") + 1)
-    index = 0
-    if pos < n and text[pos] == "]":
-        return
-    while True:
-        line = _line_of(pos)
-        where = f"{path}:{line}: record {index}"
-        try:
-            obj, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: record {index}: invalid JSON: {e.msg}") from None
-        yield validate_record(obj, where)
-        index += 1
-        pos = skip_ws(pos)
-        if pos < n and text[pos] == ",":
-            pos = skip_ws(pos + 1)
-        elif pos < n and text[pos] == "]":
-            if skip_ws(pos + 1) != n:
-                raise DataError(f"{path}:{_line_of(pos + 1)}: trailing data after the list")
-            return
-        else:
-            raise DataError(
-                f"{path}:{_line_of(pos)}: after record {index - 1}: expected ',' or ']'"
-            )
-
-
-def _iter_jsonl(text: str, path: Path) -> Iterator[Record]:
-    index = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: record {index}: invalid JSON: {e.msg}") from None
-        yield validate_record(obj, f"{path}:{lineno}: record {index}")
-        index += 1
-
-
-def read_json_records(path: str | Path) -> list[Record]:
-    """All records of a JSON list file or a JSONL file (one object per line).
-
-    The format is detected from the content: a file whose first non-blank character is ``[`` is a
-    JSON list, anything else is read as JSONL (whatever the extension).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} not found")
-    text = path.read_text(encoding="utf-8-sig")
-    stripped = text.lstrip()
-    if not stripped:
-        raise DataError(f"{path}: empty data file")
-    if stripped[0] == "[":
-        records = list(_iter_json_list(text, path))
-    else:
-        records = list(_iter_jsonl(text, path))
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
+__all__ = ["DataError", "Record", "SourceError", "holdout_split", "load_records", "map_fields",
+           "open_records", "open_split", "read_json_records", "read_tfds_records",
+           "split_records"]
 
 
 def _to_str(value: Any) -> Any:
@@ -168,7 +61,7 @@ def map_fields(example: Mapping[str, Any], field_map: Mapping[str, str], where: 
     raw: dict[str, Any] = {}
     for ours, theirs in field_map.items():
         if ours not in ("instruction", "input", "output"):
-            raise ValueError(f"field_map key {ours!r} is not one of instruction/input/output")
+            raise DataError(f"field_map key {ours!r} is not one of instruction/input/output")
         try:
             raw[ours] = _to_str(_get_path(example, theirs))
         except (KeyError, TypeError):
@@ -197,10 +90,14 @@ def read_tfds_records(
         raise ImportError(
             "TFDS sources need tensorflow-datasets: pip install 'sorted_jax[tfds]'"
         ) from e
-    if name.startswith("stanford_alpaca"):
-        import sorted_jax.data.alpaca_tfds  # noqa: F401  (registers the builder: tfds finds it)
+    if name.startswith(alpaca_tfds.NAME):
+        alpaca_tfds.register()  # tfds finds a builder by its registered name
     field_map = dict(DEFAULT_FIELD_MAP if field_map is None else field_map)
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:  # TFDS's own errors: a bad split, a dataset never prepared
+        raise SourceError(f"'tfds:{name}' (split {split!r}) cannot be read: "
+                          f"{type(e).__name__}: {e}") from e
     return [
         map_fields(source[i], field_map, f"tfds:{name}[{split}] example {i}")
         for i in range(len(source))
@@ -223,11 +120,10 @@ def load_records(
     * anything else -- a path to a JSON list or JSONL file (``split`` is ignored: give the
       held-out file as its own spec, or use :func:`holdout_split`).
     """
-    if spec == "builtin":
-        from sorted_jax.data.builtin import builtin_records
-
+    kind = spec_kind(spec)
+    if kind == "builtin":
         return builtin_records(split, seed=seed)
-    if spec.startswith("tfds:"):
+    if kind == "tfds":
         return read_tfds_records(spec[5:], split, data_dir=data_dir, field_map=field_map)
     return read_json_records(spec)
 
@@ -240,7 +136,7 @@ def holdout_split(
     For sources with no held-out split of their own (Stanford Alpaca has only ``train``).
     """
     if not 0 < num_eval < len(records):
-        raise ValueError(f"num_eval={num_eval} must be in (0, {len(records)})")
+        raise DataError(f"num_eval={num_eval} must be in (0, {len(records)})")
     perm = np.random.default_rng(seed).permutation(len(records))
     eval_idx = np.sort(perm[:num_eval])
     train_idx = np.sort(perm[num_eval:])
@@ -249,21 +145,32 @@ def holdout_split(
 
 def open_records(spec: str, split: str = "train", *, data_dir: str | None = None,
                  seed: int = 0) -> list[Record]:
-    """`load_records` for command lines: the Stanford Alpaca TFDS builder registered, and a
-    missing file or an unreadable source raised as `SourceError` (malformed records still
-    raise `DataError` naming file and line)."""
-    is_file = spec != "builtin" and not spec.startswith("tfds:")
-    path = Path(spec).expanduser() if is_file else None
+    """`load_records` for command lines: a missing file or an unreadable source raised as
+    `SourceError` (malformed records still raise `DataError` naming file and line)."""
+    path = Path(spec).expanduser() if spec_kind(spec) == "file" else None
     if path is not None and not path.is_file():
         raise SourceError(f"{spec!r}: data file not found (expected 'builtin', 'tfds:NAME' or a "
                           "JSON/JSONL file of {instruction, input, output} records)")
+    source = str(path) if path is not None else spec  # '~' expanded for the reader too
     try:
-        source = str(path) if path is not None else spec  # '~' expanded for the reader too
         return load_records(source, split, data_dir=data_dir, seed=seed)
-    except (DataError, FileNotFoundError):
-        raise
     except ImportError as e:
         raise SourceError(f"{spec!r}: {e} (or give a JSON/JSONL file instead)") from e
-    except Exception as e:  # a bad split, a TFDS dataset never prepared
-        raise SourceError(f"{spec!r} (split {split!r}) cannot be read: "
-                          f"{type(e).__name__}: {e}") from e
+
+
+def split_records(records: list[Record], spec: str, split: str, *, holdout: int = 0,
+                  seed: int = 0) -> list[Record]:
+    """For a JSON file with `holdout` > 0: the held-out (eval) part of `records` or the rest
+    (train), split as training's `data.eval_holdout` does; other sources are returned whole."""
+    if spec_kind(spec) != "file" or holdout <= 0:
+        return records
+    train, held = holdout_split(records, holdout, seed)
+    return held if split == "eval" else train
+
+
+def open_split(spec: str, split: str, *, holdout: int = 0, seed: int = 0, limit: int = 0,
+               data_dir: str | None = None) -> list[Record]:
+    """`open_records` then `split_records`; the first `limit` records if > 0."""
+    records = open_records(spec, split, data_dir=data_dir, seed=seed)
+    records = split_records(records, spec, split, holdout=holdout, seed=seed)
+    return records[:limit] if limit else records

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from sorted_jax.errors import DataError
+
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
@@ -37,7 +39,7 @@ def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -
         with_input, no_input = TEMPLATES[template]
     except KeyError:
         known = sorted(TEMPLATES)
-        raise ValueError(f"unknown template {template!r}; choose one of {known}") from None
+        raise DataError(f"unknown template {template!r}; choose one of {known}") from None
     if input != "":
         return with_input.format(instruction=instruction, input=input)
     return no_input.format(instruction=instruction)

@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from sorted_jax.errors import DataError, MissingFileError
+
 BUILTIN_MARKER = "sorted_jax_tokenizer.json"
 # Files of a Hugging Face tokenizer dir that are copied into an exported model dir.
 HF_TOKENIZER_FILES = (
@@ -97,7 +99,7 @@ class SentencePieceTokenizer:
         self.bos_id = int(self._sp.bos_id())
         self.eos_id = int(self._sp.eos_id())
         if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{model_file}: SentencePiece model has no BOS/EOS piece")
+            raise DataError(f"{model_file}: SentencePiece model has no BOS/EOS piece")
         pad = int(self._sp.pad_id())
         # LLaMA models have no pad piece (pad_id = -1); padded slots are masked, so use unk/0.
         self.pad_id = pad if pad >= 0 else max(int(self._sp.unk_id()), 0)
@@ -134,7 +136,7 @@ class HFTokenizer:
         self._tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         bos, eos = self._tok.bos_token_id, self._tok.eos_token_id
         if bos is None or eos is None:
-            raise ValueError(f"{directory}: tokenizer has no BOS/EOS token (bos={bos}, eos={eos})")
+            raise DataError(f"{directory}: tokenizer has no BOS/EOS token (bos={bos}, eos={eos})")
         self.bos_id, self.eos_id = int(bos), int(eos)
         pad = self._tok.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
@@ -162,7 +164,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         return ByteTokenizer()
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"tokenizer {str(spec)!r} not found: expected 'builtin', a SentencePiece .model file, "
             "or a directory with tokenizer.model / tokenizer.json"
         )
@@ -171,11 +173,11 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     if (path / BUILTIN_MARKER).is_file():
         marker = json.loads((path / BUILTIN_MARKER).read_text())
         if marker.get("type") != "builtin_bytes":
-            raise ValueError(f"{path / BUILTIN_MARKER}: unknown tokenizer type {marker!r}")
+            raise DataError(f"{path / BUILTIN_MARKER}: unknown tokenizer type {marker!r}")
         return ByteTokenizer()
     if any((path / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
         return HFTokenizer(path)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"tokenizer dir {str(path)!r} has no {BUILTIN_MARKER}, tokenizer.model or tokenizer.json"
     )
 
@@ -198,7 +200,7 @@ def save_tokenizer_files(tokenizer_spec: str | Path, out_dir: str | Path) -> lis
         return [marker]
     src = Path(tokenizer_spec).expanduser()
     if not src.exists():
-        raise FileNotFoundError(f"tokenizer {str(tokenizer_spec)!r} not found")
+        raise MissingFileError(f"tokenizer {str(tokenizer_spec)!r} not found")
     if src.is_file():
         sp = SentencePieceTokenizer(src)
         model = out / "tokenizer.model"
@@ -223,5 +225,5 @@ def save_tokenizer_files(tokenizer_spec: str | Path, out_dir: str | Path) -> lis
             shutil.copyfile(src / name, out / name)
             written.append(out / name)
     if not written:
-        raise FileNotFoundError(f"tokenizer dir {str(src)!r} has no tokenizer files to copy")
+        raise MissingFileError(f"tokenizer dir {str(src)!r} has no tokenizer files to copy")
     return written

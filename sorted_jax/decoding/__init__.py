@@ -1,13 +1,27 @@
-"""Decoding for SoFT models: any exit, early exit, self-speculative (see `engine`)."""
+"""Decoding for SoFT models: any exit, early exit, self-speculative.
 
-from sorted_jax.decoding.engine import (
+Modules, lowest first: `sampling` (token selection, speculative acceptance), `options`
+(`DecodeOptions`, one frozen request, and its `Plan`), `results` (typed statistics),
+`programs` (`Programs`, the hashable value whose jitted methods run a plan), `engine`
+(`Decoder`: prompts in, tokens and statistics out).
+"""
+
+from sorted_jax.decoding.engine import Decoder, generate
+from sorted_jax.decoding.options import (
     MODES,
     PAPER_THRESHOLDS,
-    Decoder,
-    GenerationResult,
+    DecodeOptions,
+    Plan,
     default_exits,
     default_thresholds,
-    generate,
+)
+from sorted_jax.decoding.programs import Programs
+from sorted_jax.decoding.results import (
+    DecodeStats,
+    EarlyExitStats,
+    FixedStats,
+    GenerationResult,
+    SpeculativeStats,
 )
 from sorted_jax.decoding.sampling import (
     SamplingParams,
@@ -21,9 +35,16 @@ from sorted_jax.decoding.sampling import (
 __all__ = [
     "MODES",
     "PAPER_THRESHOLDS",
+    "DecodeOptions",
+    "DecodeStats",
     "Decoder",
+    "EarlyExitStats",
+    "FixedStats",
     "GenerationResult",
+    "Plan",
+    "Programs",
     "SamplingParams",
+    "SpeculativeStats",
     "default_exits",
     "default_thresholds",
     "generate",

@@ -1,0 +1,118 @@
+"""What a path holds: a model dir, a training workdir, or an SFT+ICT dir, read the same way by
+every command that takes a checkpoint (`evaluate`, `ict`, `generate`, `convert`).
+
+    art = artifacts.inspect("runs/soft_7b")   # validated; config and settings read, no weights
+    art.kind, art.config, art.settings, art.head_exits
+    params = art.load_params(step=None, dtype="bfloat16")
+    tok = art.tokenizer()                     # its own files, else the recorded builtin one
+
+Kinds (the layouts themselves are `model_io`'s and `heads`'):
+
+    model dir    config.json + params/ (+ tokenizer files)        `convert hf-to-orbax`
+    workdir      config.json + checkpoints/<step>/ + tokenizer/   `train`
+    ICT dir      a model dir + ict_heads/ + ict.json               `ict`
+
+`settings` is what the run recorded (`run_spec.RunSettings`): the training config of a
+workdir, `ict.json` of an ICT dir, nothing for a converted model dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from sorted_jax import heads, model_io, soft
+from sorted_jax.config import LlamaConfig
+from sorted_jax.data import Tokenizer, load_tokenizer
+from sorted_jax.errors import ModelIOError
+from sorted_jax.run_spec import RunSettings, read_run_settings
+
+MODEL_DIR, WORKDIR = "model dir", "workdir"
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A checkpoint path, validated: its kind, model config, recorded settings, ICT heads."""
+
+    path: Path
+    kind: str  # MODEL_DIR or WORKDIR
+    config: LlamaConfig
+    settings: RunSettings
+    head_exits: tuple[int, ...] | None  # exits with an SFT+ICT head; None for a plain model
+    tokenizer_dir: Path | None  # the dir holding its tokenizer files, if any
+    what: str = "checkpoint"  # how errors name it, e.g. "checkpoint 'sft'"
+
+    @property
+    def is_ict(self) -> bool:
+        return self.head_exits is not None
+
+    def load_params(self, step: int | None = None, dtype: Any = None,
+                    shardings: Any = None) -> dict:
+        """The weights (a workdir's latest step unless `step`), checked against the config."""
+        params, config, _ = model_io.load_params(self.path, step, dtype, shardings)
+        if config != self.config:
+            raise ModelIOError(f"{self.what}: {self.path / model_io.CONFIG_FILE} changed "
+                               "while it was being read")
+        return params
+
+    def load_heads(self) -> heads.IctHeads | None:
+        return heads.load_heads(self.path, self.config) if self.is_ict else None
+
+    def tokenizer(self, spec: str | None = None) -> Tokenizer:
+        """`spec` if given, else the tokenizer files beside the weights, else the builtin one
+        when the run recorded it; its ids must fit the model's vocab."""
+        if spec:
+            tok = load_tokenizer(spec)
+        elif self.tokenizer_dir is not None:
+            tok = load_tokenizer(self.tokenizer_dir)
+        elif self.settings.tokenizer == "builtin":
+            tok = load_tokenizer("builtin")
+        else:
+            looked = [str(self.path), str(self.path / "tokenizer")]
+            raise ModelIOError(f"{self.path} has no tokenizer files (looked in {looked}); pass "
+                               "--tokenizer (builtin, a tokenizer.model or a tokenizer dir)")
+        if tok.vocab_size > self.config.vocab_size:
+            raise ModelIOError(f"{self.what}: the tokenizer has {tok.vocab_size} ids but the "
+                               f"model's vocab is {self.config.vocab_size}; pass the right "
+                               "--tokenizer")
+        return tok
+
+    def default_exits(self) -> tuple[int, ...]:
+        """The ICT heads' exits; else the run's eval / train exits (unless just the last
+        layer, as an SFT run's are); else the SoFT default set."""
+        big_l = self.config.num_hidden_layers
+        if self.head_exits is not None:
+            return self.head_exits
+        for text in (self.settings.eval_exits, self.settings.train_exits):
+            if text and str(text).strip():
+                try:
+                    exits = soft.resolve_exits(str(text), big_l)
+                except soft.ExitError:
+                    continue
+                if exits != (big_l,):
+                    return exits
+        return soft.default_exits(big_l)
+
+
+def inspect(path: str | Path, what: str = "checkpoint") -> Artifact:
+    """Validate `path` as a model dir, workdir or ICT dir and read everything but weights."""
+    p = model_io.require_filesystem_path(path, what)
+    if not p.exists():
+        raise ModelIOError(f"{what}: {p} does not exist")
+    if p.is_dir() and not (p / model_io.CONFIG_FILE).is_file():
+        has = sorted(x.name for x in p.iterdir())[:12]
+        raise ModelIOError(f"{what} ({p}) has no {model_io.CONFIG_FILE}: it is not a model dir "
+                           f"or training workdir (it contains {has})")
+    if model_io.is_model_dir(p):
+        kind = MODEL_DIR
+    elif model_io.is_workdir(p):
+        kind = WORKDIR
+    else:
+        raise ModelIOError(f"{what} ({p}) is neither a model dir ({model_io.CONFIG_FILE} + "
+                           f"{model_io.PARAMS_DIR}/) nor a training workdir "
+                           f"({model_io.CONFIG_FILE} + {model_io.CHECKPOINTS_DIR}/)")
+    config = model_io.load_config(p)
+    settings = read_run_settings(p, heads.read_meta(p))
+    return Artifact(p, kind, config, settings, heads.head_exits(p),
+                    model_io.find_tokenizer_dir(p), what)

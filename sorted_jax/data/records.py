@@ -1,0 +1,144 @@
+"""Records, the lowest data module: the `Record` type, its validation, JSON / JSONL files, and
+`spec_kind`, the one reading of a data spec string.
+
+A record is a dict ``{"instruction", "input", "output"}`` of ``str``. Malformed data raises
+`DataError` naming the file and the line, never a bare KeyError.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+from sorted_jax.errors import DataError, MissingFileError, SourceError
+
+__all__ = ["REQUIRED_FIELDS", "DataError", "Record", "SourceError", "read_json_records",
+           "spec_kind", "validate_record"]
+
+SpecKind = Literal["builtin", "tfds", "file"]
+
+
+def spec_kind(spec: str) -> SpecKind:
+    """What a data spec names: ``"builtin"`` (the generated toy set), ``"tfds:NAME"`` (a TFDS
+    dataset) or anything else, a JSON / JSONL file."""
+    if spec == "builtin":
+        return "builtin"
+    if spec.startswith("tfds:"):
+        return "tfds"
+    return "file"
+
+
+class Record(TypedDict):
+    instruction: str
+    input: str
+    output: str
+
+
+REQUIRED_FIELDS = ("instruction", "output")
+
+
+def validate_record(obj: Any, where: str) -> Record:
+    """Check one raw record and return it as a :class:`Record` (``input`` defaults to "")."""
+    if not isinstance(obj, Mapping):
+        raise DataError(f"{where}: record is a {type(obj).__name__}, expected a JSON object")
+    for key in REQUIRED_FIELDS:
+        if key not in obj:
+            raise DataError(f"{where}: record has no {key!r} field (keys: {sorted(obj)})")
+    rec = {
+        "instruction": obj["instruction"],
+        "input": obj.get("input", ""),
+        "output": obj["output"],
+    }
+    for key, value in rec.items():
+        if not isinstance(value, str):
+            kind = type(value).__name__
+            raise DataError(f"{where}: field {key!r} is a {kind}, expected a string")
+    return Record(**rec)
+
+
+class _LineCounter:
+    """Line number of a position in ``text``, counted incrementally (positions only grow)."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def __call__(self, pos: int) -> int:
+        if pos < self.pos:
+            return self.text.count("\n", 0, pos) + 1
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def _iter_json_list(text: str, path: Path) -> Iterator[Record]:
+    """Records of a JSON list, each checked with the line where it starts."""
+    decoder = json.JSONDecoder()
+    n = len(text)
+    _line_of = _LineCounter(text)
+
+    def skip_ws(i: int) -> int:
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    pos = skip_ws(text.index("[") + 1)
+    index = 0
+    if pos < n and text[pos] == "]":
+        return
+    while True:
+        line = _line_of(pos)
+        where = f"{path}:{line}: record {index}"
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: record {index}: invalid JSON: {e.msg}") from None
+        yield validate_record(obj, where)
+        index += 1
+        pos = skip_ws(pos)
+        if pos < n and text[pos] == ",":
+            pos = skip_ws(pos + 1)
+        elif pos < n and text[pos] == "]":
+            if skip_ws(pos + 1) != n:
+                raise DataError(f"{path}:{_line_of(pos + 1)}: trailing data after the list")
+            return
+        else:
+            raise DataError(
+                f"{path}:{_line_of(pos)}: after record {index - 1}: expected ',' or ']'"
+            )
+
+
+def _iter_jsonl(text: str, path: Path) -> Iterator[Record]:
+    index = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: record {index}: invalid JSON: {e.msg}") from None
+        yield validate_record(obj, f"{path}:{lineno}: record {index}")
+        index += 1
+
+
+def read_json_records(path: str | Path) -> list[Record]:
+    """All records of a JSON list file or a JSONL file (one object per line).
+
+    The format is detected from the content: a file whose first non-blank character is ``[`` is a
+    JSON list, anything else is read as JSONL (whatever the extension).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"data file {str(path)!r} not found")
+    text = path.read_text(encoding="utf-8-sig")
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(f"{path}: empty data file")
+    if stripped[0] == "[":
+        records = list(_iter_json_list(text, path))
+    else:
+        records = list(_iter_jsonl(text, path))
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records

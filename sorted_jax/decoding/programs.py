@@ -1,0 +1,405 @@
+"""The compiled side of decoding: traced state, and `Programs`, a frozen, hashable value whose
+jitted methods (`prefill`, `loop`, `step`) take it as a static argument.
+
+`Programs` names everything a compiled program depends on (the model shape, the segment
+layout, greedy or sampling, dtypes, attention, the early-exit chunk and the draft window): two
+equal values share their compiled programs, whichever `Decoder` made them, and anything that
+only changes traced inputs (prompts, sampling knobs, EOS ids, thresholds, seeds) reuses them.
+This is Gemma's sampler pattern (`jax.jit(..., static_argnames=("self",))`); one set of jitted
+functions exists per set of XLA compiler options. See `engine` for the algorithms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from sorted_jax.config import LlamaConfig
+from sorted_jax.decoding.options import Plan
+from sorted_jax.decoding.sampling import (
+    SamplingParams,
+    greedy_accept,
+    probs_of,
+    select,
+    speculative_accept,
+    top1_prob,
+)
+from sorted_jax.modeling import KVCache, make_model
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class Control:
+    """Per-call traced knobs (changing them does not recompile)."""
+
+    sampling: SamplingParams
+    eos: Array  # [E] int32 (-1 entries never match)
+    max_new: Array  # [] int32
+    thresholds: Array  # [num_segments] float32 (early exit; the last entry is ignored)
+
+
+@flax.struct.dataclass
+class DecodeState:
+    caches: tuple  # one KVCache per segment
+    hbuf: tuple  # early exit: hidden state after each exit boundary, [B, S, D] per boundary
+    last: Array  # [B] the last generated token (input of the next step)
+    pos: Array  # [B] its position
+    n: Array  # [] tokens generated so far (lockstep, same for all rows)
+    out: Array  # [B, O] generated ids
+    length: Array  # [B] generated length per row (stops growing when the row is done)
+    done: Array  # [B]
+    key: Array
+    draft_len: Array  # [] speculative adaptive window
+    stats: LadderCounts | SpecCounts
+
+
+@flax.struct.dataclass
+class LadderCounts:
+    """Fixed / early exit: tokens per exit (active rows only) and the sum of their layers."""
+
+    exit_hist: Array  # [num_segments] int32
+    exit_layer_sum: Array  # [] int32
+
+
+@flax.struct.dataclass
+class SpecCounts:
+    """Speculative decoding, summed over rounds (see `results.SpeculativeStats`)."""
+
+    rounds: Array
+    drafted: Array
+    accepted: Array
+    committed_drafts: Array
+    draft_passes: Array
+
+    @classmethod
+    def zeros(cls) -> SpecCounts:
+        z = jnp.zeros((), jnp.int32)
+        return cls(z, z, z, z, z)
+
+
+class Stack:
+    """Segments [a, b) of one model; each a `Llama` of b - a layers (same code as training)."""
+
+    def __init__(self, config: LlamaConfig, bounds: tuple[tuple[int, int], ...], dtype: Any,
+                 attention_impl: str):
+        self.config = config
+        self.bounds = bounds
+        self.models = [make_model(config.replace(num_hidden_layers=b - a), dtype=dtype,
+                                  attention_impl=attention_impl) for a, b in bounds]
+
+    def embed(self, params: tuple, ids: Array) -> Array:
+        return self.models[0].apply({"params": params[0]}, ids, method="embed")
+
+    def head(self, params: tuple, h: Array) -> Array:
+        """fp32 logits of h `[B, D]` or `[B, T, D]` through the final norm + lm_head."""
+        x = h[:, None] if h.ndim == 2 else h
+        logits = self.models[0].apply({"params": params[0]}, x, method="head")
+        return (logits[:, 0] if h.ndim == 2 else logits).astype(jnp.float32)
+
+    def run(self, s: int, params: tuple, h: Array, positions: Array, valid: Array | None,
+            cache: KVCache) -> tuple[Array, KVCache]:
+        n = self.bounds[s][1] - self.bounds[s][0]
+        out = self.models[s].apply({"params": params[s]}, h, positions=positions,
+                                   attention_mask=valid, cache=cache, exits=(n,),
+                                   method="run_layers")  # the segment's last state only
+        return out.hidden[-1], out.cache
+
+    def init_caches(self, batch: int, slots: int, dtype: Any) -> tuple:
+        return tuple(KVCache.init(self.config.replace(num_hidden_layers=b - a), batch, slots,
+                                  dtype) for a, b in self.bounds)
+
+
+def _commit(st: DecodeState, y: Array, count: Array, ctl: Control) -> dict:
+    """Append `count` tokens of `y [B, W]` to every unfinished row; EOS / max_new stop rows."""
+    active = ~st.done
+    out = jax.lax.dynamic_update_slice_in_dim(st.out, y, st.n, axis=1)
+    real = jnp.arange(y.shape[1]) < count
+    is_eos = jnp.any(y[..., None] == ctl.eos, axis=-1) & real
+    has_eos = jnp.any(is_eos, axis=1)
+    first = jnp.argmax(is_eos, axis=1).astype(jnp.int32)
+    new_len = jnp.minimum(st.n + jnp.where(has_eos, first + 1, count), ctl.max_new)
+    n = st.n + count
+    return dict(out=out, length=jnp.where(active, new_len, st.length), n=n,
+                done=st.done | has_eos | (n >= ctl.max_new))
+
+
+def _freeze(x: Any) -> Any:
+    """A hashable copy of a JSON-like value (dicts as sorted item tuples, lists as tuples)."""
+    if isinstance(x, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+    if isinstance(x, list | tuple):
+        return tuple(_freeze(v) for v in x)
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The compiled programs of one (model shape, segment layout, kind, greedy, dtypes, ...).
+
+    Build with `Programs.make`, which drops settings a kind does not use (the early-exit chunk
+    of a single segment, the draft window of a ladder), so equal programs compare equal.
+    """
+
+    config: LlamaConfig = dataclasses.field(compare=False)  # hashed through `config_key`
+    bounds: tuple[tuple[int, int], ...]
+    kind: str  # "ladder" | "speculative"
+    greedy: bool
+    dtype: str  # compute dtype name
+    cache_dtype: str
+    attention_impl: str
+    ee_chunk: int
+    max_draft: int
+    compiler_options: tuple[tuple[str, Any], ...] = ()
+    config_key: tuple = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "config_key", _freeze(self.config.to_hf_dict()))
+
+    @classmethod
+    def make(cls, config: LlamaConfig, plan: Plan, *, greedy: bool, dtype: Any, cache_dtype: Any,
+             attention_impl: str, ee_chunk: int, max_draft: int,
+             compiler_options: tuple = ()) -> Programs:
+        ladder = plan.kind == "ladder"
+        return cls(config, plan.bounds, plan.kind, bool(greedy), jnp.dtype(dtype).name,
+                   jnp.dtype(cache_dtype).name, attention_impl,
+                   ee_chunk if ladder and len(plan.bounds) > 1 else 0,
+                   0 if ladder else max_draft, tuple(compiler_options))
+
+    @functools.cached_property
+    def stack(self) -> Stack:
+        return Stack(self.config, self.bounds, jnp.dtype(self.dtype), self.attention_impl)
+
+    @property
+    def exit_layers(self) -> Array:
+        return jnp.asarray([b for _, b in self.bounds], jnp.int32)
+
+    # -- the jitted entry points (`self` is static) ------------------------------------------
+    def prefill(self, params, ids, valid, positions, key, ctl, *, slots: int) -> DecodeState:
+        return _jitted(self.compiler_options)["prefill"](self, params, ids, valid, positions,
+                                                         key, ctl, slots=slots)
+
+    def loop(self, params, st: DecodeState, ctl: Control) -> DecodeState:
+        """The whole decode after `prefill`: one while-loop until every row is done."""
+        return _jitted(self.compiler_options)["loop"](self, params, st, ctl)
+
+    def step(self, params, st: DecodeState, ctl: Control) -> DecodeState:
+        """One token (ladder) or one speculative round (streaming)."""
+        return _jitted(self.compiler_options)["step"](self, params, st, ctl)
+
+    def _advance(self, params, st: DecodeState, ctl: Control) -> DecodeState:
+        fn = self._ladder_step if self.kind == "ladder" else self._spec_round
+        return fn(params, st, ctl)
+
+    def _step(self, params, st: DecodeState, ctl: Control) -> DecodeState:
+        return self._advance(params, st, ctl)
+
+    def _loop(self, params, st: DecodeState, ctl: Control) -> DecodeState:
+        return jax.lax.while_loop(lambda s: (s.n < ctl.max_new) & ~jnp.all(s.done),
+                                  lambda s: self._advance(params, s, ctl), st)
+
+    # -- prefill -----------------------------------------------------------------------------
+    def _prefill(self, params, ids, valid, positions, key, ctl, *, slots: int) -> DecodeState:
+        """Run every segment over the (left-padded) prompts; choose the first token."""
+        stk = self.stack
+        b, p = ids.shape
+        caches = list(stk.init_caches(b, slots, jnp.dtype(self.cache_dtype)))
+        h = stk.embed(params, ids)
+        last_h = []
+        for s in range(len(stk.bounds)):
+            h, caches[s] = stk.run(s, params, h, positions, valid, caches[s])
+            last_h.append(h[:, -1])
+        key, k_sel = jax.random.split(key)
+        stats: LadderCounts | SpecCounts
+        if self.kind == "ladder":
+            logits, exit_idx = self._choose_exit([stk.head(params, x) for x in last_h], ctl,
+                                                 jnp.zeros((b,), bool))
+            stats = self._exit_stats(None, exit_idx, jnp.ones((b,), bool))
+        else:
+            logits = stk.head(params, last_h[-1])
+            stats = SpecCounts.zeros()
+        tok = select(k_sel, logits, ctl.sampling, self.greedy)
+        d = stk.config.hidden_size
+        nbuf = len(stk.bounds) - 1 if self.kind == "ladder" else 0
+        st = DecodeState(
+            caches=tuple(caches),
+            hbuf=tuple(jnp.zeros((b, slots, d), h.dtype) for _ in range(nbuf)),
+            last=tok, pos=positions[:, -1] + 1, n=jnp.zeros((), jnp.int32),
+            out=jnp.zeros((b, slots), jnp.int32), length=jnp.zeros((b,), jnp.int32),
+            done=jnp.zeros((b,), bool), key=key,
+            draft_len=jnp.asarray(min(4, self.max_draft), jnp.int32), stats=stats)
+        return st.replace(**_commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl))
+
+    def _choose_exit(self, logits_per_exit, ctl, decided):
+        """First exit whose top-1 prob passes its threshold (the last always accepts)."""
+        m = len(logits_per_exit)
+        logits, exit_idx = logits_per_exit[-1], jnp.full(decided.shape, m - 1, jnp.int32)
+        for s in reversed(range(m - 1)):
+            ok = top1_prob(logits_per_exit[s]) >= ctl.thresholds[s]
+            logits = jnp.where(ok[:, None], logits_per_exit[s], logits)
+            exit_idx = jnp.where(ok, s, exit_idx)
+        return logits, exit_idx
+
+    def _exit_stats(self, old, exit_idx, active):
+        m = self.exit_layers.shape[0]
+        hist = jnp.sum(jax.nn.one_hot(exit_idx, m, dtype=jnp.int32) * active[:, None], axis=0)
+        layer_sum = jnp.sum(jnp.where(active, self.exit_layers[exit_idx], 0))
+        if old is None:
+            return LadderCounts(hist, layer_sum)
+        return LadderCounts(old.exit_hist + hist, old.exit_layer_sum + layer_sum)
+
+    # -- fixed / early exit ------------------------------------------------------------------
+    def _ladder_step(self, params, st: DecodeState, ctl: Control) -> DecodeState:
+        stk = self.stack
+        m = len(stk.bounds)
+        key, k_sel = jax.random.split(st.key)
+        active = ~st.done
+        caches, hbuf = list(st.caches), list(st.hbuf)
+        cur = caches[0].index
+        h, caches[0] = stk.run(0, params, stk.embed(params, st.last[:, None]),
+                               st.pos[:, None], None, caches[0])
+        logits = stk.head(params, h[:, 0])
+        exit_idx = jnp.zeros(st.last.shape, jnp.int32)
+        if m > 1:
+            hbuf[0] = jax.lax.dynamic_update_slice_in_dim(hbuf[0], h, cur, axis=1)
+            slot_pos = caches[0].positions
+            decided = (top1_prob(logits) >= ctl.thresholds[0]) | ~active
+            for s in range(1, m):
+                has_out = s < m - 1
+
+                def deeper(carry, s=s, has_out=has_out):
+                    cache, hout, logits, decided, exit_idx = carry
+                    cache, hout, h_cur = self._flush(s, params, cache, hbuf[s - 1], hout,
+                                                     slot_pos, cur, has_out)
+                    lg = stk.head(params, h_cur)
+                    take = ~decided
+                    logits = jnp.where(take[:, None], lg, logits)
+                    exit_idx = jnp.where(take, s, exit_idx)
+                    decided = decided | (top1_prob(lg) >= ctl.thresholds[s]) | (s == m - 1)
+                    return cache, hout, logits, decided, exit_idx
+
+                carry = (caches[s], hbuf[s] if has_out else None, logits, decided, exit_idx)
+                carry = jax.lax.cond(jnp.all(decided), lambda c: c, deeper, carry)
+                caches[s], hout, logits, decided, exit_idx = carry
+                if has_out:
+                    hbuf[s] = hout
+        tok = select(k_sel, logits, ctl.sampling, self.greedy)
+        st = st.replace(caches=tuple(caches), hbuf=tuple(hbuf), key=key,
+                        stats=self._exit_stats(st.stats, exit_idx, active))
+        upd = _commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl)
+        return st.replace(last=tok, pos=st.pos + 1, **upd)
+
+    def _flush(self, s, params, cache, hin, hout, slot_pos, cur, has_out):
+        """Run segment s over its pending slots [cache.index, cur]; returns the current
+        token's hidden state after the segment. Pending slots are tokens that exited below
+        this segment: their K/V here are computed now (lazily), exactly as the full model."""
+        stk, w = self.stack, self.ee_chunk
+
+        def single(_):
+            h = jax.lax.dynamic_slice_in_dim(hin, cur, 1, axis=1)
+            p = jax.lax.dynamic_slice_in_dim(slot_pos, cur, 1, axis=1)
+            out, c = stk.run(s, params, h, p, None, cache)
+            ho = jax.lax.dynamic_update_slice_in_dim(hout, out, cur, axis=1) if has_out else None
+            return c, ho, out[:, 0]
+
+        def chunked(_):
+            def body(carry):
+                c, ho, h_cur = carry
+                start = c.index
+                h = jax.lax.dynamic_slice_in_dim(hin, start, w, axis=1)
+                p = jax.lax.dynamic_slice_in_dim(slot_pos, start, w, axis=1)
+                valid = (start + jnp.arange(w) <= cur)[None, :] & (p >= 0)
+                out, c = stk.run(s, params, h, jnp.maximum(p, 0), valid, c)
+                if has_out:
+                    ho = jax.lax.dynamic_update_slice_in_dim(ho, out, start, axis=1)
+                here = jax.lax.dynamic_index_in_dim(out, jnp.clip(cur - start, 0, w - 1),
+                                                    axis=1, keepdims=False)
+                h_cur = jnp.where(cur < start + w, here, h_cur)
+                return c.replace(index=jnp.minimum(start + w, cur + 1)), ho, h_cur
+
+            h0 = jnp.zeros((hin.shape[0], hin.shape[2]), hin.dtype)
+            return jax.lax.while_loop(lambda c: c[0].index <= cur, body, (cache, hout, h0))
+
+        return jax.lax.cond(cache.index == cur, single, chunked, None)
+
+    # -- self-speculative --------------------------------------------------------------------
+    def _spec_round(self, params, st: DecodeState, ctl: Control) -> DecodeState:
+        stk, wd, greedy = self.stack, self.max_draft, self.greedy
+        key, k_draft, k_acc = jax.random.split(st.key, 3)
+        active = ~st.done
+        lo, hi = st.caches
+        b = st.last.shape[0]
+        cur = lo.index
+        n = jnp.minimum(st.draft_len, ctl.max_new - st.n)  # >= 1 inside the loop
+        d, v = stk.config.hidden_size, stk.config.vocab_size
+        dt = self.stack.models[0].dtype
+
+        def draft_body(c):
+            j, cache, tok, hb, drafts, qs, k = c
+            h, cache = stk.run(0, params, stk.embed(params, tok[:, None]),
+                               (st.pos + j)[:, None], None, cache)
+            hb = jax.lax.dynamic_update_slice_in_dim(hb, h, j, axis=1)
+            lg = stk.head(params, h[:, 0])
+            k, sk = jax.random.split(k)
+            tok = select(sk, lg, ctl.sampling, greedy)
+            drafts = jax.lax.dynamic_update_slice_in_dim(drafts, tok[:, None], j, axis=1)
+            if not greedy:
+                qs = jax.lax.dynamic_update_slice_in_dim(
+                    qs, probs_of(lg, ctl.sampling)[:, None], j, axis=1)
+            return j + 1, cache, tok, hb, drafts, qs, k
+
+        init = (jnp.zeros((), jnp.int32), lo, st.last, jnp.zeros((b, wd + 1, d), dt),
+                jnp.zeros((b, wd), jnp.int32),
+                None if greedy else jnp.zeros((b, wd, v), jnp.float32), k_draft)
+        _, lo, d_n, hb, drafts, qs, _ = jax.lax.while_loop(lambda c: c[0] < n, draft_body, init)
+        # Verify: layers [0, k) for the last draft (the draft loop did all earlier ones and
+        # wrote their K/V), then layers [k, L) for the last committed token + n drafts at once.
+        h, lo = stk.run(0, params, stk.embed(params, d_n[:, None]), (st.pos + n)[:, None],
+                        None, lo)
+        hb = jax.lax.dynamic_update_slice_in_dim(hb, h, n, axis=1)
+        idx = jnp.arange(wd + 1)
+        valid = jnp.broadcast_to(idx <= n, (b, wd + 1))
+        hv, hi = stk.run(1, params, hb, st.pos[:, None] + idx, valid, hi)
+        logits = stk.head(params, hv)  # [B, W, V]
+        if greedy:
+            a, corr = greedy_accept(logits, drafts, n)
+        else:
+            a, corr = speculative_accept(k_acc, probs_of(logits, ctl.sampling), qs, drafts, n)
+        mcut = jnp.min(jnp.where(active, a, n))
+        count = mcut + 1
+        d_pad = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
+        nxt = jnp.where(a > mcut, jnp.take(d_pad, mcut, axis=1), corr)
+        y = jnp.where(idx[None, :] < mcut, d_pad, nxt[:, None])
+        n_act = jnp.sum(active.astype(jnp.int32))
+        old = st.stats
+        stats = SpecCounts(rounds=old.rounds + 1, drafted=old.drafted + n * n_act,
+                           accepted=old.accepted + jnp.sum(jnp.where(active, a, 0)),
+                           committed_drafts=old.committed_drafts + mcut * n_act,
+                           draft_passes=old.draft_passes + n + 1)
+        draft_len = jnp.clip(jnp.where(mcut >= n, st.draft_len + 2, st.draft_len - 1), 1, wd)
+        st = st.replace(caches=(lo.replace(index=cur + count), hi.replace(index=cur + count)),
+                        key=key, stats=stats, draft_len=draft_len)
+        upd = _commit(st, y, count, ctl)
+        return st.replace(last=nxt, pos=st.pos + count, **upd)
+
+
+
+@functools.cache
+def _jitted(compiler_options: tuple) -> dict[str, Callable]:
+    """`Programs`' jitted functions for one set of XLA compiler options (`self` static; the
+    decode state is donated to `loop` and `step`)."""
+    opts = dict(compiler_options) or None
+    return {
+        "prefill": jax.jit(Programs._prefill, static_argnames=("self", "slots"),
+                           compiler_options=opts),
+        "loop": jax.jit(Programs._loop, static_argnames=("self",), donate_argnames=("st",),
+                        compiler_options=opts),
+        "step": jax.jit(Programs._step, static_argnames=("self",), donate_argnames=("st",),
+                        compiler_options=opts),
+    }

@@ -1,0 +1,88 @@
+"""What decoding returns: the generated ids and typed statistics, one type per kind of run.
+
+    res = decoder.generate(prompts, mode="speculative")
+    res.tokens                  # list of id lists, EOS included when a row stopped on it
+    res.stats.acceptance_rate   # SpeculativeStats
+
+`FixedStats` (one depth), `EarlyExitStats` (several exits), `SpeculativeStats` share
+`DecodeStats`' fields; `merge` adds up the counts of two runs of the same kind (e.g. batches of
+one command). `stats["name"]` still reads a field, for callers written against the old dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStats:
+    """`mode`, `tokens` (generated, all rows), `seconds` (wall time incl. any compilation)."""
+
+    mode: str
+    tokens: int
+    seconds: float
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            raise KeyError(name) from None
+
+    def merge(self, other: DecodeStats) -> DecodeStats:
+        return dataclasses.replace(self, tokens=self.tokens + other.tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedStats(DecodeStats):
+    """One segment: every token ran the first `layers` layers."""
+
+    layers: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyExitStats(DecodeStats):
+    """Tokens per exit layer (`exit_histogram`), their mean (`avg_exit_layer`), and the
+    thresholds of all exits but the last."""
+
+    avg_exit_layer: float
+    exit_histogram: Mapping[int, int]
+    thresholds: tuple[float, ...]
+
+    def merge(self, other: DecodeStats) -> EarlyExitStats:
+        assert isinstance(other, EarlyExitStats), other
+        hist = {k: self.exit_histogram.get(k, 0) + v for k, v in other.exit_histogram.items()}
+        n = max(sum(hist.values()), 1)
+        return dataclasses.replace(self, tokens=self.tokens + other.tokens, exit_histogram=hist,
+                                   avg_exit_layer=sum(k * v for k, v in hist.items()) / n)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeStats(DecodeStats):
+    """`acceptance_rate` = accepted / drafted (per row, before the lockstep cut);
+    `full_passes` = verify passes + the prefill; `committed_drafts` = drafts kept."""
+
+    draft_layer: int
+    drafted: int
+    accepted: int
+    acceptance_rate: float
+    committed_drafts: int
+    full_passes: int
+    draft_passes: int
+    tokens_per_full_pass: float
+
+    def merge(self, other: DecodeStats) -> SpeculativeStats:
+        assert isinstance(other, SpeculativeStats), other
+        summed = {k: getattr(self, k) + getattr(other, k) for k in (
+            "tokens", "drafted", "accepted", "full_passes", "committed_drafts", "draft_passes")}
+        rate = summed["accepted"] / summed["drafted"] if summed["drafted"] else 0.0
+        return dataclasses.replace(self, acceptance_rate=rate, **summed)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """Generated ids per row (EOS included when a row stopped on it) and the run's stats."""
+
+    tokens: list[list[int]]
+    stats: DecodeStats

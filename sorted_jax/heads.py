@@ -1,0 +1,339 @@
+"""SFT+ICT heads, the paper's baseline as a library: one extra head per exit of a frozen model.
+
+Each exit n gets its own head: a final RMSNorm scale and an lm_head kernel, both initialised
+from the model's shared ones. The trunk (embeddings and decoder layers) is frozen: its hidden
+states are computed under `jax.lax.stop_gradient` and only the heads are handed to the
+optimizer. Loss = mean over exits of each exit's token-mean cross-entropy, computed with the
+same chunked code as SoFT (`soft.exit_losses`, one exit per head).
+
+On disk (`save_ict_dir`), an ICT dir is a model dir that every tool reads as the (unchanged)
+SFT model, plus the heads beside it:
+
+    DIR/config.json, DIR/params/, tokenizer files   the frozen SFT model (`model_io` model dir)
+    DIR/ict_heads/    Orbax pytree {"norm_scale": [K, D], "lm_head_kernel": [K, D, V]}
+    DIR/ict.json      {"exits": [...], "source", "template", "max_len", "data", losses, ...}
+
+`exit_model` gives (params, config) of the sub-model "first n layers + head n" for decoding.
+The command that trains them is `python -m sorted_jax.ict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from sorted_jax import model_io, sharding, soft
+from sorted_jax.config import LlamaConfig
+from sorted_jax.data import DataIterator, save_tokenizer_files
+from sorted_jax.errors import IctError
+from sorted_jax.modeling import Llama, abstract_params, head_weights, make_model
+from sorted_jax.train_step import make_optimizer, to_global_batch
+
+__all__ = ["HEADS_DIR", "ICT_FILE", "HeadsEval", "IctError", "IctHeads", "IctTrainer",
+           "check_heads", "exit_model", "has_heads", "head_exits", "heads_loss_sums",
+           "heads_shardings", "init_heads", "load_heads", "read_meta", "save_ict_dir",
+           "train_heads"]
+
+HEADS_DIR = "ict_heads"
+ICT_FILE = "ict.json"
+Array = jax.Array
+
+
+@dataclasses.dataclass
+class IctHeads:
+    """One head per exit: `norm_scale [K, D]`, `lm_head_kernel [K, D, V]`, for `exits`."""
+
+    exits: tuple[int, ...]
+    norm_scale: Any
+    lm_head_kernel: Any
+
+    def tree(self) -> dict[str, Any]:
+        return {"norm_scale": self.norm_scale, "lm_head_kernel": self.lm_head_kernel}
+
+    def index(self, exit_layer: int) -> int:
+        if exit_layer not in self.exits:
+            raise IctError(f"no ICT head for exit {exit_layer}: the heads were trained for exits "
+                           f"{list(self.exits)}")
+        return self.exits.index(exit_layer)
+
+    def select(self, exits: Sequence[int]) -> IctHeads:
+        idx = [self.index(e) for e in exits]
+        return IctHeads(tuple(exits), self.norm_scale[np.asarray(idx)],
+                        self.lm_head_kernel[np.asarray(idx)])
+
+
+def init_heads(params: Mapping[str, Any], config: LlamaConfig,
+               exits: Sequence[int]) -> IctHeads:
+    """K copies of the model's shared final norm and lm_head (float32)."""
+    exits = soft.resolve_exits(list(exits), config.num_hidden_layers)
+    scale, kernel = head_weights(dict(params), config)
+    scale = np.asarray(scale, np.float32)
+    kernel = np.asarray(kernel, np.float32)
+    k = len(exits)
+    return IctHeads(exits, np.broadcast_to(scale, (k, *scale.shape)).copy(),
+                    np.broadcast_to(kernel, (k, *kernel.shape)).copy())
+
+
+def check_heads(heads: IctHeads, config: LlamaConfig, where: str = "ICT heads") -> None:
+    d, v, k = config.hidden_size, config.vocab_size, len(heads.exits)
+    want = {"norm_scale": (k, d), "lm_head_kernel": (k, d, v)}
+    for name, shape in want.items():
+        got = tuple(np.shape(getattr(heads, name)))
+        if got != shape:
+            raise IctError(f"{where}: {name} has shape {got}, the model (hidden {d}, vocab {v}) "
+                           f"with {k} exits {list(heads.exits)} needs {shape}")
+    try:
+        soft.resolve_exits(list(heads.exits), config.num_hidden_layers)
+    except soft.ExitError as e:
+        raise IctError(f"{where}: {e}") from None
+
+
+def exit_model(params: Mapping[str, Any], config: LlamaConfig, heads: IctHeads | None,
+               exit_layer: int) -> tuple[dict, LlamaConfig]:
+    """(params, config) whose shared norm/lm_head are exit `exit_layer`'s ICT head.
+
+    Run the result's first `exit_layer` layers (e.g. `Decoder(...).generate(mode="fixed",
+    exit_layer=exit_layer)`) for "layers 1..n + head n". Without heads: unchanged.
+    """
+    if heads is None:
+        return dict(params), config
+    k = heads.index(exit_layer)
+    out = dict(params)
+    out["norm"] = {"scale": heads.norm_scale[k]}
+    out["lm_head"] = {"kernel": heads.lm_head_kernel[k]}
+    if config.tie_word_embeddings:  # the head is its own matrix now
+        config = config.replace(tie_word_embeddings=False)
+    return out, config
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def has_heads(path: str | Path) -> bool:
+    return (Path(path) / HEADS_DIR).is_dir()
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    f = Path(path) / ICT_FILE
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise IctError(f"{f}: not valid JSON: {e}") from None
+
+
+def head_exits(path: str | Path) -> tuple[int, ...] | None:
+    """The exits a model dir has ICT heads for (from ict.json), or None when it has none."""
+    p = Path(path)
+    if not has_heads(p):
+        return None
+    meta = read_meta(p)
+    if "exits" not in meta:
+        raise IctError(f"{p / HEADS_DIR} exists but {p / ICT_FILE} with its 'exits' is missing")
+    return tuple(int(e) for e in meta["exits"])
+
+
+def load_heads(path: str | Path, config: LlamaConfig) -> IctHeads | None:
+    """The ICT heads stored in a model dir, or None when it has none."""
+    p = Path(path)
+    exits = head_exits(p)
+    if exits is None:
+        return None
+    tree = model_io.restore_params(p / HEADS_DIR)
+    missing = {"norm_scale", "lm_head_kernel"} - set(tree)
+    if missing:
+        raise IctError(f"{p / HEADS_DIR} lacks {sorted(missing)} (has {sorted(tree)})")
+    heads = IctHeads(exits, np.asarray(tree["norm_scale"]),
+                     np.asarray(tree["lm_head_kernel"]))
+    check_heads(heads, config, where=str(p / HEADS_DIR))
+    return heads
+
+
+def save_ict_dir(out_dir: str | Path, params: Mapping[str, Any], config: LlamaConfig,
+                 heads: IctHeads, tokenizer_spec: str | None, meta: Mapping[str, Any],
+                 overwrite: bool = False) -> Path:
+    """Atomically write the trunk as a model dir, plus `ict_heads/` and `ict.json`."""
+    model_io.check_params(params, config)
+    check_heads(heads, config)
+    with model_io.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        config.to_json_file(tmp / model_io.CONFIG_FILE)
+        if tokenizer_spec:
+            save_tokenizer_files(tokenizer_spec, tmp)
+        model_io.save_params(tmp / model_io.PARAMS_DIR, params)
+        model_io.save_params(tmp / HEADS_DIR, {k: np.asarray(v) for k, v in heads.tree().items()})
+        (tmp / ICT_FILE).write_text(json.dumps({**meta, "exits": list(heads.exits)}, indent=2)
+                                    + "\n")
+    return Path(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-exit-head loss (training and evaluation share it)
+
+
+def heads_loss_sums(hidden: Array, exits: Sequence[int], heads: Mapping[str, Array],
+                    targets: Array, loss_mask: Array, *, eps: float,
+                    rows_per_chunk: int = 4096) -> tuple[Array, soft.ExitSums]:
+    """(sum over exits of each exit's CE sum, per-exit sums), exit k through head k.
+
+    `hidden` is the model's `[L, B, T, D]` stack; each exit's CE is `soft.exit_losses` on its
+    own row with its own (norm scale, kernel): the code SoFT trains and evaluates with.
+    """
+    total = jnp.zeros((), jnp.float32)
+    losses, correct = [], []
+    sums = None
+    for k, e in enumerate(exits):
+        t, sums = soft.exit_losses(hidden[e - 1][None], (1,), heads["norm_scale"][k],
+                                   heads["lm_head_kernel"][k], targets, loss_mask,
+                                   jnp.ones((1,), jnp.float32), eps=eps,
+                                   rows_per_chunk=rows_per_chunk)
+        total = total + t
+        losses.append(sums.loss)
+        correct.append(sums.correct)
+    assert sums is not None, "no exits"
+    return total, soft.ExitSums(loss=jnp.concatenate(losses), correct=jnp.concatenate(correct),
+                                tokens=sums.tokens)
+
+
+def _hidden(model: Llama, params: Any, batch: Mapping[str, Array]) -> Array:
+    out = model.apply({"params": params}, batch["input_ids"],
+                      attention_mask=batch.get("attention_mask"),
+                      segment_ids=batch.get("segment_ids"),
+                      positions=batch.get("positions") if "segment_ids" in batch else None)
+    return jax.lax.stop_gradient(out.hidden)
+
+
+def heads_shardings(mesh: Mesh, rules: sharding.Rules, heads: IctHeads) -> dict:
+    names = {"norm_scale": (None, "embed"), "lm_head_kernel": (None, "embed", "vocab")}
+    return {k: NamedSharding(mesh, sharding.spec_for(names[k], np.shape(v), mesh, rules))
+            for k, v in heads.tree().items()}
+
+
+def params_shardings(model: Llama, mesh: Mesh, rules: sharding.Rules) -> Any:
+    return sharding.tree_shardings(abstract_params(model), mesh, rules)
+
+
+class HeadsEval:
+    """Jitted per-exit sums with per-exit heads: `eval_step(params, heads_tree, batch)`."""
+
+    def __init__(self, model: Llama, exits: Sequence[int], mesh: Mesh,
+                 rules: sharding.Rules = sharding.DEFAULT_RULES, rows_per_chunk: int = 4096):
+        self.model, self.exits = model, tuple(exits)
+        self.mesh, self.rules, self.rows_per_chunk = mesh, rules, rows_per_chunk
+        self._eval = jax.jit(self._eval_step)
+
+    def _eval_step(self, params, heads, batch):
+        hidden = _hidden(self.model, params, batch)
+        return heads_loss_sums(hidden, self.exits, heads, batch["targets"], batch["loss_mask"],
+                               eps=self.model.config.rms_norm_eps,
+                               rows_per_chunk=self.rows_per_chunk)[1]
+
+    def eval_step(self, params: Any, heads: Mapping[str, Array], batch: Mapping[str, Array]
+                  ) -> soft.ExitSums:
+        with sharding.activation_sharding(self.mesh, self.rules):
+            return self._eval(params, heads, batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+class IctTrainer:
+    """Adam on the heads only; the trunk params are an input of the step, never an output."""
+
+    def __init__(self, model: Llama, exits: Sequence[int], tx: optax.GradientTransformation,
+                 mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES,
+                 rows_per_chunk: int = 4096):
+        self.model, self.exits, self.tx = model, tuple(exits), tx
+        self.mesh, self.rules, self.rows_per_chunk = mesh, rules, rows_per_chunk
+        self.batch_shardings = sharding.batch_sharding(mesh, rules)
+        self.params_shardings = params_shardings(model, mesh, rules)
+        self._step = jax.jit(self._train_step, donate_argnums=(1, 2))
+        self._init_opt = jax.jit(tx.init)
+        self._eval_loss = jax.jit(
+            lambda params, heads, batch: self._loss(heads, _hidden(model, params, batch),
+                                                    batch)[0])
+
+    def place(self, params: Any, heads: IctHeads) -> tuple[Any, dict, Any]:
+        """(params, heads tree, optimizer state) on the mesh."""
+        params = jax.device_put(params, self.params_shardings)
+        tree = jax.device_put({k: jnp.asarray(v, jnp.float32) for k, v in heads.tree().items()},
+                              heads_shardings(self.mesh, self.rules, heads))
+        return params, tree, self._init_opt(tree)
+
+    def _loss(self, heads, hidden, batch):
+        total, sums = heads_loss_sums(hidden, self.exits, heads, batch["targets"],
+                                      batch["loss_mask"], eps=self.model.config.rms_norm_eps,
+                                      rows_per_chunk=self.rows_per_chunk)
+        return total / (jnp.maximum(sums.tokens, 1.0) * len(self.exits)), sums
+
+    def _train_step(self, params, heads, opt_state, batch):
+        hidden = _hidden(self.model, params, batch)  # the frozen trunk: no gradient
+        (loss, sums), grads = jax.value_and_grad(self._loss, has_aux=True)(heads, hidden, batch)
+        updates, opt_state = self.tx.update(grads, opt_state, heads)
+        heads = optax.apply_updates(heads, updates)
+        return heads, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                                  **soft.exit_metrics(sums, self.exits)}
+
+    def train_step(self, params, heads, opt_state, batch):
+        with sharding.activation_sharding(self.mesh, self.rules):
+            return self._step(params, heads, opt_state, batch)
+
+    def loss(self, params, heads, batch) -> float:
+        """The heads' mean per-exit loss on one batch (no update)."""
+        with sharding.activation_sharding(self.mesh, self.rules):
+            return float(self._eval_loss(params, heads, batch))
+
+
+def train_heads(params: Any, config: LlamaConfig, dataset: Any, exits: Sequence[int], *,
+                batch_size: int = 32, epochs: float = 1.0, num_steps: int = 0,
+                lr: float = 1e-3, warmup_steps: int = 0, seed: int = 0,
+                buckets: Sequence[int] | None = None, dtype: Any = jnp.float32,
+                mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES,
+                log_every: int = 10, log: Any = None) -> tuple[IctHeads, list[dict]]:
+    """Train per-exit heads on `dataset` (a `TokenizedDataset`); returns (heads, history).
+
+    history: one dict per logged step {"step", "loss", "loss/exit_n", "accuracy/exit_n"}
+    (train-batch values, averaged over the logging window).
+    """
+    exits = soft.resolve_exits(list(exits), config.num_hidden_layers)
+    mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
+    sharding.check_batch_size(batch_size, mesh, rules)
+    it = DataIterator(dataset, batch_size, seed=seed, shuffle=True, buckets=buckets)
+    total = int(num_steps) if num_steps > 0 else max(1, math.ceil(epochs * it.steps_per_epoch))
+    tx, _ = make_optimizer(lr=lr, total_steps=total, warmup_steps=warmup_steps,
+                           schedule="cosine", end_lr_ratio=0.1, weight_decay=0.0)
+    model = make_model(config, dtype=dtype, attention_impl="auto")
+    trainer = IctTrainer(model, exits, tx, mesh, rules)
+    params_dev, heads, opt_state = trainer.place(params, init_heads(params, config, exits))
+    history: list[dict] = []
+    window: list[dict] = []
+    t0 = time.time()
+    for step in range(1, total + 1):
+        batch = to_global_batch(next(it), trainer.batch_shardings)
+        heads, opt_state, metrics = trainer.train_step(params_dev, heads, opt_state, batch)
+        window.append(metrics)
+        if step % log_every == 0 or step == total or step == 1:
+            host = [jax.device_get(m) for m in window]
+            mean = {k: float(np.mean([h[k] for h in host])) for k in host[0] if k != "tokens"}
+            history.append({"step": step, **mean})
+            window = []
+            if log is not None:
+                log(f"ict step {step}/{total}: loss {mean['loss']:.4f} | "
+                    + " ".join(f"e{e} {mean[f'loss/exit_{e}']:.3f}" for e in exits)
+                    + f" ({time.time() - t0:.0f}s)")
+    host = jax.device_get(heads)
+    return IctHeads(exits, np.asarray(host["norm_scale"]),
+                    np.asarray(host["lm_head_kernel"])), history

@@ -1,0 +1,487 @@
+"""A training run, resolved: the command line parsed, the config validated and resolved into one
+frozen, device-free `RunSpec`; and a run's recorded settings read back (`RunSettings`).
+
+    config, workdir = parse_args(sys.argv)   # the schema is `train_config.default_config`
+    spec = resolve(config, workdir)          # every check that needs no device; nothing compiled
+
+`resolve` checks every field, picks the model config (the run's own when resuming, else
+`init_from`'s, else the preset with its overrides), the exit set and its weights, the eval
+exits, the tokenizer and the step to resume from. What needs devices (the mesh, batch sizes per
+process) or data (steps per epoch) is the trainer's. `load_data` reads the records.
+
+`RunSettings` is what a finished run recorded beside its weights, read by one reader for both
+kinds of run: a training workdir's `train_config.json` (the full config of its latest launch)
+and an SFT+ICT dir's `ict.json`. A field is None when the run did not record it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from sorted_jax import model_io, modeling, soft
+from sorted_jax.config import PRESETS, LlamaConfig, preset
+from sorted_jax.data import (
+    TEMPLATES,
+    DataError,
+    SourceError,
+    TokenizedDataset,
+    Tokenizer,
+    holdout_split,
+    open_records,
+    save_tokenizer_files,
+    spec_kind,
+    tokenize_records,
+)
+from sorted_jax.errors import TrainConfigError
+from sorted_jax.modeling import DTYPES
+from sorted_jax.sharding import Rules, rules_from_config
+
+TRAIN_CONFIG_FILE = "train_config.json"
+TOKENIZER_DIR = "tokenizer"
+MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+# Fields that fix the shapes of the weights: they must agree with weights being loaded.
+ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "dim_per_head", "tie_word_embeddings")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
+    fv = flags.FlagValues()
+    # sys_argv: config_flags defines one flag per override it finds in these args.
+    config_flags.DEFINE_config_file(
+        "config", None, "training config file, e.g. configs/tiny.py", flag_values=fv,
+        lock_config=True, sys_argv=list(argv))
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs); re-run to resume",
+                        flag_values=fv)
+    return fv
+
+
+def _override_keys(argv: Sequence[str]) -> list[str]:
+    return [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+
+
+def _unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str | None:
+    """A clear message if `key` ("config.optim.lrr") is not a field of `config`, else None."""
+    node: Any = config
+    parts = key.split(".")[1:]
+    for i, part in enumerate(parts):
+        if isinstance(node, ml_collections.ConfigDict) and part in node:
+            node = node[part]
+            continue
+        where = ".".join(["config", *parts[:i]])
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"unknown config key '{key}': '{where}' is a value, not a group"
+        known = sorted(node.keys())
+        close = difflib.get_close_matches(part, known, n=1)
+        hint = f" Did you mean '{where}.{close[0]}'?" if close else ""
+        return (f"unknown config key '{key}'.{hint} Fields of '{where}': {', '.join(known)} "
+                "(see sorted_jax/train_config.py)")
+    return None
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
+    """(config with overrides applied, workdir) from `argv` (argv[0] is the program name)."""
+    argv = list(argv)
+    fv = _flag_values(argv)
+    try:
+        rest = fv(argv)
+    except (AttributeError, KeyError, flags.Error) as e:
+        # ml_collections reports an unknown override as a bare KeyError: find it and explain.
+        plain = [a for a in argv if not a.startswith("--config.")]
+        base = _flag_values(plain)
+        try:
+            base(plain)
+            config = base.config
+        except Exception:  # the config file itself is broken: its own message is the best
+            config = None
+        if config is not None:
+            for key in _override_keys(argv):
+                msg = _unknown_key_message(config, key)
+                if msg:
+                    raise TrainConfigError(msg) from None
+        raise TrainConfigError(f"bad command line: {e}") from None
+    if len(rest) > 1:
+        raise TrainConfigError(f"unexpected arguments {rest[1:]}; use --config=... "
+                               "--workdir=... [--config.key=value ...]")
+    if fv.config is None:
+        raise TrainConfigError("--config is required, e.g. --config=configs/tiny.py")
+    if not fv.workdir:
+        raise TrainConfigError("--workdir is required: where checkpoints and logs go")
+    return fv.config, fv.workdir
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and resolution (no devices, nothing compiled)
+
+
+def check_static(c: ml_collections.ConfigDict) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise TrainConfigError(msg)
+
+    for name in ("batch_size", "grad_accum", "log_every", "loss_rows_per_chunk"):
+        need(int(c[name]) >= 1, f"{name} must be >= 1, got {c[name]}")
+    for name in ("num_steps", "eval_every", "eval_batches", "eval_batch_size",
+                 "checkpoint_every", "keep_checkpoints"):
+        need(int(c[name]) >= 0, f"{name} must be >= 0, got {c[name]}")
+    need(c.max_len >= 2, f"max_len must be >= 2, got {c.max_len}")
+    need(c.num_steps > 0 or c.epochs > 0, "set num_steps > 0 or epochs > 0")
+    need(c.batch_size % c.grad_accum == 0,
+         f"batch_size={c.batch_size} is not divisible by grad_accum={c.grad_accum}")
+    for name in ("dtype", "param_dtype"):
+        need(c[name] in DTYPES, f"{name} must be one of {sorted(DTYPES)}, got {c[name]!r}")
+    need(c.optim.mu_dtype == "" or c.optim.mu_dtype in DTYPES,
+         f"optim.mu_dtype must be '' or one of {sorted(DTYPES)}, got {c.optim.mu_dtype!r}")
+    need(c.attention_impl in modeling.ATTENTION_IMPLEMENTATIONS,
+         f"attention_impl must be one of {modeling.ATTENTION_IMPLEMENTATIONS}, "
+         f"got {c.attention_impl!r}")
+    need(c.remat_policy in modeling.REMAT_POLICY_NAMES,
+         f"remat_policy must be one of {modeling.REMAT_POLICY_NAMES}, got {c.remat_policy!r}")
+    need(c.optim.schedule in SCHEDULES,
+         f"optim.schedule must be one of {SCHEDULES}, got {c.optim.schedule!r}")
+    need(c.optim.lr > 0, f"optim.lr must be > 0, got {c.optim.lr}")
+    need(c.data.template in TEMPLATES,
+         f"data.template must be one of {sorted(TEMPLATES)}, got {c.data.template!r}")
+    need(len(tuple(c.mesh.shape)) == 3,
+         f"mesh.shape needs 3 entries (data, fsdp, tensor), got {tuple(c.mesh.shape)} (a "
+         "--config.mesh.shape override given twice is concatenated by ml_collections)")
+    need(isinstance(c.exits, str) and c.exits.strip() != "",
+         "exits is empty: give layer numbers like '12,16,20', 'default', 'all' or 'last'")
+    if c.model.preset:
+        need(c.model.preset in PRESETS,
+             f"unknown model.preset {c.model.preset!r}; known: {', '.join(PRESETS)}")
+
+
+def _arch_diff(a: LlamaConfig, b: LlamaConfig) -> list[str]:
+    return [f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in ARCH_FIELDS
+            if getattr(a, f) != getattr(b, f)]
+
+
+def requested_model_config(c: ml_collections.ConfigDict) -> LlamaConfig | None:
+    """The preset with its overrides, or None when model.preset is empty."""
+    overrides = {k: int(c.model[k]) for k in MODEL_OVERRIDES if int(c.model[k])}
+    if not c.model.preset:
+        if overrides:
+            raise TrainConfigError(f"model overrides {overrides} need a model.preset")
+        return None
+    return preset(c.model.preset).replace(**overrides)
+
+
+def resolve_model_config(c: ml_collections.ConfigDict, workdir: Path,
+                         resuming: bool) -> tuple[LlamaConfig, str]:
+    """(model config, where it came from): the run's own (resume) > init_from's > the preset."""
+    wanted = requested_model_config(c)
+    if resuming:
+        source, loaded = f"{workdir / model_io.CONFIG_FILE} (resuming)", model_io.load_config(
+            workdir)
+    elif c.init_from:
+        model_io.require_filesystem_path(c.init_from, "init_from")
+        if not Path(c.init_from).exists():
+            raise TrainConfigError(f"init_from={c.init_from!r} does not exist")
+        source, loaded = f"init_from={c.init_from}", model_io.load_config(c.init_from)
+    else:
+        if wanted is None:
+            raise TrainConfigError("model.preset is empty and there is no init_from to take the "
+                                   "model from: set one of them")
+        return wanted, f"preset {c.model.preset!r}"
+    if wanted is not None:
+        diff = _arch_diff(wanted, loaded)
+        if diff:
+            raise TrainConfigError(
+                f"the model of {source} does not match model.preset={c.model.preset!r} with its "
+                f"overrides ({'; '.join(diff)}); set --config.model.preset= (empty) to take the "
+                "architecture from the weights, or fix the preset")
+        if c.model.max_position_embeddings:
+            loaded = loaded.replace(max_position_embeddings=int(c.model.max_position_embeddings))
+    return loaded, source
+
+
+def tokenizer_spec(c: ml_collections.ConfigDict, workdir: Path, resuming: bool) -> str:
+    if c.data.tokenizer:
+        return c.data.tokenizer
+    candidates = [workdir / TOKENIZER_DIR] if resuming else []
+    if c.init_from:
+        candidates += [Path(c.init_from), Path(c.init_from) / TOKENIZER_DIR]
+    for cand in candidates:
+        if model_io.find_tokenizer_files(cand):  # the builtin marker file is one of them
+            return str(cand)
+    where = (f"no tokenizer files were found in {', '.join(str(x) for x in candidates)}"
+             if candidates else "init_from is not set")
+    raise TrainConfigError(
+        f"data.tokenizer is empty and {where}; set --config.data.tokenizer to 'builtin', a "
+        "SentencePiece .model file (LLaMA-2: the base model's tokenizer.model) or a tokenizer dir")
+
+
+def parse_floats(text: str, name: str) -> list[float] | None:
+    if not text.strip():
+        return None
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise TrainConfigError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def parse_ints(text: str, name: str) -> list[int] | None:
+    values = parse_floats(text, name)
+    if values is None:
+        return None
+    if any(v != int(v) for v in values):
+        raise TrainConfigError(f"{name} must be integers, got {text!r}")
+    return [int(v) for v in values]
+
+
+def latest_step(workdir: Path) -> int | None:
+    """The last finished checkpoint step of a workdir, or None for a fresh run."""
+    steps = model_io.workdir_steps(workdir)
+    if steps and not (workdir / model_io.CONFIG_FILE).is_file():
+        raise TrainConfigError(f"{workdir} has checkpoints but no {model_io.CONFIG_FILE}: it "
+                               "cannot be resumed; use another workdir")
+    return steps[-1] if steps else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the resolved spec
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything a run needs that neither devices nor the data size decide, checked."""
+
+    config: ml_collections.FrozenConfigDict  # the full config, overrides applied
+    workdir: Path  # absolute
+    resume_step: int | None  # the workdir's last checkpoint; None for a fresh run
+    model_config: LlamaConfig
+    model_source: str  # where the model config came from, for the log
+    exits: tuple[int, ...]
+    exit_weights: tuple[float, ...]
+    eval_exits: tuple[int, ...]
+    tokenizer_spec: str
+    buckets: tuple[int, ...] | None  # padded sequence lengths; None = powers of two
+    mesh_shape: tuple[int, int, int]
+    rules: Rules
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume_step is not None
+
+    @property
+    def eval_batch_size(self) -> int:
+        c = self.config
+        return int(c.eval_batch_size) or int(c.batch_size) // int(c.grad_accum)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        c = self.config
+        return int(c.num_steps) if c.num_steps > 0 else max(
+            1, math.ceil(c.epochs * steps_per_epoch))
+
+    def warmup_steps(self, total_steps: int) -> int:
+        o = self.config.optim
+        return int(o.warmup_steps) if o.warmup_steps >= 0 else round(
+            o.warmup_ratio * total_steps)
+
+    def write_files(self) -> None:
+        """The run's record in its workdir: the model config (kept when resuming), the full
+        training config of this launch, the tokenizer files."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config_file = self.workdir / model_io.CONFIG_FILE
+        if not self.resuming or not config_file.is_file():
+            self.model_config.to_json_file(config_file)
+        (self.workdir / TRAIN_CONFIG_FILE).write_text(self.config.to_json_best_effort(indent=2))
+        tok_dir = self.workdir / TOKENIZER_DIR
+        if Path(self.tokenizer_spec).absolute() != tok_dir.absolute():
+            save_tokenizer_files(self.tokenizer_spec, tok_dir)
+
+    def checkpoint_meta(self, step: int, total_steps: int, process_count: int) -> dict:
+        """The `meta` item saved with each checkpoint."""
+        return {
+            "step": int(step), "total_steps": int(total_steps), "exits": list(self.exits),
+            "eval_exits": list(self.eval_exits), "exit_weights": list(self.exit_weights),
+            "model_config": self.model_config.to_hf_dict(), "model_source": self.model_source,
+            "tokenizer": self.tokenizer_spec, "process_count": process_count,
+            "train_config": json.loads(self.config.to_json_best_effort()), "time": time.time(),
+        }
+
+    def changed_fields(self, saved: Mapping[str, Any]) -> list[str]:
+        """Top-level config fields that matter for a resumed run and differ from `saved` (the
+        train config a checkpoint was written with)."""
+        now = json.loads(self.config.to_json_best_effort())
+        return [k for k in ("exits", "seed", "batch_size", "max_len", "data", "model")
+                if k in saved and saved[k] != now.get(k)]
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        mc = self.model_config
+        if tokenizer.vocab_size > mc.vocab_size:
+            raise TrainConfigError(
+                f"the tokenizer {self.tokenizer_spec!r} has {tokenizer.vocab_size} ids but "
+                f"the model's vocab_size is {mc.vocab_size}: ids past the embedding would be "
+                "silently clamped; use a matching tokenizer or set model.vocab_size")
+
+
+def resolve(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSpec:
+    """Validate `config` and resolve it for `workdir` (reads only config and tokenizer files)."""
+    c = config
+    wd = model_io.require_filesystem_path(workdir, "--workdir").absolute()
+    check_static(c)
+    resume_step = latest_step(wd)
+    mc, source = resolve_model_config(c, wd, resume_step is not None)
+    big_l = mc.num_hidden_layers
+    exits, weights = soft.resolve_exit_set(
+        c.exits, parse_floats(c.exit_weights, "exit_weights"), big_l)
+    eval_exits = soft.resolve_exits(c.eval_exits, big_l) if c.eval_exits.strip() else exits
+    if c.max_len > mc.max_position_embeddings:
+        raise TrainConfigError(f"max_len={c.max_len} exceeds the model's "
+                               f"max_position_embeddings={mc.max_position_embeddings}")
+    buckets = parse_ints(c.data.buckets, "data.buckets")
+    return RunSpec(
+        config=ml_collections.FrozenConfigDict(c), workdir=wd, resume_step=resume_step,
+        model_config=mc, model_source=source, exits=tuple(exits),
+        exit_weights=tuple(float(w) for w in weights), eval_exits=tuple(eval_exits),
+        tokenizer_spec=tokenizer_spec(c, wd, resume_step is not None),
+        buckets=None if buckets is None else tuple(buckets),
+        mesh_shape=tuple(int(x) for x in c.mesh.shape), rules=rules_from_config(c.mesh.rules))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _read_records(spec: str, split: str, c: ml_collections.ConfigDict, what: str) -> list:
+    try:
+        return open_records(spec, split, data_dir=c.data.tfds_data_dir or None,
+                            seed=c.data.seed)
+    except SourceError as e:
+        raise e.prefixed(f"{what}=") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    train: TokenizedDataset
+    eval: TokenizedDataset | None
+    train_records: int
+    eval_records: int
+
+
+def load_data(c: ml_collections.ConfigDict, tokenizer: Tokenizer) -> RunData:
+    """The run's train and eval records, tokenized (eval: held out of the train records,
+    another source, or the train source's own eval split)."""
+    records = _read_records(c.data.train, c.data.train_split, c, "data.train")
+    if c.data.max_records:
+        records = records[:c.data.max_records]
+    eval_records = None
+    if c.data.eval_holdout > 0:
+        try:
+            records, eval_records = holdout_split(records, c.data.eval_holdout, c.data.seed)
+        except DataError as e:
+            raise e.prefixed("data.eval_holdout: ") from None
+    elif c.data.eval == "none":
+        eval_records = None
+    elif c.data.eval:
+        eval_records = _read_records(c.data.eval, c.data.eval_split, c, "data.eval")
+    elif spec_kind(c.data.train) != "file":  # builtin and TFDS sources have an eval split
+        eval_records = _read_records(c.data.train, c.data.eval_split, c, "data.eval")
+    train = tokenize_records(records, tokenizer, c.max_len, c.data.template)
+    if len(train) == 0:
+        raise TrainConfigError(f"data.train={c.data.train!r}: no record fits max_len="
+                               f"{c.max_len} (every prompt is too long)")
+    ev = None
+    if eval_records:
+        ev = tokenize_records(eval_records, tokenizer, c.max_len, c.data.template)
+        ev = ev if len(ev) else None
+    return RunData(train, ev, len(records), len(eval_records or []))
+
+
+# ---------------------------------------------------------------------------------------------
+# what a run recorded
+
+
+def _int_list(value: Any) -> list[int] | None:
+    """[128, 256] from "128,256" or a list; None for "" / None / anything unreadable."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, list | tuple):
+        return [int(x) for x in value]
+    try:
+        return [int(x) for x in str(value).replace(" ", "").split(",") if x]
+    except ValueError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What a training (or SFT+ICT) run recorded; None = not recorded."""
+
+    data: str | None = None  # the training data spec
+    template: str | None = None
+    max_len: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    dtype: str | None = None  # compute dtype
+    eval_holdout: int = 0  # records of a JSON file held out as the eval set
+    data_seed: int = 0
+    buckets: list[int] | None = None
+    train_exits: str | None = None  # the exit-set spec trained (SoFT / SFT runs)
+    eval_exits: str | None = None
+    tokenizer: str | None = None  # the tokenizer spec the run was given
+
+    @classmethod
+    def from_train_config(cls, c: Mapping[str, Any]) -> RunSettings:
+        """From a `train_config.json` dict (a config's `to_json_best_effort`)."""
+        data = c.get("data", {})
+        optim = c.get("optim", {})
+        return cls(
+            data=data.get("train"), template=data.get("template"), max_len=c.get("max_len"),
+            batch_size=c.get("batch_size"), lr=optim.get("lr"), dtype=c.get("dtype"),
+            eval_holdout=int(data.get("eval_holdout", 0) or 0),
+            data_seed=int(data.get("seed", 0) or 0), buckets=_int_list(data.get("buckets")),
+            train_exits=c.get("exits"), eval_exits=c.get("eval_exits"),
+            tokenizer=data.get("tokenizer"))
+
+    @classmethod
+    def from_ict_meta(cls, m: Mapping[str, Any]) -> RunSettings:
+        """From an SFT+ICT dir's `ict.json` (its heads' exits are `heads.head_exits`)."""
+        return cls(
+            data=m.get("data"), template=m.get("template"), max_len=m.get("max_len"),
+            batch_size=m.get("batch_size"), lr=m.get("lr"), dtype=m.get("dtype"),
+            eval_holdout=int(m.get("holdout", 0) or 0), data_seed=int(m.get("data_seed", 0) or 0),
+            buckets=_int_list(m.get("buckets")))
+
+
+def read_run_settings(path: str | Path, ict_meta: Mapping[str, Any] | None = None
+                      ) -> RunSettings:
+    """The settings recorded in `path`: its `ict.json` (`ict_meta`, already read) when it is an
+    SFT+ICT dir, else its `train_config.json`; empty settings when it has neither (a converted
+    model dir) or the file is not a JSON object."""
+    if ict_meta:
+        return RunSettings.from_ict_meta(ict_meta)
+    f = Path(path) / TRAIN_CONFIG_FILE
+    if not f.is_file():
+        return RunSettings()
+    try:
+        c = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return RunSettings()
+    if not isinstance(c, Mapping) or not all(
+            isinstance(c.get(k, {}), Mapping) for k in ("data", "optim")):
+        return RunSettings()
+    return RunSettings.from_train_config(c)
+
+
+def mu_dtype_of(c: ml_collections.ConfigDict) -> Any:
+    """Adam's first-moment dtype (`optim.mu_dtype`; None = that of the fp32 master weights)."""
+    return DTYPES[c.optim.mu_dtype] if c.optim.mu_dtype else None

@@ -1,0 +1,109 @@
+"""Shared test fixtures-as-values: the tiny model configs, random weights, tiny model dirs, the
+small training command line and XLA's cheap compile options (one place instead of one copy
+per test file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sorted_jax.config import LlamaConfig, preset
+from sorted_jax.modeling import abstract_params, make_model
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO.parent / "shared" / "assets"
+TINY_CONFIG_FILE = REPO / "configs" / "tiny.py"
+
+# Decoders and reference functions compile with XLA's cheap optimisation level (tiny models).
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+# -- model configs ----------------------------------------------------------------------------
+
+# The byte tokenizer's vocab (264), 4 layers of width 32: ICT, evaluate, command errors.
+BYTE_4L = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+# The byte tokenizer's vocab, width 64 and a 96-position context: the generate CLI.
+BYTE_4L_W64 = LlamaConfig(vocab_size=264, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=96, bos_token_id=1, eos_token_id=2)
+# Decoding: grouped-query (4 layers) and multi-head (6 layers) attention, a 16-token vocab.
+GQA_4L = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                     eos_token_id=2)
+MHA_6L = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=6,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                     eos_token_id=2)
+SMALL_VOCAB_4L = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                             max_position_embeddings=32, eos_token_id=None)
+# model_io: 2 layers, a vocab that is not the tokenizer's.
+IO_2L = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+
+
+# The memory planner: 2 layers, width 64, full multi-head attention.
+PLAN_2L = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4)
+
+
+def tiny_config(kv: int = 4, tied: bool = False, layers: int = 3, vocab: int = 128,
+                **kw) -> LlamaConfig:
+    """Conversion tests' model: width 64, 4 heads, `kv` kv heads, `layers` layers."""
+    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv,
+                       tie_word_embeddings=tied, max_position_embeddings=64, **kw)
+
+
+# -- training ---------------------------------------------------------------------------------
+
+# A 2-layer, width-32 model on the builtin data: compiles in seconds on 2 cores.
+TRAIN_SMALL = [
+    "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
+    "--config.model.num_hidden_layers=2", "--config.model.num_attention_heads=2",
+    "--config.model.num_key_value_heads=1", "--config.exits=1,2", "--config.eval_exits=",
+    "--config.batch_size=8", "--config.eval_batches=2", "--config.eval_at_start=False",
+    "--config.optim.schedule=constant",
+    "--config.optim.warmup_steps=0", "--config.optim.lr=3e-3", "--config.data.max_records=400",
+]
+TRAIN_SMALL_CONFIG = preset("tiny").replace(vocab_size=264, hidden_size=32,
+                                            intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1)
+
+
+# -- weights and model dirs -------------------------------------------------------------------
+
+def random_params(config: LlamaConfig, seed: int = 0, *, std: float = 0.1,
+                  as_jax: bool = False) -> dict:
+    """float32 weights ~ N(0, std); norm scales ~ 1 + N(0, 0.2) (ones would hide a skipped or
+    doubled norm). numpy leaves, or jax arrays with `as_jax`; no compilation."""
+    shapes = nn.unbox(abstract_params(make_model(config)))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        if "scale" in jax.tree_util.keystr(path):
+            v = (1.0 + 0.2 * rng.standard_normal(x.shape)).astype(np.float32)
+        else:
+            v = (std * rng.standard_normal(x.shape)).astype(np.float32)
+        return jnp.asarray(v) if as_jax else v
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def tiny_model_dir(path: Path, config: LlamaConfig = BYTE_4L, seed: int = 0) -> Path:
+    """A model dir of random weights with the builtin (byte) tokenizer."""
+    from sorted_jax.data.tokenizers import save_tokenizer_files
+    from sorted_jax.model_io import save_model_dir
+
+    save_model_dir(path, random_params(config, seed), config)
+    save_tokenizer_files("builtin", path)
+    return path
+
+
+def one_device_mesh():
+    from sorted_jax.sharding import make_mesh
+
+    return make_mesh((1, 1, 1), jax.devices()[:1])

@@ -1,0 +1,95 @@
+"""The resolved run spec: every file in configs/ parses and resolves (no device, nothing
+compiled) to the paper's recipe; the spec is frozen; what a run records reads back as typed
+settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from helpers import REPO
+
+from sorted_jax import run_spec
+from sorted_jax.config import preset
+from sorted_jax.data import save_tokenizer_files
+from sorted_jax.errors import TrainConfigError
+
+CONFIGS = sorted((REPO / "configs").glob("*.py"))
+SOFT_7B = (12, 16, 20, 24, 28, 32)  # the paper's exit sets (Sec. 4)
+SOFT_13B = (12, 16, 20, 24, 28, 32, 36, 40)
+EXPECTED = {  # config file -> (preset, exits, eval exits)
+    "tiny.py": ("tiny", (2, 4, 6, 8), (2, 4, 6, 8)),
+    "soft_7b.py": ("llama2-7b", SOFT_7B, SOFT_7B),
+    "sft_7b.py": ("llama2-7b", (32,), SOFT_7B),
+    "soft_13b.py": ("llama2-13b", SOFT_13B, SOFT_13B),
+}
+
+
+def test_every_config_file_is_covered():
+    assert sorted(p.name for p in CONFIGS) == sorted(EXPECTED)
+
+
+def _base_model_dir(path, name: str):
+    """A stand-in for `init_from`: the preset's config.json and a tokenizer, no weights."""
+    path.mkdir()
+    preset(name).to_json_file(path / "config.json")
+    save_tokenizer_files("builtin", path)
+    return path
+
+
+@pytest.mark.parametrize("config_file", CONFIGS, ids=lambda p: p.name)
+def test_config_file_resolves(config_file, tmp_path):
+    name, exits, eval_exits = EXPECTED[config_file.name]
+    argv = ["train", f"--config={config_file}", f"--workdir={tmp_path / 'run'}"]
+    config, workdir = run_spec.parse_args(argv)
+    if config.data.tokenizer == "":  # the paper's configs take the tokenizer from init_from
+        base = _base_model_dir(tmp_path / "base", name)
+        config, workdir = run_spec.parse_args([*argv, f"--config.init_from={base}"])
+    spec = run_spec.resolve(config, workdir)
+    assert spec.model_config.num_hidden_layers == preset(name).num_hidden_layers
+    assert spec.exits == exits and spec.eval_exits == eval_exits
+    assert len(spec.exit_weights) == len(exits) and len(set(spec.exit_weights)) == 1  # mean
+    assert spec.resume_step is None and not spec.resuming
+    c = spec.config
+    assert c.max_len <= spec.model_config.max_position_embeddings
+    assert c.batch_size % c.grad_accum == 0
+    if name != "tiny":  # the paper's recipe: Alpaca, lr 2e-5 cosine, 2 epochs, batch 32
+        assert (c.data.train, c.data.template, c.optim.lr, c.optim.schedule, c.epochs,
+                c.batch_size) == ("tfds:stanford_alpaca", "alpaca", 2e-5, "cosine", 2.0, 32)
+        assert spec.tokenizer_spec == str(tmp_path / "base")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.exits = (1,)  # type: ignore[misc]
+    with pytest.raises((AttributeError, TypeError)):
+        spec.config.batch_size = 1  # a FrozenConfigDict
+
+
+def test_resolution_errors_are_train_config_errors(tmp_path):
+    argv = ["train", f"--config={REPO / 'configs' / 'tiny.py'}", f"--workdir={tmp_path / 'r'}"]
+    config, workdir = run_spec.parse_args([*argv, "--config.exit_weights=1,x"])
+    with pytest.raises(TrainConfigError, match="exit_weights must be comma-separated numbers"):
+        run_spec.resolve(config, workdir)
+    config, workdir = run_spec.parse_args([*argv, "--config.model.preset="])
+    with pytest.raises(TrainConfigError, match="need a model.preset"):
+        run_spec.resolve(config, workdir)
+
+
+def test_recorded_settings_read_back(tmp_path):
+    argv = ["train", f"--config={REPO / 'configs' / 'tiny.py'}", f"--workdir={tmp_path / 'r'}",
+            "--config.data.buckets=40,48", "--config.data.eval_holdout=0"]
+    spec = run_spec.resolve(*run_spec.parse_args(argv))
+    spec.write_files()
+    s = run_spec.read_run_settings(spec.workdir)
+    assert (s.data, s.template, s.max_len, s.batch_size, s.dtype, s.buckets, s.train_exits,
+            s.eval_exits, s.tokenizer) == ("builtin", "plain", 48, 32, "float32", [40, 48],
+                                           "2,4,6,8", "2,4,6,8", "builtin")
+    assert s.lr == pytest.approx(3e-3) and s.eval_holdout == 0 and s.data_seed == 0
+    meta = spec.checkpoint_meta(5, 10, 1)
+    assert meta["exits"] == [2, 4, 6, 8] and meta["train_config"]["max_len"] == 48
+    assert spec.changed_fields(meta["train_config"]) == []
+    assert spec.changed_fields({**meta["train_config"], "seed": 9}) == ["seed"]
+    ict = run_spec.read_run_settings(tmp_path, {"data": "d.json", "holdout": 3, "buckets": [8]})
+    assert (ict.data, ict.eval_holdout, ict.buckets, ict.train_exits) == ("d.json", 3, [8], None)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / run_spec.TRAIN_CONFIG_FILE).write_text(json.dumps([1, 2]))
+    assert run_spec.read_run_settings(tmp_path / "broken") == run_spec.RunSettings()

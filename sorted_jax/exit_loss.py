@@ -14,8 +14,8 @@ rows are cut into balanced chunks (the last chunk overlaps the previous one and 
 overlap), so any sequence length works without degenerate chunks.
 
 **Vocab parallel.** When the head's vocab axis is split over a mesh axis (`tensor`), each
-device keeps its `[rows, V/tp]` logits: the logsumexp, the target logit and the argmax are
-reductions over that axis (`pmax`/`psum`/`pmin` of `[rows]` vectors), never a gather of
+device keeps its `[rows, V/tp]` logits: the logsumexp, the target logit and the row maximum are
+reductions over that axis (`pmax`/`psum` of `[rows]` vectors), never a gather of
 `[rows, V]`. The hidden-state gradient is a partial sum per vocab shard and is reduced once
 after the loop (it is linear in the logits' gradient).
 
@@ -128,7 +128,13 @@ class _Static:
 
 def _vocab_stats(logits: Array, targets: Array, offset: Array | int,
                  axis: str | None) -> tuple[Array, Array, Array]:
-    """(logsumexp, target logit, argmax) of `[rows, V_local]` logits over the whole vocab."""
+    """(logsumexp, target logit, target is a top-1) of `[rows, V_local]` logits, whole vocab.
+
+    "Top-1" compares the target's logit with the row maximum the logsumexp needs anyway, so the
+    accuracy metric costs no argmax pass over `[rows, V]` (a variadic reduce, slow on CPU) and no
+    extra collective under a vocab split. A target tied with another maximal logit counts as a
+    hit (`jnp.argmax` would pick the lower index); ties of float logits are rare.
+    """
     v_local = logits.shape[-1]
     local_max = jnp.max(logits, axis=-1)
     top = local_max if axis is None else jax.lax.pmax(local_max, axis)
@@ -138,13 +144,10 @@ def _vocab_stats(logits: Array, targets: Array, offset: Array | int,
     target_logit = jnp.take_along_axis(logits, jnp.clip(local_t, 0, v_local - 1)[:, None],
                                        axis=-1)[:, 0]
     target_logit = jnp.where(inside, target_logit, 0.0)
-    arg = (jnp.argmax(logits, axis=-1) + offset).astype(jnp.int32)
     if axis is not None:
         sum_exp = jax.lax.psum(sum_exp, axis)
         target_logit = jax.lax.psum(target_logit, axis)
-        # The smallest index among the shards holding the global maximum (= jnp.argmax).
-        arg = jax.lax.pmin(jnp.where(local_max == top, arg, jnp.iinfo(jnp.int32).max), axis)
-    return top + jnp.log(sum_exp), target_logit, arg
+    return top + jnp.log(sum_exp), target_logit, target_logit >= top
 
 
 def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Array,
@@ -188,9 +191,9 @@ def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Arr
                               _varying(scale, grad_vary))
         logits = jnp.dot(x, w_kernel, preferred_element_type=jnp.float32)  # [K*c, V_local]
         flat_t = jnp.tile(tc, k)
-        lse, target_logit, arg = _vocab_stats(logits, flat_t, offset, v_axis)
+        lse, target_logit, top1 = _vocab_stats(logits, flat_t, offset, v_axis)
         ce = (lse - target_logit).reshape(k, c) * mc
-        hit = (arg == flat_t).reshape(k, c) * mc
+        hit = top1.reshape(k, c) * mc
         return ce.sum(axis=1), hit.sum(axis=1), (logits, lse, flat_t, x, norm_vjp)
 
     zeros = _varying(jnp.zeros((k,), jnp.float32), rows_vary)

@@ -124,6 +124,7 @@ class _Static:
     layout: LossLayout
     plan: ChunkPlan
     eps: float
+    distill: bool = False  # also KL(last exit || exit k), detached teacher
 
 
 def _vocab_stats(logits: Array, targets: Array, offset: Array | int,
@@ -150,12 +151,28 @@ def _vocab_stats(logits: Array, targets: Array, offset: Array | int,
     return top + jnp.log(sum_exp), target_logit, target_logit >= top
 
 
+def _kl_to_last(logits: Array, lse: Array, axis: str | None) -> tuple[Array, Array]:
+    """(KL(p_last || p_k) per exit and row `[K, c]`, p_last `[c, V_local]`).
+
+    The deepest exit's distribution is the (detached) teacher: with logits l and logsumexps s,
+    KL_k = sum_v p_last (l_last - l_k) - s_last + s_k, a reduction over the vocab (shards).
+    """
+    teacher = jax.lax.stop_gradient(jnp.exp(logits[-1] - lse[-1][:, None]))
+    cross = jnp.einsum("cv,kcv->kc", teacher, logits)  # sum_v p_last l_k
+    if axis is not None:
+        cross = jax.lax.psum(cross, axis)
+    return cross[-1][None] - cross - lse[-1][None] + lse, teacher
+
+
 def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Array,
-                weights: Array, *, static: _Static, with_grad: bool) -> tuple[Array, ...]:
-    """One device's rows: per-exit CE sums and hit counts, and (with_grad) the gradients.
+                weights: Array, distill: Array, *, static: _Static,
+                with_grad: bool) -> tuple[Array, ...]:
+    """One device's rows: per-exit CE sums, hit counts, KL-to-the-last-exit sums and (with_grad)
+    the gradients.
 
     h `[K, b, T, D]`, targets / mask `[b, T]` are this device's batch rows; kernel
-    `[D, V_local]` its vocab shard. Outputs are reduced over the mesh as `out_specs` expect.
+    `[D, V_local]` its vocab shard; distill `[K]` the KL weights (used when `static.distill`).
+    Outputs are reduced over the mesh as `out_specs` expect.
     """
     layout, plan, eps = static.layout, static.plan, static.eps
     k, b, t, d = h.shape
@@ -194,40 +211,48 @@ def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Arr
         lse, target_logit, top1 = _vocab_stats(logits, flat_t, offset, v_axis)
         ce = (lse - target_logit).reshape(k, c) * mc
         hit = top1.reshape(k, c) * mc
-        return ce.sum(axis=1), hit.sum(axis=1), (logits, lse, flat_t, x, norm_vjp)
+        kl, teacher = (_kl_to_last(logits.reshape(k, c, -1), lse.reshape(k, c), v_axis)
+                       if static.distill else (jnp.zeros_like(ce), None))
+        return (ce.sum(axis=1), hit.sum(axis=1), (kl * mc).sum(axis=1),
+                (logits, lse, flat_t, x, norm_vjp, teacher))
 
     zeros = _varying(jnp.zeros((k,), jnp.float32), rows_vary)
     if not with_grad:
         def body(i, carry):
             _, hc, tc, mc = take(i)
-            loss, hit, _ = stats(hc, tc, mc)
-            return carry[0] + loss, carry[1] + hit
+            loss, hit, kl, _ = stats(hc, tc, mc)
+            return carry[0] + loss, carry[1] + hit, carry[2] + kl
 
-        loss, hit = jax.lax.fori_loop(0, plan.chunks, body, (zeros, zeros))
-        return _reduce(loss, layout.batch_axes), _reduce(hit, layout.batch_axes)
+        loss, hit, kl = jax.lax.fori_loop(0, plan.chunks, body, (zeros, zeros, zeros))
+        return tuple(_reduce(x, layout.batch_axes) for x in (loss, hit, kl))
 
     def grad_body(i, carry):
-        loss_acc, hit_acc, d_scale, d_kernel, d_h = carry
+        loss_acc, hit_acc, kl_acc, d_scale, d_kernel, d_h = carry
         start, hc, tc, mc = take(i)
-        loss, hit, (logits, lse, flat_t, x, norm_vjp) = stats(hc, tc, mc)
-        # d(sum_k w_k CE_k) / d logits = w_k * mask * (softmax - onehot), without a one-hot.
+        loss, hit, kl, (logits, lse, flat_t, x, norm_vjp, teacher) = stats(hc, tc, mc)
+        # d(sum_k w_k CE_k) / d logits = w_k * mask * (softmax - onehot), without a one-hot;
+        # distillation adds lambda_k * mask * (softmax - teacher's softmax).
         row_weight = (weights[:, None] * mc[None]).reshape(-1, 1)
         vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) + offset
         probs = jnp.exp(logits - lse[:, None])
-        d_logits = (jnp.where(vocab_ids == flat_t[:, None], probs - 1.0, probs)
-                    * row_weight).astype(x.dtype)
+        d_logits = jnp.where(vocab_ids == flat_t[:, None], probs - 1.0, probs) * row_weight
+        if static.distill:
+            kl_weight = (distill[:, None] * mc[None]).reshape(k, c, 1)
+            d_logits = d_logits + ((probs.reshape(k, c, -1) - teacher[None]) * kl_weight
+                                   ).reshape(d_logits.shape)
+        d_logits = d_logits.astype(x.dtype)
         d_x = jnp.dot(d_logits, w_kernel.T, preferred_element_type=jnp.float32).astype(x.dtype)
         d_kernel = d_kernel + jnp.dot(x.T, d_logits, preferred_element_type=jnp.float32)
         d_hc, d_s = norm_vjp(d_x)
         prev = jax.lax.dynamic_slice_in_dim(d_h, start, c, axis=1)  # non-zero only on overlap
         d_h = jax.lax.dynamic_update_slice_in_dim(d_h, prev + d_hc.astype(d_h.dtype), start,
                                                   axis=1)
-        return (loss_acc + loss, hit_acc + hit, d_scale + d_s.astype(jnp.float32), d_kernel,
-                d_h)
+        return (loss_acc + loss, hit_acc + hit, kl_acc + kl, d_scale + d_s.astype(jnp.float32),
+                d_kernel, d_h)
 
-    init = (zeros, zeros, *(_varying(jnp.zeros(x.shape, dtype), grad_vary) for x, dtype in (
+    init = (zeros, zeros, zeros, *(_varying(jnp.zeros(x.shape, dtype), grad_vary) for x, dtype in (
         (scale, jnp.float32), (kernel, jnp.float32), (h, h.dtype))))
-    loss, hit, d_scale, d_kernel, d_h = jax.lax.fori_loop(0, plan.chunks, grad_body, init)
+    loss, hit, kl, d_scale, d_kernel, d_h = jax.lax.fori_loop(0, plan.chunks, grad_body, init)
     d_h = d_h[:, :n].reshape(k, b, t, d)
     if v_axis is not None:  # each vocab shard holds a partial sum: reduce once, not per chunk
         d_h = jax.lax.psum(d_h, v_axis)
@@ -237,8 +262,7 @@ def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Arr
     if layout.embed_axes:
         d_kernel = jax.lax.psum_scatter(d_kernel, layout.embed_axes, scatter_dimension=0,
                                         tiled=True)
-    return (_reduce(loss, layout.batch_axes), _reduce(hit, layout.batch_axes), d_h,
-            d_scale, d_kernel)
+    return (*(_reduce(x, layout.batch_axes) for x in (loss, hit, kl)), d_h, d_scale, d_kernel)
 
 
 def _varying(x: Array, axes: tuple[str, ...]) -> Array:
@@ -256,31 +280,33 @@ def _program(static: _Static, with_grad: bool):
     if layout.mesh is None:
         return fn
     rows, vocab = layout.batch_spec, layout.vocab_axis
-    in_specs = (P(None, rows), P(), P(None, vocab), P(rows), P(rows), P())
-    out_specs = (P(), P())
+    in_specs = (P(None, rows), P(), P(None, vocab), P(rows), P(rows), P(), P())
+    out_specs = (P(), P(), P())
     if with_grad:
         out_specs += (P(None, rows), P(), P(_spec_entry(layout.embed_axes), vocab))
     return jax.shard_map(fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _weighted_loss(h, scale, kernel, targets, mask, weights, static):
-    loss, hit = _program(static, with_grad=False)(h, scale, kernel, targets, mask, weights)
-    return jnp.sum(loss * weights), loss, hit
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _weighted_loss(h, scale, kernel, targets, mask, weights, distill, static):
+    loss, hit, kl = _program(static, with_grad=False)(h, scale, kernel, targets, mask, weights,
+                                                      distill)
+    return jnp.sum(loss * weights) + jnp.sum(kl * distill), loss, hit, kl
 
 
-def _weighted_loss_fwd(h, scale, kernel, targets, mask, weights, static):
-    loss, hit, d_h, d_scale, d_kernel = _program(static, with_grad=True)(
-        h, scale, kernel, targets, mask, weights)
-    out = (jnp.sum(loss * weights), loss, hit)
+def _weighted_loss_fwd(h, scale, kernel, targets, mask, weights, distill, static):
+    loss, hit, kl, d_h, d_scale, d_kernel = _program(static, with_grad=True)(
+        h, scale, kernel, targets, mask, weights, distill)
+    out = (jnp.sum(loss * weights) + jnp.sum(kl * distill), loss, hit, kl)
     return out, (d_h, d_scale.astype(scale.dtype), d_kernel.astype(kernel.dtype))
 
 
 def _weighted_loss_bwd(static, res, g):
-    # Only the weighted total is differentiable; per-exit sums are metrics.
+    # Only the weighted total is differentiable; per-exit sums are metrics, and the weights are
+    # hyper-parameters (no gradient).
     g_total = g[0]
     d_h, d_scale, d_kernel = ((g_total * r).astype(r.dtype) for r in res)
-    return d_h, d_scale, d_kernel, None, None, None
+    return d_h, d_scale, d_kernel, None, None, None, None
 
 
 _weighted_loss.defvjp(_weighted_loss_fwd, _weighted_loss_bwd)
@@ -288,16 +314,22 @@ _weighted_loss.defvjp(_weighted_loss_fwd, _weighted_loss_bwd)
 
 def multi_exit_ce(hidden: Array, norm_scale: Array, head_kernel: Array, targets: Array,
                   loss_mask: Array, exit_weights: Array, *, eps: float, rows_per_chunk: int,
-                  rules_axes: dict[str, tuple[str, ...]] | None = None
-                  ) -> tuple[Array, Array, Array]:
-    """(sum_k w_k CE_k [differentiable], per-exit CE sums `[K]`, per-exit hit counts `[K]`).
+                  rules_axes: dict[str, tuple[str, ...]] | None = None,
+                  distill_weights: Array | None = None
+                  ) -> tuple[Array, Array, Array, Array]:
+    """(total [differentiable], per-exit CE sums `[K]`, hit counts `[K]`, KL sums `[K]`).
 
-    hidden `[K, B, T, D]`: the exits' hidden states (not normed); targets `[B, T]` int;
-    loss_mask `[B, T]` float. Sums over the global batch, whatever the mesh.
+    total = sum_k w_k CE_k + sum_k lambda_k KL(p_last || p_k), each summed over tokens.
+    hidden `[K, B, T, D]`: the exits' hidden states (not normed), deepest last; targets
+    `[B, T]` int; loss_mask `[B, T]` float; distill_weights `[K]` (lambda; None = no
+    distillation, KL sums are then zero). Sums over the global batch, whatever the mesh.
     """
     k, b, t, d = hidden.shape
     layout = resolve_layout(b, d, head_kernel.shape[1], rules_axes or {})
     plan = plan_chunks(b * t // layout.data_parallel, k, rows_per_chunk)
+    distill = distill_weights is not None and k > 1
+    lam = (jnp.zeros((k,), jnp.float32) if distill_weights is None
+           else jnp.asarray(distill_weights, jnp.float32))
     return _weighted_loss(hidden, norm_scale, head_kernel, targets.astype(jnp.int32),
-                          loss_mask.astype(jnp.float32), exit_weights.astype(jnp.float32),
-                          _Static(layout, plan, float(eps)))
+                          loss_mask.astype(jnp.float32), exit_weights.astype(jnp.float32), lam,
+                          _Static(layout, plan, float(eps), distill))

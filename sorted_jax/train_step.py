@@ -118,11 +118,20 @@ class SoftSteps:
     # fp32 master weights in the optimizer state (`with_fp32_master`); None = exactly when the
     # model's params are bf16 / fp16.
     master_weights: bool | None = None
+    # Curriculum of the exit weights (`soft.ExitSchedule`): SFT for `exit_hold_steps`, then a
+    # linear ramp to `exit_weights` over `exit_ramp_steps`. 0 and 0: the weights from step 0.
+    exit_ramp_steps: int = 0
+    exit_hold_steps: int = 0
+    # Self-distillation of every exit but the deepest toward its (detached) distribution.
+    distill_weight: float = 0.0
 
     def __post_init__(self) -> None:
         cfg = self.model.config
         self.exits, self.weights = soft.resolve_exit_set(self.exits, self.exit_weights,
                                                          cfg.num_hidden_layers)
+        self.schedule_of_exits = soft.ExitSchedule(tuple(float(w) for w in self.weights),
+                                                   self.exit_ramp_steps, self.exit_hold_steps)
+        self.distill = soft.distill_weights(len(self.exits), self.distill_weight)
         if self.master_weights is None:
             self.master_weights = _low_precision(self.model.param_dtype)
         if self.master_weights:
@@ -191,7 +200,9 @@ class SoftSteps:
     def _init_unboxed(self, rng: Array) -> TrainState:
         return nn.unbox(self._init_boxed(rng))
 
-    def _loss_sums(self, params: Any, batch: Batch) -> tuple[Array, soft.ExitSums]:
+    def _loss_sums(self, params: Any, batch: Batch, step: Array | None = None
+                   ) -> tuple[Array, soft.ExitSums]:
+        """Weighted loss sum and per-exit sums; the exit weights of `step` (None: the target)."""
         cfg = self.model.config
         out = self.model.apply({"params": params}, batch["input_ids"],
                                attention_mask=batch.get("attention_mask"),
@@ -199,15 +210,18 @@ class SoftSteps:
                                positions=batch.get("positions") if "segment_ids" in batch
                                else None, exits=self.exits)
         scale, kernel = head_weights(params, cfg)
+        weights = (self.weights if step is None else self.schedule_of_exits.at(step))
         return soft.multi_exit_losses(out.hidden, scale, kernel, batch["targets"],
-                                      batch["loss_mask"], self.weights, eps=cfg.rms_norm_eps,
-                                      rows_per_chunk=self.rows_per_chunk, rules=self.rules)
+                                      batch["loss_mask"], weights, eps=cfg.rms_norm_eps,
+                                      rows_per_chunk=self.rows_per_chunk, rules=self.rules,
+                                      distill_weights=self.distill)
 
-    def _grads(self, params: Any, batch: Batch) -> tuple[Array, soft.ExitSums, Any]:
+    def _grads(self, params: Any, batch: Batch, step: Array | None = None
+               ) -> tuple[Array, soft.ExitSums, Any]:
         """Unnormalised weighted loss sum, per-exit sums and gradient over the whole batch."""
         grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
         if self.grad_accum == 1:
-            (total, sums), grads = grad_fn(params, batch)
+            (total, sums), grads = grad_fn(params, batch, step)
             return total, sums, grads
 
         a = self.grad_accum
@@ -224,19 +238,19 @@ class SoftSteps:
 
         def body(carry, mb):
             total, sums, grads = carry
-            (t, s), g = grad_fn(params, mb)
+            (t, s), g = grad_fn(params, mb, step)
             grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
             return (total + t, sums + s, grads), None
 
         k = len(self.exits)
-        zeros = soft.ExitSums(jnp.zeros(k), jnp.zeros(k), jnp.zeros(()))
+        zeros = soft.ExitSums.zeros(k, distill=self.distill is not None)
         init = (jnp.zeros(()), zeros,
                 jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
         (total, sums, grads), _ = jax.lax.scan(body, init, micro)
         return total, sums, grads
 
     def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        total, sums, grads = self._grads(state.params, batch)
+        total, sums, grads = self._grads(state.params, batch, state.step)
         n = jnp.maximum(sums.tokens, 1.0)
         grad_dtype = (lambda p: jnp.float32) if self.master_weights else (lambda p: p.dtype)
         grads = jax.tree.map(lambda g, p: (g / n).astype(grad_dtype(p)), grads, state.params)
@@ -250,6 +264,9 @@ class SoftSteps:
                    **soft.exit_metrics(sums, self.exits)}
         if self.schedule is not None:
             metrics["lr"] = self.schedule(state.step)
+        if not self.schedule_of_exits.constant:  # the curriculum's weights of this step
+            w = self.schedule_of_exits.at(state.step)
+            metrics.update({f"exit_weight/exit_{e}": w[i] for i, e in enumerate(self.exits)})
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def _eval_step(self, params: Any, batch: Batch) -> soft.ExitSums:

@@ -81,6 +81,10 @@ class TriviaQAError(UserError):
     """A TriviaQA file that is not in the official format; the message says where."""
 
 
+class SweepError(UserError):
+    """A recipe sweep that cannot run as asked (bad recipe, a failed child command)."""
+
+
 class DecodeError(UserError):
     """Decoding options or prompts that the model cannot run (a layer out of range, a prompt
     longer than the context, ...)."""

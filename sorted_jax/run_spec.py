@@ -146,6 +146,11 @@ def check_static(c: ml_collections.ConfigDict) -> None:
          f"batch_size={c.batch_size} is not divisible by grad_accum={c.grad_accum}")
     for name in ("dtype", "param_dtype"):
         need(c[name] in DTYPES, f"{name} must be one of {sorted(DTYPES)}, got {c[name]!r}")
+    need(0 <= c.exit_curriculum.hold <= 1 and 0 <= c.exit_curriculum.ramp <= 1
+         and c.exit_curriculum.hold + c.exit_curriculum.ramp <= 1,
+         "exit_curriculum.hold and .ramp are fractions of the run's steps in [0, 1] with "
+         f"hold + ramp <= 1, got hold={c.exit_curriculum.hold}, ramp={c.exit_curriculum.ramp}")
+    need(c.distill_weight >= 0, f"distill_weight must be >= 0, got {c.distill_weight}")
     need(c.optim.mu_dtype == "" or c.optim.mu_dtype in DTYPES,
          f"optim.mu_dtype must be '' or one of {sorted(DTYPES)}, got {c.optim.mu_dtype!r}")
     need(c.attention_impl in modeling.ATTENTION_IMPLEMENTATIONS,
@@ -290,6 +295,11 @@ class RunSpec:
         return int(c.num_steps) if c.num_steps > 0 else max(
             1, math.ceil(c.epochs * steps_per_epoch))
 
+    def exit_curriculum_steps(self, total_steps: int) -> tuple[int, int]:
+        """(hold, ramp) steps of the exit-weight curriculum (fractions of the run's steps)."""
+        cur = self.config.exit_curriculum
+        return round(cur.hold * total_steps), round(cur.ramp * total_steps)
+
     def warmup_steps(self, total_steps: int) -> int:
         o = self.config.optim
         return int(o.warmup_steps) if o.warmup_steps >= 0 else round(
@@ -341,8 +351,9 @@ def resolve(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSpec:
     resume_step = latest_step(wd)
     mc, source = resolve_model_config(c, wd, resume_step is not None)
     big_l = mc.num_hidden_layers
-    exits, weights = soft.resolve_exit_set(
-        c.exits, parse_floats(c.exit_weights, "exit_weights"), big_l)
+    text = c.exit_weights.strip()  # a scheme name, or numbers
+    weights_spec = text if text[:1].isalpha() else parse_floats(text, "exit_weights")
+    exits, weights = soft.resolve_exit_set(c.exits, weights_spec, big_l)
     eval_exits = soft.resolve_exits(c.eval_exits, big_l) if c.eval_exits.strip() else exits
     if c.max_len > mc.max_position_embeddings:
         raise TrainConfigError(f"max_len={c.max_len} exceeds the model's "

@@ -183,9 +183,12 @@ class Trainer:
             warmup_steps=self.spec.warmup_steps(self.total_steps), schedule=o.schedule,
             end_lr_ratio=o.end_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
             eps=o.eps, clip_norm=o.clip_norm or None, mu_dtype=run_spec.mu_dtype_of(c))
+        hold, ramp = self.spec.exit_curriculum_steps(self.total_steps)
         self.steps = SoftSteps(self.model, self.exits, tx, self.mesh, self.rules,
                                exit_weights=list(self.exit_weights), grad_accum=c.grad_accum,
-                               rows_per_chunk=c.loss_rows_per_chunk, schedule=schedule)
+                               rows_per_chunk=c.loss_rows_per_chunk, schedule=schedule,
+                               exit_hold_steps=hold, exit_ramp_steps=ramp,
+                               distill_weight=float(c.distill_weight))
         self.eval_steps = self.steps if self.eval_exits == self.exits else SoftSteps(
             self.model, self.eval_exits, tx, self.mesh, self.rules,
             rows_per_chunk=c.loss_rows_per_chunk)

@@ -42,8 +42,18 @@ def default_config() -> ml_collections.ConfigDict:
     # Exits reported on the held-out set (same syntax); "" = the training exits. An SFT run
     # (exits "last") sets the SoFT exits here to show what its intermediate exits are worth.
     c.eval_exits = ""
-    # Per-exit loss weights, "" = the paper's uniform mean; else comma-separated, one per exit.
+    # Per-exit loss weights: "" / "uniform" = the paper's mean; a scheme "last[:F]" (the last
+    # exit gets F, default 0.5), "depth", "sqrt" (soft.weight_scheme: what each trades); or
+    # comma-separated numbers, one per exit, used as given.
     c.exit_weights = ""
+    # Curriculum of the exit weights (fractions of the run's steps): train as SFT for `hold`,
+    # then ramp linearly to exit_weights over `ramp`. 0, 0 = exit_weights from the start.
+    c.exit_curriculum = ml_collections.ConfigDict()
+    c.exit_curriculum.hold = 0.0
+    c.exit_curriculum.ramp = 0.0
+    # > 0: also distil every exit toward the last exit's (detached) distribution with this
+    # weight (KL per token, added to the loss; reported as kl_to_last/exit_N).
+    c.distill_weight = 0.0
 
     c.seed = 0  # parameter init and the data shuffle order
     c.dtype = "bfloat16"  # compute dtype

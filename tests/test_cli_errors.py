@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from helpers import REPO, TRAIN_SMALL, tiny_model_dir
 
-from sorted_jax import convert, errors, evaluate, generate, ict, train
+from sorted_jax import convert, errors, evaluate, generate, ict, sweep, train
 from sorted_jax.config import ConfigError
 from sorted_jax.data.tokenizers import ByteTokenizer
 from sorted_jax.sharding import MeshError
@@ -23,7 +23,7 @@ def test_every_user_error_is_one_base():
                 errors.ModelIOError, errors.ConversionError, errors.MappingError,
                 errors.CheckpointError, errors.IctError, errors.EvalError,
                 errors.TriviaQAError, errors.DecodeError, errors.TrainConfigError,
-                errors.UsageError, errors.MissingFileError):
+                errors.UsageError, errors.MissingFileError, errors.SweepError):
         assert issubclass(cls, errors.UserError), cls
     assert issubclass(errors.MissingFileError, FileNotFoundError)
     assert not issubclass(errors.NonFiniteLossError, errors.UserError)
@@ -126,3 +126,16 @@ def test_convert_errors(tmp_path, capsys, monkeypatch):
         convert.main(["orbax-to-hf", "--ckpt", str(model), "--out", str(tmp_path / "hf"),
                       "--no-progress"])
     assert not (tmp_path / "hf").exists()
+
+
+def test_sweep(tmp_path, capsys, monkeypatch):
+    cfg = str(REPO / "configs" / "tiny_finetune.py")
+    assert sweep.main(["--config", cfg, "--out", str(tmp_path / "s"), "--recipe", "nope"]) == 2
+    _one_error_line(capsys.readouterr().err, "sorted_jax.sweep")
+
+    def run(self, name, argv):
+        raise TypeError("a bug deep inside")
+
+    monkeypatch.setattr(sweep.Runner, "__call__", run)
+    with pytest.raises(TypeError, match="a bug deep inside"):
+        sweep.main(["--config", cfg, "--out", str(tmp_path / "s2"), "--recipe", "uniform"])

@@ -92,6 +92,16 @@ TASKS: tuple[Callable[[np.random.Generator], tuple[str, str, str]], ...] = (
 )
 
 
+# Two disjoint task families, for the pretrained-then-SoFT demo: a model is first trained on
+# `pretrain` (string manipulation), then fine-tuned on `instruct` (tasks it has not seen, that
+# reuse what it learned: reading letters, counting, copying).
+FAMILIES: dict[str, tuple[Callable[[np.random.Generator], tuple[str, str, str]], ...]] = {
+    "all": TASKS,
+    "pretrain": (_reverse, _sort, _copy, _shift_task, _upper, _add),
+    "instruct": (_first, _count, _repeat),
+}
+
+
 def is_eval_key(instruction: str, input: str) -> bool:
     """Whether this prompt belongs to the held-out split (stable across runs and machines)."""
     digest = hashlib.sha256(f"{instruction}\x00{input}".encode()).digest()
@@ -99,11 +109,17 @@ def is_eval_key(instruction: str, input: str) -> bool:
 
 
 def builtin_records(
-    split: str = "train", seed: int = 0, num_train: int = NUM_TRAIN, num_eval: int = NUM_EVAL
+    split: str = "train", seed: int = 0, num_train: int = NUM_TRAIN, num_eval: int = NUM_EVAL,
+    family: str = "all",
 ) -> list[Record]:
-    """The generated ``train`` (may repeat a prompt) or ``eval`` (unique prompts) split."""
+    """The generated ``train`` (may repeat a prompt) or ``eval`` (unique prompts) split of a
+    task family (`FAMILIES`; "all" is the default job's set)."""
     if split not in ("train", "eval"):
         raise SourceError(f"builtin dataset has splits 'train' and 'eval', not {split!r}")
+    if family not in FAMILIES:
+        raise SourceError(f"builtin dataset has task families {', '.join(FAMILIES)}, not "
+                          f"{family!r} (e.g. builtin:instruct)")
+    tasks = FAMILIES[family]
     want_eval = split == "eval"
     count = num_eval if want_eval else num_train
     rng = np.random.default_rng([seed, int(want_eval)])
@@ -112,7 +128,7 @@ def builtin_records(
     for _ in range(200 * count + 1000):
         if len(records) == count:
             return records
-        task = TASKS[int(rng.integers(len(TASKS)))]
+        task = tasks[int(rng.integers(len(tasks)))]
         instruction, input_, output = task(rng)
         if is_eval_key(instruction, input_) != want_eval:
             continue

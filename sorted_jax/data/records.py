@@ -21,9 +21,10 @@ SpecKind = Literal["builtin", "tfds", "file"]
 
 
 def spec_kind(spec: str) -> SpecKind:
-    """What a data spec names: ``"builtin"`` (the generated toy set), ``"tfds:NAME"`` (a TFDS
-    dataset) or anything else, a JSON / JSONL file."""
-    if spec == "builtin":
+    """What a data spec names: ``"builtin"`` or ``"builtin:FAMILY"`` (the generated toy set, or
+    one task family of it), ``"tfds:NAME"`` (a TFDS dataset) or anything else, a JSON / JSONL
+    file."""
+    if spec == "builtin" or spec.startswith("builtin:"):
         return "builtin"
     if spec.startswith("tfds:"):
         return "tfds"

@@ -115,14 +115,15 @@ def load_records(
     """Records named by a spec string.
 
     * ``"builtin"`` -- the generated toy set; ``split`` is ``"train"`` or ``"eval"``, ``seed``
-      picks the generated examples;
+      picks the generated examples; ``"builtin:pretrain"`` / ``"builtin:instruct"`` one of its
+      two disjoint task families (the pretrained-then-SoFT demo);
     * ``"tfds:NAME"`` -- a TFDS dataset, ``split``/``data_dir``/``field_map`` passed through;
     * anything else -- a path to a JSON list or JSONL file (``split`` is ignored: give the
       held-out file as its own spec, or use :func:`holdout_split`).
     """
     kind = spec_kind(spec)
     if kind == "builtin":
-        return builtin_records(split, seed=seed)
+        return builtin_records(split, seed=seed, family=spec.partition(":")[2] or "all")
     if kind == "tfds":
         return read_tfds_records(spec[5:], split, data_dir=data_dir, field_map=field_map)
     return read_json_records(spec)

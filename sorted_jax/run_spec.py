@@ -32,7 +32,7 @@ from ml_collections import config_flags
 from sorted_jax import model_io, modeling, soft
 from sorted_jax.config import PRESETS, LlamaConfig, preset
 from sorted_jax.data import (
-    TEMPLATES,
+    TEMPLATE_NAMES,
     DataError,
     SourceError,
     TokenizedDataset,
@@ -43,6 +43,8 @@ from sorted_jax.data import (
     spec_kind,
     tokenize_records,
 )
+from sorted_jax.data.chat import require_chat_template
+from sorted_jax.data.templates import CHAT
 from sorted_jax.errors import TrainConfigError
 from sorted_jax.modeling import DTYPES
 from sorted_jax.sharding import Rules, rules_from_config
@@ -156,8 +158,11 @@ def check_static(c: ml_collections.ConfigDict) -> None:
     need(c.optim.schedule in SCHEDULES,
          f"optim.schedule must be one of {SCHEDULES}, got {c.optim.schedule!r}")
     need(c.optim.lr > 0, f"optim.lr must be > 0, got {c.optim.lr}")
-    need(c.data.template in TEMPLATES,
-         f"data.template must be one of {sorted(TEMPLATES)}, got {c.data.template!r}")
+    need(c.data.template in TEMPLATE_NAMES,
+         f"data.template must be one of {sorted(TEMPLATE_NAMES)}, got {c.data.template!r}")
+    need(not (c.data.packing and c.data.buckets.strip()),
+         f"data.packing=True packs every row to max_len: data.buckets={c.data.buckets!r} does "
+         "not apply; set one of them")
     need(len(tuple(c.mesh.shape)) == 3,
          f"mesh.shape needs 3 entries (data, fsdp, tensor), got {tuple(c.mesh.shape)} (a "
          "--config.mesh.shape override given twice is concatenated by ml_collections)")
@@ -325,6 +330,11 @@ class RunSpec:
                 if k in saved and saved[k] != now.get(k)]
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        if self.config.data.template == CHAT:
+            try:
+                require_chat_template(tokenizer)
+            except DataError as e:
+                raise TrainConfigError(f"data.template='chat': {e}") from None
         mc = self.model_config
         if tokenizer.vocab_size > mc.vocab_size:
             raise TrainConfigError(

@@ -18,8 +18,10 @@ the rendered text tokenized with special tokens parsed and no BOS/EOS added by t
 (``{% generation %}`` blocks), the template's own assistant-token mask is used. Otherwise each
 assistant turn i is delimited by rendering prefixes: its content starts where
 ``render(messages[:i], add_generation_prompt=True)`` ends and its turn ends where
-``render(messages[:i + 1])`` ends; the tokens that start inside that span are targets, except
-trailing whitespace-only tokens (the newline a template writes after its end-of-turn token).
+``render(messages[:i + 1])`` ends; the tokens that overlap that span are targets (a token
+that straddles its start, e.g. a newline merged with the content's leading space, counts, as
+in transformers' own assistant mask), except trailing whitespace-only tokens (the newline a
+template writes after its end-of-turn token).
 So the loss covers every assistant turn's content and its end-of-turn token (SmolLM2:
 ``<|im_end|>``), and nothing else. A template that does not render conversations
 prefix-consistently is refused with a clear error.
@@ -189,11 +191,13 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> li
 
 def _span_mask(text: str, offsets: list[tuple[int, int]],
                spans: list[tuple[int, int]]) -> np.ndarray:
-    """True for tokens that start inside a span, trailing whitespace-only tokens left out."""
+    """True for tokens that overlap a span (as transformers' own assistant mask), trailing
+    whitespace-only tokens left out."""
     starts = np.asarray([s for s, _ in offsets], np.int64)
+    ends = np.asarray([e for _, e in offsets], np.int64)
     mask = np.zeros(len(offsets), bool)
     for a, b in spans:
-        inside = np.flatnonzero((starts >= a) & (starts < b))
+        inside = np.flatnonzero((ends > a) & (starts < b))
         while len(inside) and not text[offsets[inside[-1]][0]:offsets[inside[-1]][1]].strip():
             inside = inside[:-1]
         mask[inside] = True

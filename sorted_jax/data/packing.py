@@ -159,13 +159,15 @@ class PackedIterator:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at a saved position; refuses a state from a different (or unpacked) stream."""
+        if "packed_max_len" not in state:
+            raise DataError("data state is an unpacked stream's (data.packing=False) but this "
+                            "iterator packs: resuming would not continue the same stream")
         for key, mine in (("seed", self.seed), ("num_examples", len(self.dataset)),
                           ("global_batch_size", self.global_batch_size),
                           ("packed_max_len", self.dataset.max_len)):
             if int(state.get(key, -1)) != mine:
-                got = state.get(key, "absent (an unpacked stream)")
-                raise DataError(f"data state has {key}={got} but this packed iterator has "
-                                f"{mine}: resuming would not continue the same stream")
+                raise DataError(f"data state has {key}={state.get(key)} but this packed "
+                                f"iterator has {mine}: resuming would not continue the same stream")
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or index < 0 or index % self.global_batch_size:
             raise DataError(f"invalid data position epoch={epoch} index={index}")

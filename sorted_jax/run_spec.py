@@ -405,13 +405,19 @@ def load_data(c: ml_collections.ConfigDict, tokenizer: Tokenizer) -> RunData:
         eval_records = _read_records(c.data.eval, c.data.eval_split, c, "data.eval")
     elif spec_kind(c.data.train) != "file":  # builtin and TFDS sources have an eval split
         eval_records = _read_records(c.data.train, c.data.eval_split, c, "data.eval")
-    train = tokenize_records(records, tokenizer, c.max_len, c.data.template)
+    try:
+        train = tokenize_records(records, tokenizer, c.max_len, c.data.template)
+    except DataError as e:
+        raise e.prefixed(f"data.train={c.data.train!r}: ") from None
     if len(train) == 0:
         raise TrainConfigError(f"data.train={c.data.train!r}: no record fits max_len="
                                f"{c.max_len} (every prompt is too long)")
     ev = None
     if eval_records:
-        ev = tokenize_records(eval_records, tokenizer, c.max_len, c.data.template)
+        try:
+            ev = tokenize_records(eval_records, tokenizer, c.max_len, c.data.template)
+        except DataError as e:
+            raise e.prefixed(f"data.eval={c.data.eval or c.data.train!r}: ") from None
         ev = ev if len(ev) else None
     return RunData(train, ev, len(records), len(eval_records or []))
 

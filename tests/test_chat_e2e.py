@@ -183,3 +183,43 @@ def test_export_keeps_eos_list_for_hf_and_converted_models_default_to_none(train
     args = generate.build_parser().parse_args(["--ckpt", str(base), "--prompt", "x"])
     assert generate._template(args, artifacts.inspect(base)) == "none"
     shutil.rmtree(out)
+
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+INSTRUCTION = {"instruction": "Say hi.", "output": "hi"}
+
+
+@pytest.mark.parametrize("records, extra, message", [
+    ([GOOD, GOOD, {"messages": [{"role": "bot", "content": "x"}]}], [],
+     ":3: record 2: message 0: unknown role 'bot'"),
+    ([GOOD, GOOD, {"conversations": []}], [], ":3: record 2: empty conversation"),
+    ([GOOD, GOOD, {"messages": [{"role": "user", "content": "x"}]}], [],
+     ":3: record 2: no assistant turn"),
+    ([GOOD, GOOD, {"messages": [{"role": "user", "content": "x"},
+                                {"role": "assistant", "content": 7}]}], [],
+     ":3: record 2: message 1: 'content' is a int, expected a string"),
+    ([GOOD], ["--config.data.template=chat"],
+     "data.template='chat': template 'chat' needs a tokenizer with a chat template, but the "
+     "tokenizer 'builtin' has none"),
+    ([GOOD], [], "record 0 is a chat record (messages): it needs template 'chat', not 'plain'"),
+    ([INSTRUCTION] * 3, ["--config.data.packing=True", "--config.data.buckets="],
+     "cannot be packed into one global batch: its 3 examples pack into 1 rows"),
+    ([INSTRUCTION] * 3, ["--config.data.packing=True"],
+     "data.packing=True packs every row to max_len: data.buckets='48' does not apply"),
+])
+def test_bad_chat_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, records, extra,
+                                                            message):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    wd = tmp_path / "run"
+    rc = train.main(["train", f"--config={TINY_CONFIG_FILE}", f"--workdir={wd}",
+                     f"--config.data.train={data}", "--config.data.eval=none",
+                     "--config.data.template=plain", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and message in err, err
+    if message.startswith(":"):
+        assert f"{data}{message}" in err  # file and line
+    elif "data.template" not in message and "buckets" not in message:
+        assert f"data.train={str(data)!r}" in err  # the file
+    assert not wd.exists()

@@ -144,6 +144,8 @@ def test_generation_prompt_ids(smol):
     assert prompt_ids(ByteTokenizer(), rec, "none")[0] == ByteTokenizer.BOS
     with pytest.raises(DataError, match="system prompt needs the chat template"):
         prompt_ids(smol, rec, "alpaca", system="x")
+    with pytest.raises(DataError, match=r"conversation \(messages\) needs the chat template"):
+        prompt_ids(smol, {"messages": SINGLE}, "none")
 
 
 def test_bos_follows_the_tokenizer(smol, assets_dir, tmp_path):

@@ -85,6 +85,8 @@ def prompt_ids(tokenizer: Tokenizer, record: Mapping[str, Any], template: str,
             msgs = [{"role": "system", "content": system},
                     *[m for m in msgs if m["role"] != "system"]]
         return chat_prompt_ids(tokenizer, msgs)
+    if is_chat_record(record):
+        raise DataError(f"a conversation (messages) needs the chat template, not {template!r}")
     instruction = _instruction(record)
     if template == "none":
         extra = record.get("input", "")

@@ -218,3 +218,17 @@ def test_tfds_conversation_feature_maps_to_messages():
     rec = map_fields(example, {"messages": "messages"}, "tfds:x[train] example 0")
     assert rec == {"messages": [{"role": "user", "content": "hi"},
                                 {"role": "assistant", "content": "caf\u00e9"}]}
+
+
+def test_tokenizer_without_bos_token(smol, tmp_path):
+    """Qwen-style tokenizers have no BOS token at all: nothing is prepended, chat still works."""
+    d = tmp_path / "nobos"
+    shutil.copytree(smol.directory, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["bos_token"] = None
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(d)
+    assert tok.bos_id is None and tok.add_bos is False
+    ds = tokenize_records([{"instruction": "a", "input": "", "output": "b"}], tok, 64, "plain")
+    assert ds.tokens[0].tolist() == [*tok.encode("a\nb"), tok.eos_id]
+    assert encode_chat(tok, SINGLE)[0].tolist() == _reference(smol, SINGLE)

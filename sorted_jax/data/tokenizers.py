@@ -150,16 +150,17 @@ class HFTokenizer:
         self.spec = str(directory)
         self._tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         bos, eos = self._tok.bos_token_id, self._tok.eos_token_id
-        if bos is None or eos is None:
-            raise DataError(f"{directory}: tokenizer has no BOS/EOS token (bos={bos}, eos={eos})")
-        self.bos_id, self.eos_id = int(bos), int(eos)
+        if eos is None:
+            raise DataError(f"{directory}: tokenizer has no EOS token")
+        # No BOS token (Qwen-style tokenizers): sequences never start with one.
+        self.bos_id, self.eos_id = (None if bos is None else int(bos)), int(eos)
         pad = self._tok.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
         self.vocab_size = len(self._tok)
         probe = "a"
         with_special = list(self._tok(probe)["input_ids"])
-        self.add_bos = (bool(with_special) and with_special[0] == self.bos_id
-                        and self.encode(probe)[:1] != [self.bos_id])
+        self.add_bos = (bos is not None and bool(with_special) and with_special[0] == bos
+                        and self.encode(probe)[:1] != [bos])
 
     @property
     def hf(self) -> Any:

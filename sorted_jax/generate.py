@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer spec (builtin, a .model file, a dir); default: the ckpt's")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt (the instruction, with --template alpaca)")
-    src.add_argument("--prompts", help="JSONL file of {instruction[, input]} or {prompt}")
+    src.add_argument("--prompts", help="JSONL file of {instruction[, input]}, {prompt} or "
+                     "(--template chat) {messages}")
     p.add_argument("--template", default=None, choices=TEMPLATES,
                    help="prompt template (default: the checkpoint's training template, else "
                         "none); chat = the tokenizer's chat template")
@@ -103,7 +104,8 @@ def _read_records(path: str) -> list[dict[str, Any]]:
             raise DataError(f"{path}:{n}: not valid JSON: {e}") from None
         if isinstance(rec, str):
             rec = {"prompt": rec}
-        if not isinstance(rec, dict) or not ({"prompt", "instruction", "messages"} & set(rec)):
+        keys = {"prompt", "instruction", "messages", "conversations"}
+        if not isinstance(rec, dict) or not (keys & set(rec)):
             raise DataError(f"{path}:{n}: expected an object with 'instruction' (and optional "
                              "'input'), 'prompt' or (chat template) 'messages'")
         records.append(rec)

@@ -65,6 +65,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+GENERATION_CONFIG_FILE = "generation_config.json"
 _MAX_LISTED = 12
 
 
@@ -463,6 +464,24 @@ def _read_bins(files: list[Path], config: LlamaConfig, dtype: np.dtype, hf_dir: 
     return filler.finish(str(hf_dir))
 
 
+def with_generation_eos(config: LlamaConfig, hf_dir: Path) -> LlamaConfig:
+    """`config` with the EOS id(s) of `hf_dir`'s generation_config.json, which HF `generate`
+    stops on (Llama-3-Instruct lists several there: 128001, 128008, 128009) and which may
+    differ from config.json's; kept as a list when it is one."""
+    f = hf_dir / GENERATION_CONFIG_FILE
+    if not f.is_file():
+        return config
+    gen = _load_json(f)
+    eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    if eos is None:
+        return config
+    ids = eos if isinstance(eos, list) else [eos]
+    if not ids or not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
+        raise ConversionError(f"{f}: eos_token_id must be a token id or a list of them, got "
+                              f"{eos!r}")
+    return config.replace(eos_token_id=eos)
+
+
 def read_hf_checkpoint(hf_dir: str | Path, dtype: Any = "float32", allow_pickle: bool = False,
                        progress: bool = True) -> tuple[dict, LlamaConfig]:
     """(params as numpy arrays in our layout, config) from an HF LLaMA directory."""
@@ -476,6 +495,7 @@ def read_hf_checkpoint(hf_dir: str | Path, dtype: Any = "float32", allow_pickle:
         config = LlamaConfig.from_hf_dict(_load_json(cfg_file))
     except (ConfigError, TypeError) as e:
         raise ConversionError(f"{cfg_file} is not a usable LLaMA config: {e}") from e
+    config = with_generation_eos(config, hf_dir)
     check_tokenizer(hf_dir, config)
     kind, files, weight_map = find_hf_weights(hf_dir)
     np_dtype = resolve_dtype(dtype) or np.dtype(np.float32)
@@ -559,7 +579,7 @@ def write_hf_dir(tmp: Path, params: Mapping[str, Any], config: LlamaConfig,
         (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (tmp / CONFIG_FILE).write_text(
         json.dumps(hf_config_dict(config, out_dtype), indent=2, sort_keys=True) + "\n")
-    (tmp / "generation_config.json").write_text(
+    (tmp / GENERATION_CONFIG_FILE).write_text(
         json.dumps(generation_config_dict(config), indent=2) + "\n")
 
 

@@ -59,6 +59,7 @@ from sorted_jax import (
 from sorted_jax.cli import open_split_records, parse_mesh
 from sorted_jax.config import LlamaConfig
 from sorted_jax.data import (
+    TEMPLATE_NAMES,
     TEMPLATES,
     EvalIterator,
     Tokenizer,
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="use only the first N records")
     p.add_argument("--exits", default=None,
                    help="exit layers, e.g. 2,4,6,8 or all (default: the run's exits)")
-    p.add_argument("--template", default=None, choices=sorted(TEMPLATES),
+    p.add_argument("--template", default=None, choices=sorted(TEMPLATE_NAMES),
                    help="prompt template (default: the training run's, else alpaca)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer spec for every checkpoint (default: each checkpoint's own)")

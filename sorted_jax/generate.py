@@ -6,8 +6,15 @@
 
 `--ckpt` is a model dir or a training workdir (`sorted_jax.artifacts.inspect`). A single
 `--prompt` streams tokens to stdout; `--prompts` (JSONL, one record per line: {"instruction",
-"input"} or {"prompt"}) writes one JSONL result per record to `--out` (or stdout). Statistics
-(tokens/s, average exit layer, acceptance rate, full-model passes) go to stderr.
+"input"}, {"prompt"} or, with `--template chat`, {"messages"}) writes one JSONL result per
+record to `--out` (or stdout). Statistics (tokens/s, average exit layer, acceptance rate,
+full-model passes) go to stderr.
+
+`--template` defaults to the one the checkpoint was trained with (its recorded train config),
+or `none` (the prompt as it is) for a model with no training record, e.g. one converted from
+HF. `--template chat` uses the tokenizer's own chat template (`--system` adds a system turn).
+Decoding stops at any of the model's EOS ids (config.json / generation_config.json may list
+several) and at the tokenizer's EOS.
 
 The decoding engine is `sorted_jax.decoding` (`Decoder`, `DecodeOptions`).
 """
@@ -25,7 +32,7 @@ from typing import Any
 
 from sorted_jax import artifacts
 from sorted_jax.cli import parse_numbers
-from sorted_jax.data import Tokenizer, format_prompt
+from sorted_jax.data import PROMPT_TEMPLATES, Tokenizer, prompt_ids
 from sorted_jax.decoding import (
     MODES,
     PAPER_THRESHOLDS,
@@ -41,7 +48,7 @@ from sorted_jax.modeling import DTYPES
 
 __all__ = ["build_parser", "main", "run"]
 
-TEMPLATES = ("alpaca", "plain", "none")
+TEMPLATES = PROMPT_TEMPLATES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer spec (builtin, a .model file, a dir); default: the ckpt's")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt (the instruction, with --template alpaca)")
-    src.add_argument("--prompts", help="JSONL file of {instruction[, input]} or {prompt}")
-    p.add_argument("--template", default="alpaca", choices=TEMPLATES,
-                   help="prompt template (default alpaca, as SoFT trains with)")
+    src.add_argument("--prompts", help="JSONL file of {instruction[, input]}, {prompt} or "
+                     "(--template chat) {messages}")
+    p.add_argument("--template", default=None, choices=TEMPLATES,
+                   help="prompt template (default: the checkpoint's training template, else "
+                        "none); chat = the tokenizer's chat template")
+    p.add_argument("--system", default=None,
+                   help="system prompt (with --template chat)")
     p.add_argument("--mode", default="fixed", choices=MODES)
     p.add_argument("--exit-layer", type=int, default=None,
                    help="fixed mode: sub-model depth k (default: the full model)")
@@ -93,30 +104,41 @@ def _read_records(path: str) -> list[dict[str, Any]]:
             raise DataError(f"{path}:{n}: not valid JSON: {e}") from None
         if isinstance(rec, str):
             rec = {"prompt": rec}
-        if not isinstance(rec, dict) or not ({"prompt", "instruction"} & set(rec)):
+        keys = {"prompt", "instruction", "messages", "conversations"}
+        if not isinstance(rec, dict) or not (keys & set(rec)):
             raise DataError(f"{path}:{n}: expected an object with 'instruction' (and optional "
-                             "'input') or 'prompt'")
+                             "'input'), 'prompt' or (chat template) 'messages'")
         records.append(rec)
     if not records:
         raise DataError(f"--prompts file {path} holds no records")
     return records
 
 
-def _prompt_text(rec: dict[str, Any], template: str) -> str:
-    instruction = rec.get("instruction", rec.get("prompt"))
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise DataError(f"empty prompt in record {rec!r}")
-    if template == "none":
-        extra = rec.get("input", "")
-        return instruction if not extra else f"{instruction}\n{extra}"
-    return format_prompt(instruction, rec.get("input", ""), template=template)
+def _template(args: argparse.Namespace, art: artifacts.Artifact) -> str:
+    """--template, else the checkpoint's training template, else none (a converted model)."""
+    template = args.template or art.settings.template or "none"
+    if template not in TEMPLATES:
+        raise UsageError(f"{art.path} was trained with template {template!r}, which generate "
+                         f"does not know; pass --template (one of {', '.join(TEMPLATES)})")
+    if args.system is not None and template != "chat":
+        raise UsageError(f"--system needs --template chat (the template is {template!r})")
+    return template
 
 
-def _load(args: argparse.Namespace) -> tuple[dict, Any, Tokenizer, Any]:
+def _load(args: argparse.Namespace) -> tuple[dict, Any, Tokenizer, Any, str]:
     art = artifacts.inspect(args.ckpt)
+    template = _template(args, art)
     tokenizer = art.tokenizer(args.tokenizer)
     dtype = DTYPES[args.dtype]
-    return art.load_params(step=args.step, dtype=dtype), art.config, tokenizer, dtype
+    return (art.load_params(step=args.step, dtype=dtype), art.config, tokenizer, dtype,
+            template)
+
+
+def stop_ids(config: Any, tok: Tokenizer) -> tuple[int, ...]:
+    """The model's EOS ids (one or a list) and the tokenizer's EOS, in that order."""
+    eos = config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return tuple(dict.fromkeys([*(int(i) for i in ids), int(tok.eos_id)]))
 
 
 def _options(args: argparse.Namespace) -> DecodeOptions:
@@ -151,8 +173,8 @@ def _summary(stats: DecodeStats, seconds: float) -> str:
     return "; ".join(parts)
 
 
-def _result_line(record, tok, toks, args) -> dict[str, Any]:
-    finished = bool(toks) and toks[-1] == tok.eos_id
+def _result_line(record, tok, toks, args, stops) -> dict[str, Any]:
+    finished = bool(toks) and toks[-1] in stops
     return {**record, "output": tok.decode(toks), "tokens": toks,
             "finish_reason": "eos" if finished else "length", "mode": args.mode}
 
@@ -179,20 +201,21 @@ def _batches(dec: Decoder, opts: DecodeOptions, ids: list[list[int]], records: l
         res: GenerationResult = dec.generate(ids[i:i + args.batch_size], opts)
         total = res.stats if total is None else total.merge(res.stats)
         for j, toks in enumerate(res.tokens):
-            out.write(json.dumps(_result_line(records[i + j], tok, toks, args)) + "\n")
+            out.write(json.dumps(_result_line(records[i + j], tok, toks, args, opts.eos_id))
+                      + "\n")
         print(f"[{min(i + args.batch_size, len(ids))}/{len(ids)}]", file=sys.stderr)
     assert total is not None
     return total
 
 
 def run(args: argparse.Namespace) -> None:
-    params, config, tok, dtype = _load(args)
-    opts = _options(args)
+    params, config, tok, dtype, template = _load(args)
+    opts = _options(args).replace(eos_id=stop_ids(config, tok))
     dec = Decoder(params, config, dtype=dtype, max_draft=args.max_draft, pad_multiple=64)
     dec.plan(opts)  # bad layers / thresholds fail before any prompt is read
     records = [{"prompt": args.prompt}] if args.prompt is not None else _read_records(
         args.prompts)
-    ids = [[tok.bos_id] + tok.encode(_prompt_text(r, args.template)) for r in records]
+    ids = [prompt_ids(tok, r, template, args.system) for r in records]
     longest = max(len(i) for i in ids)
     # one cache length for the whole run, so every batch reuses one compiled program
     opts = opts.replace(max_len=int(math.ceil(longest / 64) * 64
@@ -204,7 +227,8 @@ def run(args: argparse.Namespace) -> None:
             made = _stream(dec, opts, ids[0], tok)
             total = dec.last_stats
             if out_f is not None:
-                out_f.write(json.dumps(_result_line(records[0], tok, made, args)) + "\n")
+                out_f.write(json.dumps(_result_line(records[0], tok, made, args, opts.eos_id))
+                            + "\n")
         else:
             total = _batches(dec, opts, ids, records, tok, args, out_f or sys.stdout)
     finally:

@@ -25,7 +25,7 @@ from typing import Any
 
 from sorted_jax import artifacts, soft
 from sorted_jax.cli import open_split_records, parse_mesh
-from sorted_jax.data import tokenize_records
+from sorted_jax.data import TEMPLATE_NAMES, tokenize_records
 from sorted_jax.errors import IctError, run_cli
 from sorted_jax.heads import save_ict_dir, train_heads
 from sorted_jax.modeling import DTYPES
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per step (default: the SFT run's, else 32)")
     p.add_argument("--max-len", type=int, default=None)
-    p.add_argument("--template", default=None, choices=("alpaca", "plain"))
+    p.add_argument("--template", default=None, choices=TEMPLATE_NAMES)
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer spec (builtin, .model file, dir); default: the checkpoint's")
     p.add_argument("--holdout", type=int, default=None,

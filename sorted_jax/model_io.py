@@ -45,7 +45,8 @@ PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM, DATA_ITEM, META_ITEM = "state", "data", "meta"  # a workdir checkpoint's items
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "sorted_jax_tokenizer.json")
+                   "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+                   "sorted_jax_tokenizer.json")
 
 PathLike = str | os.PathLike
 

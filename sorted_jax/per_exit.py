@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from sorted_jax import decoding, heads, triviaqa
 from sorted_jax.config import LlamaConfig
-from sorted_jax.data import Record, Tokenizer, format_prompt
+from sorted_jax.data import Record, Tokenizer
+from sorted_jax.data import prompt_ids as data_prompt_ids
 
 PAD_MULTIPLE = 32  # prompt and cache lengths are rounded up to this: few compiled shapes
 
@@ -103,9 +104,9 @@ def generate_at_exit(models: ExitModels, exit_layer: int, prompts: Sequence[Sequ
 
 
 def prompt_ids(tok: Tokenizer, record: Record, template: str) -> list[int]:
-    """[BOS] + the record's prompt (instruction, input) in `template`, as training sees it."""
-    return [tok.bos_id, *tok.encode(format_prompt(record["instruction"],
-                                                  record.get("input", ""), template))]
+    """The record's prompt (instruction, input) in `template`, as training sees it (BOS as the
+    tokenizer wants it; `data.prompt_ids`)."""
+    return data_prompt_ids(tok, record, template)
 
 
 def dump_generations(models: ExitModels, tok: Tokenizer, exits: Sequence[int],

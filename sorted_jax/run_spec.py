@@ -32,7 +32,7 @@ from ml_collections import config_flags
 from sorted_jax import model_io, modeling, soft
 from sorted_jax.config import PRESETS, LlamaConfig, preset
 from sorted_jax.data import (
-    TEMPLATES,
+    TEMPLATE_NAMES,
     DataError,
     SourceError,
     TokenizedDataset,
@@ -43,6 +43,8 @@ from sorted_jax.data import (
     spec_kind,
     tokenize_records,
 )
+from sorted_jax.data.chat import require_chat_template
+from sorted_jax.data.templates import CHAT
 from sorted_jax.errors import TrainConfigError
 from sorted_jax.modeling import DTYPES
 from sorted_jax.sharding import Rules, rules_from_config
@@ -161,8 +163,11 @@ def check_static(c: ml_collections.ConfigDict) -> None:
     need(c.optim.schedule in SCHEDULES,
          f"optim.schedule must be one of {SCHEDULES}, got {c.optim.schedule!r}")
     need(c.optim.lr > 0, f"optim.lr must be > 0, got {c.optim.lr}")
-    need(c.data.template in TEMPLATES,
-         f"data.template must be one of {sorted(TEMPLATES)}, got {c.data.template!r}")
+    need(c.data.template in TEMPLATE_NAMES,
+         f"data.template must be one of {sorted(TEMPLATE_NAMES)}, got {c.data.template!r}")
+    need(not (c.data.packing and c.data.buckets.strip()),
+         f"data.packing=True packs every row to max_len: data.buckets={c.data.buckets!r} does "
+         "not apply; set one of them")
     need(len(tuple(c.mesh.shape)) == 3,
          f"mesh.shape needs 3 entries (data, fsdp, tensor), got {tuple(c.mesh.shape)} (a "
          "--config.mesh.shape override given twice is concatenated by ml_collections)")
@@ -335,6 +340,11 @@ class RunSpec:
                 if k in saved and saved[k] != now.get(k)]
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        if self.config.data.template == CHAT:
+            try:
+                require_chat_template(tokenizer)
+            except DataError as e:
+                raise TrainConfigError(f"data.template='chat': {e}") from None
         mc = self.model_config
         if tokenizer.vocab_size > mc.vocab_size:
             raise TrainConfigError(
@@ -406,13 +416,19 @@ def load_data(c: ml_collections.ConfigDict, tokenizer: Tokenizer) -> RunData:
         eval_records = _read_records(c.data.eval, c.data.eval_split, c, "data.eval")
     elif spec_kind(c.data.train) != "file":  # builtin and TFDS sources have an eval split
         eval_records = _read_records(c.data.train, c.data.eval_split, c, "data.eval")
-    train = tokenize_records(records, tokenizer, c.max_len, c.data.template)
+    try:
+        train = tokenize_records(records, tokenizer, c.max_len, c.data.template)
+    except DataError as e:
+        raise e.prefixed(f"data.train={c.data.train!r}: ") from None
     if len(train) == 0:
         raise TrainConfigError(f"data.train={c.data.train!r}: no record fits max_len="
                                f"{c.max_len} (every prompt is too long)")
     ev = None
     if eval_records:
-        ev = tokenize_records(eval_records, tokenizer, c.max_len, c.data.template)
+        try:
+            ev = tokenize_records(eval_records, tokenizer, c.max_len, c.data.template)
+        except DataError as e:
+            raise e.prefixed(f"data.eval={c.data.eval or c.data.train!r}: ") from None
         ev = ev if len(ev) else None
     return RunData(train, ev, len(records), len(eval_records or []))
 

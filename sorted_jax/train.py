@@ -48,7 +48,13 @@ import ml_collections
 
 from sorted_jax import metrics_log, model_io, modeling, reports, run_spec, soft, train_plan
 from sorted_jax.checkpoint import Checkpointer, CheckpointError
-from sorted_jax.data import DataError, DataIterator, EvalIterator, load_tokenizer
+from sorted_jax.data import (
+    DataError,
+    DataIterator,
+    EvalIterator,
+    PackedIterator,
+    load_tokenizer,
+)
 from sorted_jax.errors import NonFiniteLossError, TrainConfigError, run_cli
 from sorted_jax.modeling import DTYPES
 from sorted_jax.run_spec import RunSpec, parse_args
@@ -163,8 +169,13 @@ class Trainer:
         where = dict(process_index=self.process_index, process_count=self.process_count)
         buckets = None if spec.buckets is None else list(spec.buckets)
         try:
-            self.train_iter = DataIterator(self.data.train, c.batch_size, seed=c.seed,
-                                           shuffle=c.data.shuffle, buckets=buckets, **where)
+            if c.data.packing:
+                self.train_iter = PackedIterator(self.data.train, c.batch_size, seed=c.seed,
+                                                 shuffle=c.data.shuffle,
+                                                 source=f"data.train={c.data.train!r}", **where)
+            else:
+                self.train_iter = DataIterator(self.data.train, c.batch_size, seed=c.seed,
+                                               shuffle=c.data.shuffle, buckets=buckets, **where)
             self.eval_iter = None if self.data.eval is None else EvalIterator(
                 self.data.eval, self.eval_batch_size, buckets=buckets, **where)
         except DataError as e:

@@ -65,7 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
     # -- data --------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
     # "builtin" (toy set, no download), "tfds:NAME" (array_record, no TensorFlow needed), or a
-    # path to a JSON list / JSONL file of {instruction, input, output} records.
+    # path to a JSON list / JSONL file of {instruction, input, output} or chat records.
     c.data.train = "builtin"
     c.data.train_split = "train"
     # Held-out set: "" = the train source's `eval_split` (builtin, TFDS; a JSON file has none:
@@ -77,8 +77,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.tfds_data_dir = ""
     # "builtin", a SentencePiece .model, or a tokenizer dir; "" = the tokenizer of init_from.
     c.data.tokenizer = "builtin"
-    c.data.template = "alpaca"  # alpaca | plain
+    # alpaca | plain | chat (the tokenizer's own chat template; for chat records
+    # {"messages": [...]} / {"conversations": [...]} and instruction records alike)
+    c.data.template = "alpaca"
     c.data.buckets = ""  # padded sequence lengths, e.g. "128,256,512"; "" = powers of two
+    # Pack several examples into each max_len row (segment ids, per-example positions);
+    # evaluation stays unpacked. Excludes data.buckets.
+    c.data.packing = False
     c.data.shuffle = True
     c.data.max_records = 0  # > 0: use only the first N train records (smoke runs)
     c.data.seed = 0  # builtin generation and eval_holdout split

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sorted_jax.data.templates import format_prompt
+from sorted_jax.data.tokenizers import bos_prefix
 from sorted_jax.errors import MissingFileError, TriviaQAError
 
 PROMPT = "Question: {question}\nAnswer:"
@@ -148,7 +149,7 @@ def evaluate_generations(generate: Callable[[list[list[int]]], list[list[int] | 
     The generator may answer None for a prompt it cannot run (longer than the model's
     context): that question counts as wrong and is reported in `skipped`.
     """
-    prompts = [[tokenizer.bos_id, *tokenizer.encode(format_question(it.question, template))]
+    prompts = [[*bos_prefix(tokenizer), *tokenizer.encode(format_question(it.question, template))]
                for it in items]
     texts: list[str | None] = []
     for i in range(0, len(prompts), batch_size):

@@ -1,13 +1,22 @@
 """Data for SoFT: prompt templates, record sources, tokenizers, deterministic batching.
 
 Importing this package is light (numpy only); sentencepiece, transformers and
-tensorflow-datasets are imported when a loader needs them. Modules, lowest first: `records`
-(the record type, its errors, JSON files, `spec_kind`), `templates`, `tokenizers`, `builtin`,
-`alpaca_tfds`, `sources` (every source behind one spec string), `pipeline` (tokenizing,
-batching).
+tensorflow-datasets are imported when a loader needs them. Modules, lowest first: `chat`
+(conversations, the tokenizer's chat template, assistant spans), `records` (the record types,
+their errors, JSON files, `spec_kind`), `tokenizers`, `templates` (text templates, generation
+prompts), `builtin`, `alpaca_tfds`, `sources` (every source behind one spec string),
+`pipeline` (tokenizing, batching), `packing` (several examples per row).
 """
 
 from sorted_jax.data.builtin import builtin_records
+from sorted_jax.data.chat import (
+    ChatTemplateError,
+    chat_prompt_ids,
+    encode_chat,
+    render_chat,
+    validate_messages,
+)
+from sorted_jax.data.packing import PackedIterator, collate_packed, pack_rows
 from sorted_jax.data.pipeline import (
     BATCH_KEYS,
     DataIterator,
@@ -23,6 +32,7 @@ from sorted_jax.data.pipeline import (
     tokenize_records,
 )
 from sorted_jax.data.records import (
+    ChatRecord,
     DataError,
     Record,
     SourceError,
@@ -38,19 +48,32 @@ from sorted_jax.data.sources import (
     read_tfds_records,
     split_records,
 )
-from sorted_jax.data.templates import TEMPLATES, format_example, format_prompt
+from sorted_jax.data.templates import (
+    PROMPT_TEMPLATES,
+    TEMPLATE_NAMES,
+    TEMPLATES,
+    format_example,
+    format_prompt,
+    prompt_ids,
+)
 from sorted_jax.data.tokenizers import (
     ByteTokenizer,
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
+    bos_prefix,
     load_tokenizer,
     save_tokenizer_files,
 )
 
 __all__ = [
     "BATCH_KEYS",
+    "PROMPT_TEMPLATES",
     "TEMPLATES",
+    "TEMPLATE_NAMES",
+    "ChatRecord",
+    "ChatTemplateError",
+    "PackedIterator",
     "ByteTokenizer",
     "DataError",
     "SourceError",
@@ -61,7 +84,11 @@ __all__ = [
     "SentencePieceTokenizer",
     "TokenizedDataset",
     "Tokenizer",
+    "bos_prefix",
     "builtin_records",
+    "chat_prompt_ids",
+    "collate_packed",
+    "encode_chat",
     "choose_bucket",
     "collate",
     "default_buckets",
@@ -73,6 +100,9 @@ __all__ = [
     "load_records",
     "open_records",
     "open_split",
+    "pack_rows",
+    "prompt_ids",
+    "render_chat",
     "load_tokenizer",
     "read_json_records",
     "read_tfds_records",
@@ -82,5 +112,6 @@ __all__ = [
     "steps_per_epoch",
     "tokenize_example",
     "tokenize_records",
+    "validate_messages",
     "validate_record",
 ]

@@ -1,13 +1,17 @@
 """Tokenize records once, then batch them deterministically, resumably and per process.
 
-Example layout. A record becomes ``tokens = [BOS] + prompt + response + [EOS]`` and a per-token
-``loss_mask`` where ``loss_mask[t] = 1`` means token ``t`` is a target, predicted from
-``tokens[:t]``: it is 1 exactly on the response tokens and the EOS.
+Example layout. A record becomes ``tokens = [BOS] + prompt + response + [EOS]`` (BOS only if the
+tokenizer wants one, `tokenizers.bos_prefix`) and a per-token ``loss_mask`` where
+``loss_mask[t] = 1`` means token ``t`` is a target, predicted from ``tokens[:t]``: it is 1
+exactly on the response tokens and the EOS. With the ``chat`` template, ``tokens`` is the
+tokenizer's chat template applied to the conversation and the mask is 1 on every assistant
+turn's content and end-of-turn token (`chat.encode_chat`).
 
 Truncation policy. ``max_len`` bounds the number of tokens in a sequence (BOS and EOS included).
 A longer sequence is cut from the right to ``max_len`` tokens: the prompt is kept whole and the
 response loses its tail (and its EOS). A record whose prompt leaves no room for at least one
-response token is dropped; ``TokenizedDataset.num_dropped`` counts them.
+response token is dropped; ``TokenizedDataset.num_dropped`` counts them. A conversation is cut
+the same way: it is dropped when no assistant token is left in its first ``max_len`` tokens.
 
 Batch format (numpy, per process, right padding, ``T`` = the bucket length):
 
@@ -31,9 +35,15 @@ from typing import Any
 
 import numpy as np
 
+from sorted_jax.data.chat import (
+    encode_chats,
+    instruction_messages,
+    is_chat_record,
+    validate_messages,
+)
 from sorted_jax.data.records import Record
-from sorted_jax.data.templates import format_example
-from sorted_jax.data.tokenizers import Tokenizer
+from sorted_jax.data.templates import CHAT, format_example
+from sorted_jax.data.tokenizers import Tokenizer, bos_prefix
 from sorted_jax.errors import DataError
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions")
@@ -73,8 +83,9 @@ def encode_prompt_response(
 def _assemble(
     tokenizer: Tokenizer, prompt_ids: list[int], response_ids: list[int], max_len: int
 ) -> tuple[np.ndarray, np.ndarray, bool] | None:
-    tokens = [tokenizer.bos_id, *prompt_ids, *response_ids, tokenizer.eos_id]
-    num_context = 1 + len(prompt_ids)
+    bos = bos_prefix(tokenizer)
+    tokens = [*bos, *prompt_ids, *response_ids, tokenizer.eos_id]
+    num_context = len(bos) + len(prompt_ids)
     if num_context >= max_len:  # no room for a single response token
         return None
     mask = np.zeros(len(tokens), dtype=bool)
@@ -128,6 +139,12 @@ def tokenize_records(
     """Format each record with ``template`` and tokenize it (truncation: see the module doc)."""
     if max_len < 2:
         raise DataError(f"max_len must be >= 2, got {max_len}")
+    if template == CHAT:
+        return _tokenize_chat(records, tokenizer, max_len, chunk_size)
+    for i, record in enumerate(records):
+        if is_chat_record(record):
+            raise DataError(f"record {i} is a chat record (messages): it needs template "
+                            f"'chat', not {template!r}")
     tokens, masks, dropped, truncated = [], [], 0, 0
     pairs = [format_example(record, template) for record in records]
     for start in range(0, len(pairs), chunk_size):
@@ -144,6 +161,24 @@ def tokenize_records(
             tokens.append(toks)
             masks.append(mask)
             truncated += was_truncated
+    return TokenizedDataset(tokens, masks, tokenizer.pad_id, max_len, dropped, truncated)
+
+
+def _tokenize_chat(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, max_len: int,
+                   chunk_size: int) -> TokenizedDataset:
+    """`tokenize_records` with the tokenizer's chat template: a chat record's conversation,
+    or an instruction record as one user turn and one assistant turn."""
+    convs = [validate_messages(r, f"record {i}") if is_chat_record(r) else instruction_messages(
+        r["instruction"], r.get("input", ""), r["output"]) for i, r in enumerate(records)]
+    tokens, masks, dropped, truncated = [], [], 0, 0
+    for start in range(0, len(convs), chunk_size):
+        for ids, mask in encode_chats(tokenizer, convs[start:start + chunk_size], start):
+            if not mask[1:max_len].any():  # no assistant token left within max_len
+                dropped += 1
+                continue
+            tokens.append(ids[:max_len])
+            masks.append(mask[:max_len])
+            truncated += len(ids) > max_len
     return TokenizedDataset(tokens, masks, tokenizer.pad_id, max_len, dropped, truncated)
 
 
@@ -325,6 +360,9 @@ class DataIterator:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at a saved position; refuses a state from a different data stream."""
+        if "packed_max_len" in state:
+            raise DataError("data state is a packed stream's (data.packing=True) but this "
+                            "iterator is unpacked: resuming would not continue the same stream")
         for key, mine in (
             ("seed", self.seed),
             ("num_examples", len(self.dataset)),

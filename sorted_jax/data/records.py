@@ -1,7 +1,9 @@
 """Records, the lowest data module: the `Record` type, its validation, JSON / JSONL files, and
 `spec_kind`, the one reading of a data spec string.
 
-A record is a dict ``{"instruction", "input", "output"}`` of ``str``. Malformed data raises
+A record is a dict ``{"instruction", "input", "output"}`` of ``str``, or a chat record
+``{"messages": [{"role", "content"}, ...]}`` (`chat.validate_messages`; ShareGPT's
+``{"conversations": [{"from", "value"}, ...]}`` is read as one). Malformed data raises
 `DataError` naming the file and the line, never a bare KeyError.
 """
 
@@ -12,10 +14,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
+from sorted_jax.data.chat import Message, is_chat_record, validate_messages
 from sorted_jax.errors import DataError, MissingFileError, SourceError
 
-__all__ = ["REQUIRED_FIELDS", "DataError", "Record", "SourceError", "read_json_records",
-           "spec_kind", "validate_record"]
+__all__ = ["REQUIRED_FIELDS", "ChatRecord", "DataError", "Record", "SourceError",
+           "read_json_records", "spec_kind", "validate_record"]
 
 SpecKind = Literal["builtin", "tfds", "file"]
 
@@ -37,16 +40,24 @@ class Record(TypedDict):
     output: str
 
 
+class ChatRecord(TypedDict):
+    messages: list[Message]
+
+
 REQUIRED_FIELDS = ("instruction", "output")
 
 
-def validate_record(obj: Any, where: str) -> Record:
-    """Check one raw record and return it as a :class:`Record` (``input`` defaults to "")."""
+def validate_record(obj: Any, where: str) -> Record | ChatRecord:
+    """Check one raw record and return it as a :class:`Record` (``input`` defaults to "") or,
+    when it has ``messages`` / ``conversations``, as a :class:`ChatRecord`."""
     if not isinstance(obj, Mapping):
         raise DataError(f"{where}: record is a {type(obj).__name__}, expected a JSON object")
+    if is_chat_record(obj):
+        return ChatRecord(messages=validate_messages(obj, where))
     for key in REQUIRED_FIELDS:
         if key not in obj:
-            raise DataError(f"{where}: record has no {key!r} field (keys: {sorted(obj)})")
+            raise DataError(f"{where}: record has no {key!r} field (keys: {sorted(obj)}; a "
+                            "chat record has 'messages' or 'conversations')")
     rec = {
         "instruction": obj["instruction"],
         "input": obj.get("input", ""),

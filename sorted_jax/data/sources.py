@@ -1,4 +1,5 @@
-"""Record sources: each yields `Record`s ``{"instruction", "input", "output"}`` of ``str``.
+"""Record sources: each yields `Record`s ``{"instruction", "input", "output"}`` of ``str`` (or
+chat records ``{"messages": [...]}``, `records.validate_record`).
 
 * a local JSON list file or JSONL file (`records.read_json_records`);
 * a TFDS dataset read as ``array_record`` through ``tfds.data_source`` -- no TensorFlow
@@ -20,6 +21,7 @@ import numpy as np
 
 from sorted_jax.data import alpaca_tfds
 from sorted_jax.data.builtin import builtin_records
+from sorted_jax.data.chat import CHAT_FIELDS, is_chat_record
 from sorted_jax.data.records import (
     DataError,
     Record,
@@ -35,7 +37,19 @@ __all__ = ["DataError", "Record", "SourceError", "holdout_split", "load_records"
 
 
 def _to_str(value: Any) -> Any:
-    """TFDS text features come back as bytes (or 0-d numpy arrays of bytes)."""
+    """TFDS text features come back as bytes (or 0-d numpy arrays of bytes); a sequence of
+    dicts (a conversation) as a dict of arrays, turned back into a list of dicts here."""
+    if isinstance(value, Mapping):
+        value = {k: _to_str(v) for k, v in value.items()}
+        lengths = {len(v) for v in value.values() if isinstance(v, list)}
+        if len(lengths) == 1 and all(isinstance(v, list) for v in value.values()):
+            n = lengths.pop()
+            return [{k: v[i] for k, v in value.items()} for i in range(n)]
+        return value
+    if isinstance(value, np.ndarray) and value.ndim >= 1:
+        return [_to_str(v) for v in value]
+    if isinstance(value, list | tuple):
+        return [_to_str(v) for v in value]
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
     if isinstance(value, (bytes, np.bytes_)):
@@ -53,15 +67,19 @@ def _get_path(example: Mapping[str, Any], key: str) -> Any:
     return value
 
 
+MAPPABLE_FIELDS = ("instruction", "input", "output", "messages", "conversations")
+
+
 def map_fields(example: Mapping[str, Any], field_map: Mapping[str, str], where: str) -> Record:
     """Build a record from a source example; ``field_map`` maps our field -> source feature.
 
     ``instruction`` and ``output`` must be mapped; ``input`` is optional ("" when not mapped).
+    A chat source maps ``messages`` (OpenAI roles) or ``conversations`` (ShareGPT) instead.
     """
     raw: dict[str, Any] = {}
     for ours, theirs in field_map.items():
-        if ours not in ("instruction", "input", "output"):
-            raise DataError(f"field_map key {ours!r} is not one of instruction/input/output")
+        if ours not in MAPPABLE_FIELDS:
+            raise DataError(f"field_map key {ours!r} is not one of {'/'.join(MAPPABLE_FIELDS)}")
         try:
             raw[ours] = _to_str(_get_path(example, theirs))
         except (KeyError, TypeError):
@@ -82,7 +100,9 @@ def read_tfds_records(
     """Records of a prepared TFDS dataset in ``array_record`` format, without TensorFlow.
 
     ``name`` is a TFDS name (``"alpaca"``, ``"my_ds/config:1.0.0"``); ``field_map`` maps
-    instruction/input/output to feature names, nested features as ``"a/b"``.
+    instruction/input/output (or messages / conversations) to feature names, nested features as
+    ``"a/b"``. Without one, a dataset with a ``messages`` or ``conversations`` feature is read
+    as chat records, any other by its instruction/input/output features.
     """
     try:
         import tensorflow_datasets as tfds
@@ -92,12 +112,15 @@ def read_tfds_records(
         ) from e
     if name.startswith(alpaca_tfds.NAME):
         alpaca_tfds.register()  # tfds finds a builder by its registered name
-    field_map = dict(DEFAULT_FIELD_MAP if field_map is None else field_map)
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir)
     except Exception as e:  # TFDS's own errors: a bad split, a dataset never prepared
         raise SourceError(f"'tfds:{name}' (split {split!r}) cannot be read: "
                           f"{type(e).__name__}: {e}") from e
+    if field_map is None and len(source) and is_chat_record(source[0]):
+        field = next(k for k in CHAT_FIELDS if k in source[0])  # a conversation feature
+        field_map = {field: field}
+    field_map = dict(DEFAULT_FIELD_MAP if field_map is None else field_map)
     return [
         map_fields(source[i], field_map, f"tfds:{name}[{split}] example {i}")
         for i in range(len(source))

@@ -10,7 +10,10 @@ Specs accepted by :func:`load_tokenizer`:
 
 ``encode`` never adds BOS/EOS: the pipeline adds them itself, because transformers 5.x adds BOS on
 some loading paths and not on others. Text is always encoded as plain text: a literal ``"</s>"``
-in the data is *not* turned into the EOS id.
+in the data is *not* turned into the EOS id. Whether a sequence starts with BOS follows the
+tokenizer (``add_bos``, see `bos_prefix`): the byte and SentencePiece tokenizers want one, an HF
+tokenizer dir wants one iff its own encoding adds it (LLaMA-2's does, SmolLM2's does not). Chat
+templates (`sorted_jax.data.chat`) write their own BOS, if any.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ HF_TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -60,6 +65,12 @@ class Tokenizer(Protocol):
         ...
 
 
+def bos_prefix(tokenizer: Tokenizer) -> list[int]:
+    """``[bos_id]`` if sequences of this tokenizer start with BOS (its ``add_bos``, true when a
+    tokenizer does not say), else ``[]``."""
+    return [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) else []
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: pad=0, bos=1, eos=2, byte b -> 3 + b.
 
@@ -75,6 +86,7 @@ class ByteTokenizer:
     pad_id = PAD
     vocab_size = VOCAB_SIZE
     spec = "builtin"
+    add_bos = True
 
     def encode(self, text: str) -> list[int]:
         return [b + self.OFFSET for b in text.encode("utf-8")]
@@ -104,6 +116,7 @@ class SentencePieceTokenizer:
         # LLaMA models have no pad piece (pad_id = -1); padded slots are masked, so use unk/0.
         self.pad_id = pad if pad >= 0 else max(int(self._sp.unk_id()), 0)
         self.vocab_size = int(self._sp.vocab_size())
+        self.add_bos = True  # LLaMA's SentencePiece models are trained with a leading BOS
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text, out_type=int))
@@ -126,6 +139,8 @@ class HFTokenizer:
 
     BOS/EOS are never added by transformers here (``add_special_tokens=False``) and special-token
     strings in the text are split like ordinary text, so ids equal SentencePiece's own encoding.
+    ``add_bos`` is whether the tokenizer's own encoding starts with BOS; ``hf`` is the
+    transformers tokenizer (its chat template: `sorted_jax.data.chat`).
     """
 
     def __init__(self, directory: str | Path):
@@ -135,12 +150,21 @@ class HFTokenizer:
         self.spec = str(directory)
         self._tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         bos, eos = self._tok.bos_token_id, self._tok.eos_token_id
-        if bos is None or eos is None:
-            raise DataError(f"{directory}: tokenizer has no BOS/EOS token (bos={bos}, eos={eos})")
-        self.bos_id, self.eos_id = int(bos), int(eos)
+        if eos is None:
+            raise DataError(f"{directory}: tokenizer has no EOS token")
+        # No BOS token (Qwen-style tokenizers): sequences never start with one.
+        self.bos_id, self.eos_id = (None if bos is None else int(bos)), int(eos)
         pad = self._tok.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
         self.vocab_size = len(self._tok)
+        probe = "a"
+        with_special = list(self._tok(probe)["input_ids"])
+        self.add_bos = (bos is not None and bool(with_special) and with_special[0] == bos
+                        and self.encode(probe)[:1] != [bos])
+
+    @property
+    def hf(self) -> Any:
+        return self._tok
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False, split_special_tokens=True))

@@ -61,7 +61,8 @@ class DecodeOptions:
     mode: ``fixed`` (depth `exit_layer`, default the full model), ``early-exit`` (`exits`,
     default `default_exits(L)`; `thresholds` for all but the last exit, default the paper's),
     ``speculative`` (draft depth `draft_layer`). temperature 0 = greedy; `top_k` 0 and `top_p`
-    1 are off. eos_id: id(s) that stop a row (default the config's eos_token_id; () = never).
+    1 are off. eos_id: id(s) that stop a row, any of them (default the config's eos_token_id,
+    one id or a list as generation_config.json may give; () = never).
     max_len: KV cache slots (default: padded prompt + max_new_tokens, rounded up to 64).
     """
 

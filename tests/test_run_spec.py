@@ -20,6 +20,8 @@ SOFT_7B = (12, 16, 20, 24, 28, 32)  # the paper's exit sets (Sec. 4)
 SOFT_13B = (12, 16, 20, 24, 28, 32, 36, 40)
 EXPECTED = {  # config file -> (preset, exits, eval exits)
     "tiny.py": ("tiny", (2, 4, 6, 8), (2, 4, 6, 8)),
+    "tiny_pretrain.py": ("tiny", (8,), (2, 4, 6, 8)),  # the pretrained-then-SoFT demo
+    "tiny_finetune.py": ("tiny", (2, 4, 6, 8), (2, 4, 6, 8)),
     "soft_7b.py": ("llama2-7b", SOFT_7B, SOFT_7B),
     "sft_7b.py": ("llama2-7b", (32,), SOFT_7B),
     "soft_13b.py": ("llama2-13b", SOFT_13B, SOFT_13B),

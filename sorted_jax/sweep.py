@@ -3,7 +3,7 @@
     python -m sorted_jax.sweep --config=configs/tiny_finetune.py --out=runs/sweep \\
         --pretrain-config=configs/tiny_pretrain.py --seeds=0,1,2 \\
         --recipe=uniform --recipe=last --recipe=depth --recipe=sqrt --recipe=ramp \\
-        --recipe=distill --recipe='last70=exit_weights=last:0.7 exit_curriculum.ramp=0.3'
+        --recipe=distill --recipe=depth-distill
 
 For each seed it trains the SFT baseline (exit set {L}, every recipe's exits evaluated), SFT+ICT
 on it (one head per exit, trunk frozen), and one SoFT run per recipe, all from the same config
@@ -47,8 +47,10 @@ RECIPES: dict[str, tuple[tuple[str, ...], str]] = {
     "sqrt": (("exit_weights=sqrt",), "weights proportional to sqrt(depth)"),
     "ramp": (("exit_curriculum.hold=0.1", "exit_curriculum.ramp=0.4"),
              "SFT for 10% of the steps, then a linear ramp to uniform over 40%"),
-    "distill": (("distill_weight=0.5",),
-                "uniform + KL of every exit toward the last exit's distribution"),
+    "distill": (("distill_weight=0.1",),
+                "uniform + 0.1 x KL of every exit toward the last exit's distribution"),
+    "depth-distill": (("exit_weights=depth", "distill_weight=0.1"),
+                      "depth weights + 0.1 x KL toward the last exit"),
     "last-ramp": (("exit_weights=last:0.5", "exit_curriculum.hold=0.1",
                    "exit_curriculum.ramp=0.4"), "last:0.5 reached through the SFT ramp"),
 }

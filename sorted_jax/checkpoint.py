@@ -20,6 +20,9 @@ later resume can tell a damaged step from one that does not fit the run.
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,39 @@ def restore_target(abstract_state: TrainState, shardings: TrainState) -> dict[st
     return state_tree(target)
 
 
+class _QuietOrbaxTracebacks(logging.Filter):
+    """Drop Orbax's logged tracebacks of a failed background save: the same failure is raised
+    once, as our `CheckpointError`, at the next step boundary (a full disk logged ~16)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info or record.exc_info[2] is None:
+            return True
+        frames = traceback.extract_tb(record.exc_info[2])
+        return not any("orbax" in f.filename for f in frames)
+
+
+_QUIET = _QuietOrbaxTracebacks()
+
+
+def _quiet_closed_loops(previous: Any) -> Any:
+    """An unraisable hook that drops "Event loop is closed": the writes still in flight when a
+    background save failed complete after Orbax closed its loop (one traceback each)."""
+    def hook(unraisable: Any) -> None:
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.sorted_jax_quiet = True
+    return hook
+
+
+def _quiet_failed_saves() -> None:
+    """Installed once per process, kept: a failed save's threads may log after `close`."""
+    logging.getLogger("absl").addFilter(_QUIET)  # a no-op when already there
+    if not getattr(sys.unraisablehook, "sorted_jax_quiet", False):
+        sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
+
+
 class Checkpointer:
     """Save / restore train state, data position and run metadata in `WORKDIR/checkpoints`."""
 
@@ -57,6 +93,7 @@ class Checkpointer:
         self.directory = self.workdir / CHECKPOINTS_DIR
         self.writes_manifests = jax.process_index() == 0
         self._unpinned: list[int] = []  # saved steps whose files are not in a manifest yet
+        _quiet_failed_saves()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep and keep > 0 else None,
             enable_async_checkpointing=async_save,
@@ -98,7 +135,8 @@ class Checkpointer:
         """
         if step in self.manager.all_steps():
             return False
-        self.poll()
+        if self._unpinned:  # Orbax would wait for it anyway: a failure is then that step's
+            self.wait()
         args = ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state_tree(state)),
             DATA: ocp.args.JsonSave(dict(data_state)),
@@ -150,9 +188,10 @@ class Checkpointer:
         """Block until every started save is on disk (a failure raises, as in `poll`)."""
         try:
             self.manager.wait_until_finished()
+            self.manager.check_for_errors()
         except Exception as e:
             raise self._save_failed(self._unpinned[-1] if self._unpinned else -1, e) from None
-        self.poll()
+        self._pin()
 
     # -- restore -----------------------------------------------------------------------------
     def restore(self, step: int, abstract_state: TrainState, shardings: TrainState
@@ -199,4 +238,6 @@ class Checkpointer:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+            self._pin()
         self.manager.close()

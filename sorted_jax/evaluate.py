@@ -205,7 +205,8 @@ def exit_quality(ckpt: Checkpoint, records: Sequence, exits: Sequence[int], *, t
         per[e] = {"loss": loss, "perplexity": reports.perplexity(loss),
                   "accuracy": m[f"accuracy/exit_{e}"]}
     return {"exits": per, "examples": len(ds), "tokens": int(m["tokens"]),
-            "dropped": ds.num_dropped, "truncated": ds.num_truncated}
+            "records": len(records), "dropped": ds.num_dropped, "truncated": ds.num_truncated,
+            "first_dropped": ds.first_dropped}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +339,14 @@ def _evaluate_one(c: Checkpoint, args: argparse.Namespace, setup: EvalSetup, rec
     res: dict[str, Any] = {"label": c.label, "path": str(c.path),
                            "num_layers": c.config.num_hidden_layers,
                            "ict_heads": c.is_ict, "examples": q["examples"],
-                           "tokens": q["tokens"], "exits": q["exits"]}
+                           "tokens": q["tokens"], "exits": q["exits"],
+                           **{k: q[k] for k in ("records", "dropped", "truncated",
+                                                "first_dropped")}}
+    if q["dropped"] or q["truncated"]:
+        print(f"{c.label}: {q['records']} records, {q['dropped']} dropped (prompt longer than "
+              f"--max-len {setup.max_len}), {q['truncated']} truncated"
+              + (f"; first dropped: {q['first_dropped']}" if q["first_dropped"] else ""),
+              flush=True)
     print(f"{c.label}: " + " ".join(f"e{e} {v['loss']:.4f}" for e, v in q["exits"].items())
           + f" ({q['examples']} examples, {time.time() - t0:.1f}s)", flush=True)
     if items is not None:

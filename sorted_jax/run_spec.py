@@ -50,6 +50,7 @@ from sorted_jax.modeling import DTYPES
 from sorted_jax.sharding import Rules, rules_from_config
 
 TRAIN_CONFIG_FILE = "train_config.json"
+DATA_STATS_FILE = "data_stats.json"  # records read, dropped, truncated, per split
 COMMAND = "sorted_jax.train"
 TOKENIZER_DIR = "tokenizer"
 MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -455,6 +456,13 @@ def load_data(c: ml_collections.ConfigDict, tokenizer: Tokenizer) -> RunData:
             raise e.prefixed(f"data.eval={c.data.eval or c.data.train!r}: ") from None
         ev = ev if len(ev) else None
     return RunData(train, ev, len(records), len(eval_records or []))
+
+
+def data_stats(ds: TokenizedDataset, records: int) -> dict[str, Any]:
+    """What became of a split's records: kept, dropped (the prompt alone is longer than
+    max_len: no response token fits), truncated (the response was cut at max_len)."""
+    return {"records": int(records), "examples": len(ds), "dropped": int(ds.num_dropped),
+            "truncated": int(ds.num_truncated), "first_dropped": ds.first_dropped}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ Outputs in `--out`:
     exit_quality.png    loss / token accuracy (/ TriviaQA EM) vs exit, one line per checkpoint
     speed_quality.png   with --latency: loss vs measured decode ms/token, one point per exit
 
+`--out` (and `--dump-generations`) are checked before anything is read: new or empty, never an
+input, and an earlier evaluate output is replaced (atomically) only with `--overwrite`.
+
 `--latency` times greedy decoding at each exit (`Decoder`, mode fixed): after a warm-up,
 (time of N new tokens - time of 1) / (N - 1), the best of a few repeats, batch 1, so prefill
 and compilation are excluded. `--dump-generations` writes one JSON line per (instruction,

@@ -8,7 +8,9 @@
 `--prompt` streams tokens to stdout; `--prompts` (JSONL, one record per line: {"instruction",
 "input"}, {"prompt"} or, with `--template chat`, {"messages"}) writes one JSONL result per
 record to `--out` (or stdout). Statistics (tokens/s, average exit layer, acceptance rate,
-full-model passes) go to stderr.
+full-model passes) go to stderr. `--out` is checked before the model is loaded: not a dir, not
+an input, and an existing file only if it holds generate's own lines and `--overwrite` is given;
+it is written to a temp sibling and renamed when complete.
 
 `--template` defaults to the one the checkpoint was trained with (its recorded train config),
 or `none` (the prompt as it is) for a model with no training record, e.g. one converted from

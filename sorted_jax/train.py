@@ -20,15 +20,27 @@ Workdir:
     WORKDIR/exit_table.md          per-exit held-out loss / perplexity / accuracy at the end
     WORKDIR/final_metrics.json
     WORKDIR/exit_loss.png          held-out loss per exit over training
+    WORKDIR/run_status.json        how the last launch ended: finished | preempted | failed
+    WORKDIR/data_stats.json        records read / dropped / truncated per split
+    WORKDIR/checkpoint_manifests/  per step: its files and sizes, and its health
+    WORKDIR/set_aside/             checkpoints newer than the step a run resumed from
+    WORKDIR/.sorted_jax.json       the marker that makes the dir a training workdir
 
 The pieces: `run_spec` parses and resolves the config into a frozen, device-free `RunSpec`
 (every check that needs no device); `Trainer` adds the mesh, data, jitted steps and state; its
 loop is `train_steps()`, a generator of `train_loop.StepInfo`s, with logging, evaluation and
 checkpoints as hooks that run every N steps. `--plan` is `train_plan`.
 
+The workdir is checked first (`destinations.claim_dir`): new, empty or a training workdir, never
+a dir something else wrote, nor init_from or a data file. A resume takes the newest intact
+checkpoint (`checkpoint_integrity`: damaged or diverged newer steps are named and set aside),
+or `--config.resume_step=N`.
+
 SIGTERM / SIGINT: the step in flight finishes, a checkpoint is written and the process exits 0
-(a second SIGINT aborts). A non-finite loss stops the run naming the step, without saving the
-bad state: the last checkpoint on disk is the last good one.
+(a second SIGINT aborts); `run_status.json` says "preempted". A non-finite loss or gradient norm
+stops the run (exit 1) naming which one and the last good checkpoint, the newest whose weights
+had a finite loss and gradient norm; the bad state is not saved. A save that fails (a full
+disk) stops the run at the next step boundary (exit 2) naming the last good step.
 """
 
 from __future__ import annotations

@@ -341,6 +341,8 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def _non_finite(self, what: str) -> None:
+        with contextlib.suppress(CheckpointError):  # a save in flight may be the last good one
+            self.checkpointer.wait()
         where = self.checkpointer.last_good_text()
         raise NonFiniteLossError(f"{what}; stopped without saving this state. {where} "
                                  "Lower optim.lr (or set optim.clip_norm), then resume from it "

@@ -21,7 +21,7 @@ A destination is refused (a `DestinationError`, one line) when
 - it holds the command's own earlier output and `--overwrite` was not given (train instead
   resumes its own workdir: `resume=True`).
 
-`atomic_dir` writes into a temp sibling `.NAME.tmp-PID-RAND` and renames it into place (the
+`atomic_dir` writes into a temp sibling `.NAME.tmp-PID@HOST-RAND` and renames it into place (the
 old output, if any, is moved aside first, then removed), so a crash leaves either the old
 output or the new one. Temp siblings of processes that no longer run (a kill -9) are removed
 by the next write into the same parent. Directories are created with the umask's mode.
@@ -36,6 +36,8 @@ import os
 import re
 import secrets
 import shutil
+import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -46,7 +48,9 @@ __all__ = ["MARKER", "Destination", "DestinationError", "atomic_dir", "atomic_fi
            "url_scheme"]
 
 MARKER = ".sorted_jax.json"
-_TEMP = re.compile(r"^\..+\.(?:tmp|old)-(?:(\d+)-[0-9a-f]+|[A-Za-z0-9_]{8})$")
+# .NAME.tmp-PID@HOST-RAND (this module's), or .NAME.tmp-XXXXXXXX (tempfile.mkdtemp's, before)
+_TEMP = re.compile(r"^\..+\.(?:tmp|old)-(?:(\d+)@(.+)-[0-9a-f]{8}|[A-Za-z0-9_]{8})$")
+_FOREIGN_HOST_STALE_S = 24 * 3600  # another host's temp dir: stale once this old
 
 Recognise = Callable[[Path], bool]
 
@@ -174,19 +178,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _is_stale(m: re.Match, path: Path) -> bool:
+    if m.group(1) is None:  # an older version's name: nothing can tell; a killed run's
+        return True
+    if m.group(2) == socket.gethostname():
+        return not _pid_alive(int(m.group(1)))
+    return time.time() - path.stat().st_mtime > _FOREIGN_HOST_STALE_S
+
+
 def clean_stale_temps(parent: Path) -> list[Path]:
-    """Remove temp siblings (`.NAME.tmp-PID-RAND`, `.NAME.old-...`) of dead processes."""
+    """Remove temp siblings (`.NAME.tmp-PID@HOST-RAND`, `.NAME.old-...`) left by processes
+    that no longer run (a kill -9): on this host by their pid, another host's after a day."""
     removed = []
     if not parent.is_dir():
         return removed
     for p in parent.iterdir():
         m = _TEMP.match(p.name)
-        if not m or not p.is_dir():
-            continue
-        if m.group(1) is not None and _pid_alive(int(m.group(1))):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
+        if m and p.is_dir() and _is_stale(m, p):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
 
 
@@ -196,7 +206,8 @@ def make_dirs(path: Path) -> None:
 
 
 def _temp_sibling(out: Path, kind: str) -> Path:
-    tmp = out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = out.parent / f".{out.name}.{kind}-{os.getpid()}@{socket.gethostname()}-" \
+                       f"{secrets.token_hex(4)}"
     os.mkdir(tmp)  # mode 0o777 & ~umask
     return tmp
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -296,9 +297,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
 
 def test_convert_cleans_stale_temp_dirs_and_keeps_the_umask(tmp_path, capsys):
     model = tiny_model_dir(tmp_path / "model")
-    dead = tmp_path / f".hf.tmp-{2 ** 22 + 7}-deadbeef"  # above any pid_max: not running
+    # a pid above any pid_max: that process is not running
+    dead = tmp_path / f".hf.tmp-{2 ** 22 + 7}@{socket.gethostname()}-deadbeef"
+    other_host = tmp_path / f".hf.tmp-{os.getpid()}@another-host-0123abcd"  # may be running
     legacy = tmp_path / ".hf.tmp-ab12cd34"  # tempfile.mkdtemp's names, before this fix
-    for d in (dead, legacy):
+    for d in (dead, legacy, other_host):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"half written")
     old = os.umask(0o022)
@@ -307,11 +310,12 @@ def test_convert_cleans_stale_temp_dirs_and_keeps_the_umask(tmp_path, capsys):
                 "--no-progress"]
         assert convert.main(argv) == 0
         capsys.readouterr()
-        assert not dead.exists() and not legacy.exists()
+        assert not dead.exists() and not legacy.exists() and other_host.exists()
         assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o755
         assert convert.main(argv) == 2  # its own output: replaced only when asked
         assert "pass --overwrite" in one_error(capsys, "sorted_jax.convert orbax-to-hf")
         assert convert.main([*argv, "--overwrite"]) == 0
     finally:
         os.umask(old)
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name] == [
+        other_host]

@@ -10,11 +10,19 @@ Saves are asynchronous where Orbax allows (the device-to-host copy happens befor
 returns, so the caller may donate the state to the next step right away) and atomic: a step
 appears in `all_steps()` only once it is complete. Restores read every array straight onto the
 sharding of the abstract train state, so each host reads only its own shards.
+
+A failed asynchronous save (a full disk) is noticed at the next `poll()` (the trainer calls it
+at every step boundary) and raised once, as a `CheckpointError` naming the last good step.
+Once a save is committed its files are pinned in a manifest (`checkpoint_integrity`), so a
+later resume can tell a damaged step from one that does not fit the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +30,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from sorted_jax.errors import CheckpointError
+from sorted_jax import checkpoint_integrity as integrity
+from sorted_jax.errors import CheckpointError, one_line
 from sorted_jax.model_io import CHECKPOINTS_DIR
 from sorted_jax.model_io import DATA_ITEM as DATA
 from sorted_jax.model_io import META_ITEM as META
@@ -43,11 +52,48 @@ def restore_target(abstract_state: TrainState, shardings: TrainState) -> dict[st
     return state_tree(target)
 
 
+class _QuietOrbaxTracebacks(logging.Filter):
+    """Drop Orbax's logged tracebacks of a failed background save: the same failure is raised
+    once, as our `CheckpointError`, at the next step boundary (a full disk logged ~16)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info or record.exc_info[2] is None:
+            return True
+        frames = traceback.extract_tb(record.exc_info[2])
+        return not any("orbax" in f.filename for f in frames)
+
+
+_QUIET = _QuietOrbaxTracebacks()
+
+
+def _quiet_closed_loops(previous: Any) -> Any:
+    """An unraisable hook that drops "Event loop is closed": the writes still in flight when a
+    background save failed complete after Orbax closed its loop (one traceback each)."""
+    def hook(unraisable: Any) -> None:
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.sorted_jax_quiet = True
+    return hook
+
+
+def _quiet_failed_saves() -> None:
+    """Installed once per process, kept: a failed save's threads may log after `close`."""
+    logging.getLogger("absl").addFilter(_QUIET)  # a no-op when already there
+    if not getattr(sys.unraisablehook, "sorted_jax_quiet", False):
+        sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
+
+
 class Checkpointer:
     """Save / restore train state, data position and run metadata in `WORKDIR/checkpoints`."""
 
     def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / CHECKPOINTS_DIR
+        self.workdir = Path(workdir).absolute()
+        self.directory = self.workdir / CHECKPOINTS_DIR
+        self.writes_manifests = jax.process_index() == 0
+        self._unpinned: list[int] = []  # saved steps whose files are not in a manifest yet
+        _quiet_failed_saves()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep and keep > 0 else None,
             enable_async_checkpointing=async_save,
@@ -63,6 +109,22 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def last_good_step(self, excluding: int | None = None) -> int | None:
+        """The newest step on disk whose weights were checked finite (`checkpoint_integrity`)."""
+        good = [s for s in self.all_steps() if s != excluding and s not in self._unpinned
+                and integrity.health(self.workdir, s) == integrity.GOOD]
+        return good[-1] if good else None
+
+    def last_good_text(self, excluding: int | None = None) -> str:
+        last = self.last_good_step(excluding)
+        if last is None:
+            return "No checkpoint with finite loss and gradient norm is on disk."
+        return f"The last good checkpoint is step {last} in {self.directory}."
+
+    def record_health(self, step: int, health: str, detail: str = "") -> None:
+        if self.writes_manifests:
+            integrity.record_health(self.workdir, step, health, detail)
+
     # -- save --------------------------------------------------------------------------------
     def save(self, step: int, state: TrainState, data_state: Mapping[str, Any],
              meta: Mapping[str, Any]) -> bool:
@@ -73,19 +135,63 @@ class Checkpointer:
         """
         if step in self.manager.all_steps():
             return False
+        if self._unpinned:  # Orbax would wait for it anyway: a failure is then that step's
+            self.wait()
         args = ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state_tree(state)),
             DATA: ocp.args.JsonSave(dict(data_state)),
             META: ocp.args.JsonSave(dict(meta)),
         })
+        self.record_health(step, integrity.UNCHECKED)
         try:
-            return bool(self.manager.save(step, args=args, force=True))
+            saved = bool(self.manager.save(step, args=args, force=True))
         except Exception as e:  # disk full, permissions, ...: say where
-            raise CheckpointError(f"could not save step {step} to {self.directory}: {e}") from e
+            raise self._save_failed(step, e) from None
+        if saved:
+            self._unpinned.append(step)
+            if not self.manager.is_saving_in_progress():  # a synchronous save
+                self._pin()
+        return saved
+
+    def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
+        self._unpinned = [s for s in self._unpinned if s != step and s in self.all_steps()]
+        first = one_line(e)[:300]
+        return CheckpointError(
+            f"could not save step {step} to {self.directory} ({type(e).__name__}: {first}); "
+            f"the run stopped. {self.last_good_text(excluding=step)} Fix the cause (e.g. free "
+            "disk space) and re-run the same command to resume.")
+
+    def _pin(self) -> None:
+        """Manifests of the saves that have finished; drop those of deleted steps."""
+        on_disk = set(self.all_steps())
+        if self.writes_manifests:
+            for s in self._unpinned:
+                if s in on_disk:
+                    integrity.record_files(self.workdir, s)
+            integrity.prune(self.workdir, on_disk)
+        self._unpinned = []
+
+    def poll(self) -> None:
+        """At a step boundary: raise a failed background save now (one `CheckpointError`
+        naming the last good step); pin the saves that have finished."""
+        if not self._unpinned:
+            return
+        pending = self._unpinned[-1]
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._save_failed(pending, e) from None
+        if not self.manager.is_saving_in_progress():
+            self._pin()
 
     def wait(self) -> None:
-        """Block until every started save is on disk."""
-        self.manager.wait_until_finished()
+        """Block until every started save is on disk (a failure raises, as in `poll`)."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._save_failed(self._unpinned[-1] if self._unpinned else -1, e) from None
+        self._pin()
 
     # -- restore -----------------------------------------------------------------------------
     def restore(self, step: int, abstract_state: TrainState, shardings: TrainState
@@ -100,10 +206,18 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=args)
         except Exception as e:
+            why = integrity.problem(self.workdir, step)
+            others = [s for s in self.all_steps() if s != step]
+            if why is not None:
+                raise CheckpointError(
+                    f"step {step} in {self.directory} is {why}; resume from another step with "
+                    f"--config.resume_step=N (steps on disk: {others})") from e
             raise CheckpointError(
-                f"cannot restore step {step} from {self.directory} onto this run's train state "
-                f"(did the model, optimizer or exit set change since it was written? start a new "
-                f"workdir, or load its weights with init_from): {e}") from e
+                f"cannot restore step {step} from {self.directory} onto this run's train state: "
+                f"{one_line(e)[:300]}. If the model, optimizer and exit set are unchanged, the "
+                f"step is damaged: resume from another with --config.resume_step=N (steps on "
+                f"disk: {others}); if they changed, start a new workdir, or load its weights "
+                "with init_from") from e
         tree = restored[STATE]
         # Orbax gives optimizer namedtuples back as plain tuples: same leaves, same order.
         leaves = jax.tree.leaves(tree)
@@ -124,4 +238,6 @@ class Checkpointer:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+            self._pin()
         self.manager.close()

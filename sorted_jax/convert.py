@@ -37,8 +37,9 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from sorted_jax import artifacts
+from sorted_jax import artifacts, destinations, heads, model_io
 from sorted_jax.config import ConfigError, LlamaConfig
+from sorted_jax.destinations import Destination, atomic_dir
 from sorted_jax.errors import ConversionError, run_cli
 from sorted_jax.hf_mapping import (
     MappingError,
@@ -49,7 +50,6 @@ from sorted_jax.hf_mapping import (
 )
 from sorted_jax.model_io import (
     CONFIG_FILE,
-    atomic_dir,
     check_params,
     copy_tokenizer_files,
     dtype_name,
@@ -66,6 +66,7 @@ SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 GENERATION_CONFIG_FILE = "generation_config.json"
+HF_TO_ORBAX, ORBAX_TO_HF = "sorted_jax.convert hf-to-orbax", "sorted_jax.convert orbax-to-hf"
 _MAX_LISTED = 12
 
 
@@ -509,18 +510,26 @@ def read_hf_checkpoint(hf_dir: str | Path, dtype: Any = "float32", allow_pickle:
 def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, dtype: Any = "float32",
                 allow_pickle: bool = False, overwrite: bool = False,
                 progress: bool = True) -> Path:
-    """Convert an HF LLaMA dir into a model dir (atomic; tokenizer files copied)."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"output {out} already exists; remove it, choose another --out or "
-                              "pass --overwrite")
+    """Convert an HF LLaMA dir into a model dir (atomic; tokenizer files copied).
+
+    `out_dir` is checked first (`destinations.claim_dir`): never the input or inside it, and
+    `overwrite` replaces only a model dir this command wrote."""
+    dest = destinations.claim_dir(out_dir, flag="--out", command=HF_TO_ORBAX, inputs=[hf_dir],
+                                  overwrite=overwrite, recognise=_is_plain_model_dir)
     params, config = read_hf_checkpoint(hf_dir, dtype, allow_pickle, progress)
     check_params(params, config)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(dest) as tmp:
         config.to_json_file(tmp / CONFIG_FILE)
         copy_tokenizer_files(find_tokenizer_files(hf_dir), tmp)
         save_params(tmp / "params", params)
-    return out
+    return Path(out_dir)
+
+
+def _is_plain_model_dir(path: Path) -> bool:
+    """A model dir as hf-to-orbax writes it (before markers existed): no ICT heads, no HF
+    weights beside the Orbax params."""
+    return (model_io.is_model_dir(path) and not heads.has_heads(path)
+            and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,11 +599,12 @@ def _check_exit_layer(k: int, config: LlamaConfig) -> None:
                               f"got {k}")
 
 
-def export_hf(params: Mapping[str, Any], config: LlamaConfig, out_dir: str | Path,
+def export_hf(params: Mapping[str, Any], config: LlamaConfig, out_dir: str | Path | Destination,
               exit_layer: int | None = None, dtype: Any = None, shard_size: str | int = "2GB",
               tokenizer: str | Path | Iterable[str | Path] | None = None,
               overwrite: bool = False, progress: bool = True) -> Path:
-    """Write params (or the sub-model of depth `exit_layer`) as an HF LlamaForCausalLM dir."""
+    """Write params (or the sub-model of depth `exit_layer`) as an HF LlamaForCausalLM dir
+    (`out_dir` a path, or a `Destination` that `orbax_to_hf` checked)."""
     L = config.num_hidden_layers
     k = L if exit_layer is None else exit_layer
     _check_exit_layer(k, config)
@@ -608,17 +618,18 @@ def export_hf(params: Mapping[str, Any], config: LlamaConfig, out_dir: str | Pat
         write_hf_dir(tmp, sub_params, sub_config, np_dtype, max_bytes, progress)
         if tokenizer is not None:
             copy_tokenizer_files(tokenizer, tmp)
-    return Path(out_dir)
+    return out_dir.path if isinstance(out_dir, Destination) else Path(out_dir)
 
 
 def orbax_to_hf(ckpt: str | Path, out_dir: str | Path, exit_layer: int | None = None,
                 step: int | None = None, dtype: Any = None, shard_size: str | int = "2GB",
                 overwrite: bool = False, progress: bool = True) -> Path:
-    """Model dir or training workdir -> HF dir (depth `exit_layer` sub-model if given)."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"output {out} already exists; remove it, choose another --out or "
-                              "pass --overwrite")
+    """Model dir or training workdir -> HF dir (depth `exit_layer` sub-model if given).
+
+    `out_dir` is checked first: never the checkpoint or inside it, and `overwrite` replaces
+    only an HF dir this command wrote (its marker)."""
+    out = destinations.claim_dir(out_dir, flag="--out", command=ORBAX_TO_HF, inputs=[ckpt],
+                                 overwrite=overwrite)
     parse_size(shard_size)
     resolve_dtype(dtype)
     art = artifacts.inspect(ckpt)

@@ -57,6 +57,11 @@ class ModelIOError(UserError):
     """A model dir / workdir that cannot be read or written; the message says what to fix."""
 
 
+class DestinationError(ModelIOError):
+    """An output path that would overwrite or delete something the command does not own
+    (`sorted_jax.destinations`)."""
+
+
 class ConversionError(ModelIOError):
     """An input that cannot be converted; the message names the file/tensor and the fix."""
 

@@ -20,6 +20,9 @@ Outputs in `--out`:
     exit_quality.png    loss / token accuracy (/ TriviaQA EM) vs exit, one line per checkpoint
     speed_quality.png   with --latency: loss vs measured decode ms/token, one point per exit
 
+`--out` (and `--dump-generations`) are checked before anything is read: new or empty, never an
+input, and an earlier evaluate output is replaced (atomically) only with `--overwrite`.
+
 `--latency` times greedy decoding at each exit (`Decoder`, mode fixed): after a warm-up,
 (time of N new tokens - time of 1) / (N - 1), the best of a few repeats, batch 1, so prefill
 and compilation are excluded. `--dump-generations` writes one JSON line per (instruction,
@@ -47,8 +50,8 @@ import optax
 
 from sorted_jax import (
     artifacts,
+    destinations,
     heads,
-    model_io,
     pairs,
     per_exit,
     reports,
@@ -72,6 +75,24 @@ from sorted_jax.train_step import SoftSteps, sum_exit_sums
 
 METRICS_MD, METRICS_JSON = "exit_metrics.md", "exit_metrics.json"
 QUALITY_PNG, SPEED_PNG = "exit_quality.png", "speed_quality.png"
+COMMAND = "sorted_jax.evaluate"
+
+
+def _is_eval_dir(path: Path) -> bool:
+    """A dir of evaluate's reports (also those written before markers existed)."""
+    names = {p.name for p in path.iterdir()}
+    return METRICS_JSON in names and names <= {METRICS_MD, METRICS_JSON, QUALITY_PNG, SPEED_PNG,
+                                               destinations.MARKER}
+
+
+def _is_generation_dump(path: Path) -> bool:
+    """A `--dump-generations` file: its first line is one of its JSON records."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline() or "null")
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and {"label", "exit", "response"} <= set(first)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +208,8 @@ def exit_quality(ckpt: Checkpoint, records: Sequence, exits: Sequence[int], *, t
         per[e] = {"loss": loss, "perplexity": reports.perplexity(loss),
                   "accuracy": m[f"accuracy/exit_{e}"]}
     return {"exits": per, "examples": len(ds), "tokens": int(m["tokens"]),
-            "dropped": ds.num_dropped, "truncated": ds.num_truncated}
+            "records": len(records), "dropped": ds.num_dropped, "truncated": ds.num_truncated,
+            "first_dropped": ds.first_dropped}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: the training run's, else float32)")
     p.add_argument("--mesh", default="1,-1,1", help="mesh shape data,fsdp,tensor")
     p.add_argument("--out", default="eval_out", help="output dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of evaluate at --out / --dump-generations")
     p.add_argument("--latency", action="store_true",
                    help="measure decode ms/token per exit and plot speed vs quality")
     p.add_argument("--latency-tokens", type=int, default=64,
@@ -318,7 +342,14 @@ def _evaluate_one(c: Checkpoint, args: argparse.Namespace, setup: EvalSetup, rec
     res: dict[str, Any] = {"label": c.label, "path": str(c.path),
                            "num_layers": c.config.num_hidden_layers,
                            "ict_heads": c.is_ict, "examples": q["examples"],
-                           "tokens": q["tokens"], "exits": q["exits"]}
+                           "tokens": q["tokens"], "exits": q["exits"],
+                           **{k: q[k] for k in ("records", "dropped", "truncated",
+                                                "first_dropped")}}
+    if q["dropped"] or q["truncated"]:
+        print(f"{c.label}: {q['records']} records, {q['dropped']} dropped (prompt longer than "
+              f"--max-len {setup.max_len}), {q['truncated']} truncated"
+              + (f"; first dropped: {q['first_dropped']}" if q["first_dropped"] else ""),
+              flush=True)
     print(f"{c.label}: " + " ".join(f"e{e} {v['loss']:.4f}" for e, v in q["exits"].items())
           + f" ({q['examples']} examples, {time.time() - t0:.1f}s)", flush=True)
     if items is not None:
@@ -356,22 +387,31 @@ def _check_flags(args: argparse.Namespace) -> list[str]:
     return labels
 
 
+def _claim_outputs(args: argparse.Namespace
+                   ) -> tuple[destinations.Destination, destinations.Destination | None]:
+    """--out (and --dump-generations), checked before anything is read."""
+    inputs = [*args.ckpt, args.data, args.triviaqa, args.tokenizer]
+    out = destinations.claim_dir(args.out, flag="--out", command=COMMAND, inputs=inputs,
+                                 overwrite=args.overwrite, recognise=_is_eval_dir)
+    gens = None if not args.dump_generations else destinations.claim_file(
+        args.dump_generations, flag="--dump-generations", command=COMMAND,
+        inputs=[*inputs, args.out], overwrite=args.overwrite, recognise=_is_generation_dump)
+    return out, gens
+
+
 def _evaluate_all(args: argparse.Namespace, ckpts: Sequence[Checkpoint], setup: EvalSetup,
-                  records: Sequence, items: Sequence | None) -> list[dict[str, Any]]:
+                  records: Sequence, items: Sequence | None,
+                  gens: destinations.Destination | None) -> list[dict[str, Any]]:
     mesh = parse_mesh(args.mesh)
-    gens_file = None
-    if args.dump_generations:
-        Path(args.dump_generations).parent.mkdir(parents=True, exist_ok=True)
-        gens_file = open(args.dump_generations, "w", encoding="utf-8")  # noqa: SIM115
-    try:
+    if gens is None:
+        return [_evaluate_one(c, args, setup, records, items, mesh, None) for c in ckpts]
+    with destinations.atomic_file(gens) as gens_file:
         return [_evaluate_one(c, args, setup, records, items, mesh, gens_file) for c in ckpts]
-    finally:
-        if gens_file is not None:
-            gens_file.close()
 
 
 def _write_reports(args: argparse.Namespace, setup: EvalSetup, results: Sequence[dict],
                    out_dir: Path) -> dict[str, Any]:
+    """The reports into `out_dir` (the temp sibling of --out, renamed once all are written)."""
     held = f", {setup.holdout} held out" if setup.holdout else ""
     title = (f"Per-exit held-out metrics on {args.data} ({args.split}{held}; "
              f"{results[0]['examples']} examples, template {setup.template}, max_len "
@@ -386,21 +426,19 @@ def _write_reports(args: argparse.Namespace, setup: EvalSetup, results: Sequence
                                for r in results]}
     (out_dir / METRICS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     reports.plot_quality(results, out_dir / QUALITY_PNG)
-    written = [out_dir / METRICS_MD, out_dir / METRICS_JSON, out_dir / QUALITY_PNG]
     if args.latency:
         reports.plot_speed(results, out_dir / SPEED_PNG)
-        written.append(out_dir / SPEED_PNG)
     if args.dump_generations:
         n = sum(r["generations"] for r in results)
         print(f"wrote {n} generations (instruction x exit x checkpoint) to "
               f"{args.dump_generations}", flush=True)
     print("\n" + table, flush=True)
-    print("wrote " + ", ".join(str(w) for w in written), flush=True)
     return summary
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     labels = _check_flags(args)
+    out, gens = _claim_outputs(args)
     ckpts = [load_checkpoint(path, label, args.tokenizer, load_weights=False)
              for path, label in zip(args.ckpt, labels, strict=True)]
     setup = resolve_setup(args, ckpts)
@@ -409,10 +447,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     items = None
     if args.triviaqa:
         items = triviaqa.load_triviaqa(args.triviaqa, limit=args.triviaqa_limit or None)
-    out_dir = model_io.require_filesystem_path(args.out, "--out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = _evaluate_all(args, ckpts, setup, records, items)
-    return _write_reports(args, setup, results, out_dir)
+    results = _evaluate_all(args, ckpts, setup, records, items, gens)
+    with destinations.atomic_dir(out) as tmp:
+        summary = _write_reports(args, setup, results, tmp)
+    names = [METRICS_MD, METRICS_JSON, QUALITY_PNG] + ([SPEED_PNG] if args.latency else [])
+    print(f"wrote {', '.join(str(out.path / n) for n in names)}", flush=True)
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,9 @@
 `--prompt` streams tokens to stdout; `--prompts` (JSONL, one record per line: {"instruction",
 "input"}, {"prompt"} or, with `--template chat`, {"messages"}) writes one JSONL result per
 record to `--out` (or stdout). Statistics (tokens/s, average exit layer, acceptance rate,
-full-model passes) go to stderr.
+full-model passes) go to stderr. `--out` is checked before the model is loaded: not a dir, not
+an input, and an existing file only if it holds generate's own lines and `--overwrite` is given;
+it is written to a temp sibling and renamed when complete.
 
 `--template` defaults to the one the checkpoint was trained with (its recorded train config),
 or `none` (the prompt as it is) for a model with no training record, e.g. one converted from
@@ -22,6 +24,7 @@ The decoding engine is `sorted_jax.decoding` (`Decoder`, `DecodeOptions`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -30,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sorted_jax import artifacts
+from sorted_jax import artifacts, destinations
 from sorted_jax.cli import parse_numbers
 from sorted_jax.data import PROMPT_TEMPLATES, Tokenizer, prompt_ids
 from sorted_jax.decoding import (
@@ -87,7 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute / params dtype")
     p.add_argument("--out", default=None, help="JSONL output file (default stdout for --prompts)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of generate at --out")
     return p
+
+
+COMMAND = "sorted_jax.generate"
+
+
+def _is_generate_output(path: Path) -> bool:
+    """A file of generate's JSON lines: its first line is one of them."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline() or "null")
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and {"output", "tokens", "finish_reason"} <= set(first)
+
+
+def _claim_out(args: argparse.Namespace) -> destinations.Destination | None:
+    """--out, checked before the model is loaded: a file, not an input, not someone else's."""
+    if not args.out:
+        return None
+    return destinations.claim_file(args.out, flag="--out", command=COMMAND,
+                                   inputs=[args.ckpt, args.prompts, args.tokenizer],
+                                   overwrite=args.overwrite, recognise=_is_generate_output)
 
 
 def _read_records(path: str) -> list[dict[str, Any]]:
@@ -108,6 +135,11 @@ def _read_records(path: str) -> list[dict[str, Any]]:
         if not isinstance(rec, dict) or not (keys & set(rec)):
             raise DataError(f"{path}:{n}: expected an object with 'instruction' (and optional "
                              "'input'), 'prompt' or (chat template) 'messages'")
+        bad = [k for k in ("prompt", "instruction", "input") if k in rec
+               and not isinstance(rec[k], str)]
+        if bad:
+            raise DataError(f"{path}:{n}: field {bad[0]!r} is a {type(rec[bad[0]]).__name__}, "
+                            "expected a string")
         records.append(rec)
     if not records:
         raise DataError(f"--prompts file {path} holds no records")
@@ -209,6 +241,7 @@ def _batches(dec: Decoder, opts: DecodeOptions, ids: list[list[int]], records: l
 
 
 def run(args: argparse.Namespace) -> None:
+    dest = _claim_out(args)
     params, config, tok, dtype, template = _load(args)
     opts = _options(args).replace(eos_id=stop_ids(config, tok))
     dec = Decoder(params, config, dtype=dtype, max_draft=args.max_draft, pad_multiple=64)
@@ -220,9 +253,9 @@ def run(args: argparse.Namespace) -> None:
     # one cache length for the whole run, so every batch reuses one compiled program
     opts = opts.replace(max_len=int(math.ceil(longest / 64) * 64
                                     + math.ceil(args.max_new_tokens / 64) * 64))
-    out_f = open(args.out, "w") if args.out else None  # noqa: SIM115
     t0 = time.perf_counter()
-    try:
+    with (destinations.atomic_file(dest) if dest is not None
+          else contextlib.nullcontext(None)) as out_f:
         if args.prompt is not None:
             made = _stream(dec, opts, ids[0], tok)
             total = dec.last_stats
@@ -231,9 +264,6 @@ def run(args: argparse.Namespace) -> None:
                             + "\n")
         else:
             total = _batches(dec, opts, ids, records, tok, args, out_f or sys.stdout)
-    finally:
-        if out_f is not None:
-            out_f.close()
     print(_summary(total, time.perf_counter() - t0), file=sys.stderr)
 
 

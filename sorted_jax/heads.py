@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from sorted_jax import model_io, sharding, soft
+from sorted_jax import destinations, model_io, sharding, soft
 from sorted_jax.config import LlamaConfig
 from sorted_jax.data import DataIterator, save_tokenizer_files
 from sorted_jax.errors import IctError
@@ -162,13 +162,14 @@ def load_heads(path: str | Path, config: LlamaConfig) -> IctHeads | None:
     return heads
 
 
-def save_ict_dir(out_dir: str | Path, params: Mapping[str, Any], config: LlamaConfig,
-                 heads: IctHeads, tokenizer_spec: str | None, meta: Mapping[str, Any],
-                 overwrite: bool = False) -> Path:
-    """Atomically write the trunk as a model dir, plus `ict_heads/` and `ict.json`."""
+def save_ict_dir(out_dir: str | Path | destinations.Destination, params: Mapping[str, Any],
+                 config: LlamaConfig, heads: IctHeads, tokenizer_spec: str | None,
+                 meta: Mapping[str, Any], overwrite: bool = False) -> Path:
+    """Atomically write the trunk as a model dir, plus `ict_heads/` and `ict.json` (`out_dir`
+    a path, or a `Destination` the ICT command checked before training)."""
     model_io.check_params(params, config)
     check_heads(heads, config)
-    with model_io.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with destinations.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         config.to_json_file(tmp / model_io.CONFIG_FILE)
         if tokenizer_spec:
             save_tokenizer_files(tokenizer_spec, tmp)
@@ -176,7 +177,7 @@ def save_ict_dir(out_dir: str | Path, params: Mapping[str, Any], config: LlamaCo
         model_io.save_params(tmp / HEADS_DIR, {k: np.asarray(v) for k, v in heads.tree().items()})
         (tmp / ICT_FILE).write_text(json.dumps({**meta, "exits": list(heads.exits)}, indent=2)
                                     + "\n")
-    return Path(out_dir)
+    return out_dir.path if isinstance(out_dir, destinations.Destination) else Path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------

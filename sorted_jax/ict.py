@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sorted_jax import artifacts, soft
+from sorted_jax import artifacts, destinations, heads, model_io, soft
 from sorted_jax.cli import open_split_records, parse_mesh
 from sorted_jax.data import TEMPLATE_NAMES, tokenize_records
 from sorted_jax.errors import IctError, run_cli
@@ -68,7 +68,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+COMMAND = "sorted_jax.ict"
+
+
+def _is_ict_dir(path: Path) -> bool:
+    """An ICT dir as this command writes it (also those written before markers existed)."""
+    return model_io.is_model_dir(path) and heads.has_heads(path)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Flags that must be positive, refused before anything is loaded."""
+    bad = [f"--lr must be > 0, got {args.lr}" if args.lr is not None and not args.lr > 0 else "",
+           f"--epochs must be > 0, got {args.epochs}" if not args.epochs > 0 else "",
+           f"--num-steps must be >= 0, got {args.num_steps}" if args.num_steps < 0 else "",
+           f"--warmup-steps must be >= 0, got {args.warmup_steps}" if args.warmup_steps < 0
+           else "",
+           f"--log-every must be >= 1, got {args.log_every}" if args.log_every < 1 else ""]
+    bad += [f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+            for name in ("batch_size", "max_len")
+            if getattr(args, name) is not None and getattr(args, name) < 1]
+    bad = [b for b in bad if b]
+    if bad:
+        raise IctError("; ".join(bad))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    _check_numbers(args)
+    dest = destinations.claim_dir(
+        args.out, flag="--out", command=COMMAND, overwrite=args.overwrite,
+        inputs=[args.ckpt, args.data, args.tokenizer], recognise=_is_ict_dir)
     art = artifacts.inspect(args.ckpt, "checkpoint 'sft'")
     if art.is_ict:
         raise IctError(f"{args.ckpt} already has ICT heads; give the plain SFT model")
@@ -98,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{len(dataset)} examples of {data!r}, batch {batch_size}, lr {lr}, {length}",
           flush=True)
     t0 = time.time()
-    heads, history = train_heads(
+    ict_heads, history = train_heads(
         params, config, dataset, exits, batch_size=batch_size, epochs=args.epochs,
         num_steps=args.num_steps, lr=lr, warmup_steps=args.warmup_steps, seed=args.seed,
         buckets=s.buckets, dtype=DTYPES[dtype_name], mesh=mesh, log_every=args.log_every,
@@ -110,8 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "num_steps": history[-1]["step"], "seed": args.seed, "dtype": dtype_name,
         "buckets": s.buckets, "wall_time_s": time.time() - t0, "history": history,
     }
-    save_ict_dir(args.out, params, config, heads, getattr(tokenizer, "spec", None), meta,
-                 overwrite=args.overwrite)
+    save_ict_dir(dest, params, config, ict_heads, getattr(tokenizer, "spec", None), meta)
     first, last = history[0], history[-1]
     print(f"wrote {args.out}: heads for exits {list(exits)}; train loss "
           f"{first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "

@@ -23,6 +23,7 @@ EXIT_TABLE_FILE = "exit_table.md"
 FINAL_METRICS_FILE = "final_metrics.json"
 EXIT_PLOT_FILE = "exit_loss.png"
 
+RESUMED = "resumed"  # the split of the line a resumed launch writes first
 _EXIT_KEY = re.compile(r"^(loss|accuracy)/exit_(\d+)$")
 
 
@@ -39,23 +40,33 @@ class MetricsLogger:
 
     TensorBoard goes through tensorboardX (no TensorFlow); tags are `split/metric`, e.g.
     `eval/loss/exit_12`.
+
+    A launch that resumes from step N (`resumed_from`) first appends `{"step": N, "split":
+    "resumed"}`: the rows of earlier launches past step N were superseded (the steps after the
+    checkpoint are trained again) and `read_metrics` drops them; TensorBoard hides them with
+    its own `purge_step`.
     """
 
-    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True,
+                 resumed_from: int | None = None):
         self.workdir = Path(workdir)
         self._file = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=str(self.workdir / TENSORBOARD_DIR))
+            purge = None if resumed_from is None else resumed_from + 1
+            self._tb = SummaryWriter(logdir=str(self.workdir / TENSORBOARD_DIR),
+                                     purge_step=purge)
+        if resumed_from is not None:
+            self.write(resumed_from, RESUMED, {})
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         line = {"step": int(step), "split": split, "time": round(time.time(), 3)}
         line.update({k: _plain(v) for k, v in metrics.items()})
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
-        if self._tb is not None:
+        if self._tb is not None and split != RESUMED:
             for key, value in metrics.items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{split}/{key}", value, int(step))
@@ -72,11 +83,22 @@ class MetricsLogger:
 
 
 def read_metrics(workdir: str | Path, split: str | None = None) -> list[dict[str, Any]]:
-    """The lines of `WORKDIR/metrics.jsonl` (optionally one split), in file order."""
+    """The lines of `WORKDIR/metrics.jsonl` (optionally one split), in file order, without the
+    rows a later resume superseded (those past its step, written before it) or a last line
+    cut short by a kill."""
     path = Path(workdir) / METRICS_FILE
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # blank, or the torn last line of a killed run
+        if row.get("split") == RESUMED:
+            rows = [r for r in rows if r.get("step", 0) <= row["step"]]
+            continue
+        rows.append(row)
     return [r for r in rows if split is None or r.get("split") == split]
 
 

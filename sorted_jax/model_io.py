@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
 from sorted_jax.config import ConfigError, LlamaConfig
+from sorted_jax.destinations import atomic_dir, require_filesystem_path, url_scheme
 from sorted_jax.errors import ModelIOError
 from sorted_jax.modeling import DTYPES, abstract_params, make_model
 
@@ -138,52 +137,7 @@ def check_params(params: Mapping[str, Any], config: LlamaConfig, where: str = "p
 
 
 # ---------------------------------------------------------------------------------------------
-# atomic directories and tokenizer files
-
-
-def url_scheme(path: PathLike) -> str | None:
-    """'gs' for 'gs://bucket/x' (any 'scheme://' prefix), None for a filesystem path."""
-    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", str(path))
-    return m.group(1) if m else None
-
-
-def require_filesystem_path(path: PathLike, what: str) -> Path:
-    """`path` as a Path, refusing URLs: pathlib would turn 'gs://b/x' into a local './gs:/b/x'
-    and a run would silently write its checkpoints to one machine's disk."""
-    scheme = url_scheme(path)
-    if scheme is not None:
-        hint = (" Mount the bucket on every host (e.g. `gcsfuse --implicit-dirs BUCKET "
-                "/mnt/BUCKET`) and pass /mnt/BUCKET/PATH." if scheme == "gs" else "")
-        raise ModelIOError(f"{what}={str(path)!r}: {scheme}:// URLs are not supported; sorted_jax "
-                           f"reads and writes through the filesystem.{hint}")
-    return Path(path)
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temp dir beside `out_dir`; on success it becomes `out_dir`.
-
-    On any exception the temp dir is removed and `out_dir` is left as it was (absent, or the
-    old contents when overwriting).
-    """
-    out = require_filesystem_path(out_dir, "output").absolute()
-    if out.exists() and not overwrite:
-        raise ModelIOError(f"output {out} already exists; remove it or choose another path "
-                           "(or pass overwrite=True / --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():  # overwrite: move the old one aside, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+# tokenizer files (atomic directories and URL checks: `destinations`)
 
 
 def find_tokenizer_files(directory: PathLike | None) -> list[Path]:

@@ -29,7 +29,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from sorted_jax import model_io, modeling, soft
+from sorted_jax import checkpoint_integrity, destinations, model_io, modeling, soft
 from sorted_jax.config import PRESETS, LlamaConfig, preset
 from sorted_jax.data import (
     TEMPLATE_NAMES,
@@ -50,6 +50,8 @@ from sorted_jax.modeling import DTYPES
 from sorted_jax.sharding import Rules, rules_from_config
 
 TRAIN_CONFIG_FILE = "train_config.json"
+DATA_STATS_FILE = "data_stats.json"  # records read, dropped, truncated, per split
+COMMAND = "sorted_jax.train"
 TOKENIZER_DIR = "tokenizer"
 MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
@@ -142,6 +144,8 @@ def check_static(c: ml_collections.ConfigDict) -> None:
     for name in ("num_steps", "eval_every", "eval_batches", "eval_batch_size",
                  "checkpoint_every", "keep_checkpoints"):
         need(int(c[name]) >= 0, f"{name} must be >= 0, got {c[name]}")
+    need(int(c.resume_step) >= -1,
+         f"resume_step must be -1 (the newest intact checkpoint) or a step, got {c.resume_step}")
     need(c.max_len >= 2, f"max_len must be >= 2, got {c.max_len}")
     need(c.num_steps > 0 or c.epochs > 0, "set num_steps > 0 or epochs > 0")
     need(c.batch_size % c.grad_accum == 0,
@@ -256,13 +260,16 @@ def parse_ints(text: str, name: str) -> list[int] | None:
     return [int(v) for v in values]
 
 
-def latest_step(workdir: Path) -> int | None:
-    """The last finished checkpoint step of a workdir, or None for a fresh run."""
+def resume_choice(workdir: Path, requested: int = -1) -> tuple[int | None, str | None]:
+    """(the checkpoint step to resume from, or None for a fresh run; a note when newer steps
+    were passed over as damaged or diverged): `checkpoint_integrity.choose_resume_step`."""
     steps = model_io.workdir_steps(workdir)
     if steps and not (workdir / model_io.CONFIG_FILE).is_file():
         raise TrainConfigError(f"{workdir} has checkpoints but no {model_io.CONFIG_FILE}: it "
                                "cannot be resumed; use another workdir")
-    return steps[-1] if steps else None
+    if requested >= 0 and not steps:
+        raise TrainConfigError(f"resume_step={requested}: {workdir} has no checkpoint to resume")
+    return checkpoint_integrity.choose_resume_step(workdir, steps, requested)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +282,7 @@ class RunSpec:
 
     config: ml_collections.FrozenConfigDict  # the full config, overrides applied
     workdir: Path  # absolute
-    resume_step: int | None  # the workdir's last checkpoint; None for a fresh run
+    resume_step: int | None  # the checkpoint resumed from; None for a fresh run
     model_config: LlamaConfig
     model_source: str  # where the model config came from, for the log
     exits: tuple[int, ...]
@@ -285,6 +292,7 @@ class RunSpec:
     buckets: tuple[int, ...] | None  # padded sequence lengths; None = powers of two
     mesh_shape: tuple[int, int, int]
     rules: Rules
+    resume_note: str | None = None  # newer checkpoints passed over, and why
 
     @property
     def resuming(self) -> bool:
@@ -313,7 +321,8 @@ class RunSpec:
     def write_files(self) -> None:
         """The run's record in its workdir: the model config (kept when resuming), the full
         training config of this launch, the tokenizer files."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        destinations.make_dirs(self.workdir)
+        destinations.write_marker(self.workdir, COMMAND)  # first: the dir is a workdir now
         config_file = self.workdir / model_io.CONFIG_FILE
         if not self.resuming or not config_file.is_file():
             self.model_config.to_json_file(config_file)
@@ -353,12 +362,27 @@ class RunSpec:
                 "silently clamped; use a matching tokenizer or set model.vocab_size")
 
 
+def is_train_workdir(path: Path) -> bool:
+    """A workdir written before markers existed: a training config and no model dir's params."""
+    return (path / TRAIN_CONFIG_FILE).is_file() and not (path / model_io.PARAMS_DIR).exists()
+
+
+def claim_workdir(c: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+    """The workdir, refused unless it is new, empty or a training workdir (which resumes),
+    and not one of the run's inputs (init_from, data files, the tokenizer)."""
+    inputs = [c.init_from, c.data.tokenizer]
+    inputs += [s for s in (c.data.train, c.data.eval) if s and spec_kind(s) == "file"]
+    dest = destinations.claim_dir(workdir, flag="--workdir", command=COMMAND, inputs=inputs,
+                                  resume=True, recognise=is_train_workdir)
+    return dest.path
+
+
 def resolve(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSpec:
     """Validate `config` and resolve it for `workdir` (reads only config and tokenizer files)."""
     c = config
-    wd = model_io.require_filesystem_path(workdir, "--workdir").absolute()
     check_static(c)
-    resume_step = latest_step(wd)
+    wd = claim_workdir(c, workdir)
+    resume_step, resume_note = resume_choice(wd, int(c.resume_step))
     mc, source = resolve_model_config(c, wd, resume_step is not None)
     big_l = mc.num_hidden_layers
     text = c.exit_weights.strip()  # a scheme name, or numbers
@@ -375,7 +399,8 @@ def resolve(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSpec:
         exit_weights=tuple(float(w) for w in weights), eval_exits=tuple(eval_exits),
         tokenizer_spec=tokenizer_spec(c, wd, resume_step is not None),
         buckets=None if buckets is None else tuple(buckets),
-        mesh_shape=tuple(int(x) for x in c.mesh.shape), rules=rules_from_config(c.mesh.rules))
+        mesh_shape=tuple(int(x) for x in c.mesh.shape), rules=rules_from_config(c.mesh.rules),
+        resume_note=resume_note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +456,13 @@ def load_data(c: ml_collections.ConfigDict, tokenizer: Tokenizer) -> RunData:
             raise e.prefixed(f"data.eval={c.data.eval or c.data.train!r}: ") from None
         ev = ev if len(ev) else None
     return RunData(train, ev, len(records), len(eval_records or []))
+
+
+def data_stats(ds: TokenizedDataset, records: int) -> dict[str, Any]:
+    """What became of a split's records: kept, dropped (the prompt alone is longer than
+    max_len: no response token fits), truncated (the response was cut at max_len)."""
+    return {"records": int(records), "examples": len(ds), "dropped": int(ds.num_dropped),
+            "truncated": int(ds.num_truncated), "first_dropped": ds.first_dropped}
 
 
 # ---------------------------------------------------------------------------------------------

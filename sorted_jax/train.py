@@ -20,19 +20,32 @@ Workdir:
     WORKDIR/exit_table.md          per-exit held-out loss / perplexity / accuracy at the end
     WORKDIR/final_metrics.json
     WORKDIR/exit_loss.png          held-out loss per exit over training
+    WORKDIR/run_status.json        how the last launch ended: finished | preempted | failed
+    WORKDIR/data_stats.json        records read / dropped / truncated per split
+    WORKDIR/checkpoint_manifests/  per step: its files and sizes, and its health
+    WORKDIR/set_aside/             checkpoints newer than the step a run resumed from
+    WORKDIR/.sorted_jax.json       the marker that makes the dir a training workdir
 
 The pieces: `run_spec` parses and resolves the config into a frozen, device-free `RunSpec`
 (every check that needs no device); `Trainer` adds the mesh, data, jitted steps and state; its
 loop is `train_steps()`, a generator of `train_loop.StepInfo`s, with logging, evaluation and
 checkpoints as hooks that run every N steps. `--plan` is `train_plan`.
 
+The workdir is checked first (`destinations.claim_dir`): new, empty or a training workdir, never
+a dir something else wrote, nor init_from or a data file. A resume takes the newest intact
+checkpoint (`checkpoint_integrity`: damaged or diverged newer steps are named and set aside),
+or `--config.resume_step=N`.
+
 SIGTERM / SIGINT: the step in flight finishes, a checkpoint is written and the process exits 0
-(a second SIGINT aborts). A non-finite loss stops the run naming the step, without saving the
-bad state: the last checkpoint on disk is the last good one.
+(a second SIGINT aborts); `run_status.json` says "preempted". A non-finite loss or gradient norm
+stops the run (exit 1) naming which one and the last good checkpoint, the newest whose weights
+had a finite loss and gradient norm; the bad state is not saved. A save that fails (a full
+disk) stops the run at the next step boundary (exit 2) naming the last good step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -45,8 +58,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import multihost_utils
 
-from sorted_jax import metrics_log, model_io, modeling, reports, run_spec, soft, train_plan
+from sorted_jax import (
+    checkpoint_integrity,
+    errors,
+    metrics_log,
+    model_io,
+    modeling,
+    reports,
+    run_spec,
+    run_status,
+    soft,
+    train_plan,
+)
 from sorted_jax.checkpoint import Checkpointer, CheckpointError
 from sorted_jax.data import (
     DataError,
@@ -100,8 +125,13 @@ def _host(tree: Any) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def _is_finite(metrics: Mapping[str, float]) -> bool:
-    return all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm") if k in metrics)
+_QUANTITIES = {"loss": "the loss", "grad_norm": "the gradient norm"}
+
+
+def _non_finite_names(metrics: Mapping[str, float]) -> list[str]:
+    """Which of the loss and the gradient norm are NaN / inf."""
+    return [name for k, name in _QUANTITIES.items()
+            if k in metrics and not math.isfinite(metrics[k])]
 
 
 class Trainer:
@@ -119,7 +149,7 @@ class Trainer:
         self.spec, self.cfg, self.workdir = spec, spec.config, spec.workdir
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.is_main = self.process_index == 0
-        self.resume_step = spec.resume_step
+        self.resume_step, self.resume_note = spec.resume_step, spec.resume_note
         self.model_config, self.model_source = spec.model_config, spec.model_source
         self.exits, self.exit_weights = spec.exits, spec.exit_weights
         self.eval_exits, self.tokenizer_spec = spec.eval_exits, spec.tokenizer_spec
@@ -129,12 +159,17 @@ class Trainer:
         self._progress: metrics_log.Progress | None = None
         if self.is_main:
             spec.write_files()
+            self._write_data_stats()
+        self._set_aside_newer_steps()
         self.checkpointer = Checkpointer(self.workdir, keep=self.cfg.keep_checkpoints,
                                          async_save=self.cfg.async_checkpointing)
         self.state, self.start_step = self._initial_state()
         self.step = self.start_step
+        # the newest checkpoint whose weights no step has been computed on yet (its health)
+        self._unchecked: int | None = self.resume_step
         self.logger = metrics_log.MetricsLogger(
-            self.workdir, tensorboard=self.cfg.tensorboard) if self.is_main else None
+            self.workdir, tensorboard=self.cfg.tensorboard,
+            resumed_from=self.resume_step) if self.is_main else None
         self._stop = StopSignals(self.process_count)
         self.interrupted: str | None = None
         self._last_eval: tuple[int, dict[str, float]] | None = None
@@ -206,6 +241,32 @@ class Trainer:
         self._count_tokens = jax.jit(lambda m: jnp.sum(m.astype(jnp.int32)))
         self._params_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
             [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
+
+    def _write_data_stats(self) -> None:
+        """Say (and record in `WORKDIR/data_stats.json`) how many records were dropped (the
+        prompt alone is longer than max_len) or truncated, and where the first dropped one is."""
+        stats = {"train": run_spec.data_stats(self.data.train, self.data.train_records)}
+        if self.data.eval is not None:
+            stats["eval"] = run_spec.data_stats(self.data.eval, self.data.eval_records)
+        (self.workdir / run_spec.DATA_STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+        for split, st in stats.items():
+            if st["dropped"] or st["truncated"]:
+                self.note(f"data ({split}): {st['records']} records, {st['dropped']} dropped "
+                          f"(prompt longer than max_len={self.cfg.max_len}), {st['truncated']} "
+                          "truncated" + (f"; first dropped: {st['first_dropped']}"
+                                         if st["first_dropped"] else ""))
+
+    def _set_aside_newer_steps(self) -> None:
+        """Resuming from an older step than the newest on disk (a damaged or diverged newer
+        one, or resume_step): move the newer ones aside so this run writes them afresh."""
+        if self.resume_step is None:
+            return
+        if self.resume_note:
+            self.note(f"warning: {self.resume_note}")
+        if self.is_main:
+            checkpoint_integrity.set_aside_after(self.workdir, self.resume_step)
+        if self.process_count > 1:
+            multihost_utils.sync_global_devices("sorted_jax: newer checkpoints set aside")
 
     def note(self, text: str) -> None:
         """A line above the progress bar (process 0 only)."""
@@ -280,10 +341,12 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def _non_finite(self, what: str) -> None:
-        last = self.checkpointer.latest_step()
-        where = (f"The last good checkpoint is step {last} in {self.checkpointer.directory}."
-                 if last is not None else "No checkpoint was written.")
-        raise NonFiniteLossError(f"{what}; stopped without saving this state. {where}")
+        with contextlib.suppress(CheckpointError):  # a save in flight may be the last good one
+            self.checkpointer.wait()
+        where = self.checkpointer.last_good_text()
+        raise NonFiniteLossError(f"{what}; stopped without saving this state. {where} "
+                                 "Lower optim.lr (or set optim.clip_norm), then resume from it "
+                                 "with --config.resume_step=N or start a new workdir.")
 
     def _save(self, step: int) -> None:
         if not bool(self._params_finite(self.state.params)):
@@ -291,14 +354,24 @@ class Trainer:
         if self.checkpointer.save(step, self.state, self.train_iter.state_dict(),
                                   self.spec.checkpoint_meta(step, self.total_steps,
                                                             self.process_count)):
+            self._unchecked = step
             self.note(f"checkpoint: step {step}")
 
     def _fetch(self, step: int, metrics: Any, tokens: Any) -> StepInfo:
+        """Step `step`'s metrics on the host. They are the loss and gradient norm *at the
+        weights of step - 1*: they decide that checkpoint's health."""
         metrics, tokens = jax.device_get((metrics, tokens))  # one transfer for both
         host = _host(metrics)
-        if not _is_finite(host):
-            self._non_finite(f"non-finite loss at step {step} (loss={host.get('loss')}, "
-                             f"grad_norm={host.get('grad_norm')})")
+        bad = _non_finite_names(host)
+        detail = f"loss={host.get('loss')}, grad_norm={host.get('grad_norm')}"
+        if self._unchecked == step - 1:
+            self.checkpointer.record_health(
+                step - 1, checkpoint_integrity.DIVERGED if bad else checkpoint_integrity.GOOD,
+                f"{detail} at these weights (step {step})")
+            self._unchecked = None
+        if bad:
+            self._non_finite(f"{' and '.join(bad)} became non-finite at step {step} ({detail}, "
+                             f"computed at the weights of step {step - 1})")
         return StepInfo(step, host, int(tokens))
 
     def _should_stop(self) -> bool:
@@ -320,6 +393,7 @@ class Trainer:
         """
         pending = None
         while self.step < self.total_steps and not self._should_stop():
+            self.checkpointer.poll()  # a failed background save stops the run here
             batch = to_global_batch(next(self.train_iter), self.steps.batch_shardings)
             self.state, metrics = self.steps.train_step(self.state, batch)
             self.step += 1
@@ -357,12 +431,30 @@ class Trainer:
                   needs_state=True, pauses=window)
         return hooks
 
+    def _status(self, status: str, reason: str = "") -> None:
+        if self.is_main:
+            with contextlib.suppress(OSError):  # a full disk: the error itself says more
+                run_status.write(self.workdir, status, self.step, self.total_steps, reason)
+
     def train(self) -> dict[str, Any]:
         self._stop.install()
         self._progress = metrics_log.Progress(self.total_steps, self.start_step, self.is_main)
         launch_t0 = time.time()
+        self._status(run_status.RUNNING)
         try:
-            result = self._loop()
+            try:
+                result = self._loop()
+            except OSError as e:  # a full disk under metrics.jsonl, a manifest, ...
+                raise CheckpointError(
+                    f"could not write to {self.workdir} at step {self.step} ({e}); the run "
+                    f"stopped. {self.checkpointer.last_good_text()} Fix the cause (e.g. free "
+                    "disk space) and re-run the same command to resume.") from None
+        except BaseException as e:
+            self._status(run_status.FAILED, f"{type(e).__name__}: {errors.one_line(e)[:500]}")
+            raise
+        else:
+            self._status(run_status.PREEMPTED if self.interrupted else run_status.FINISHED,
+                         self.interrupted or "")
         finally:
             self._progress.close()
             self._stop.uninstall()

@@ -119,6 +119,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 0  # 0 = the micro-batch size (batch_size / grad_accum)
     c.checkpoint_every = 500  # steps; a checkpoint is also written at the end and on SIGTERM
     c.keep_checkpoints = 3  # newest N kept; 0 = keep all
+    # Resuming: -1 = the newest intact checkpoint (damaged or diverged newer steps are passed
+    # over, with a message); N = resume from step N (later steps are moved to set_aside/).
+    c.resume_step = -1
     c.async_checkpointing = True
     c.tensorboard = True
     # Persistent XLA compilation cache ("" = off): a restarted or resumed run skips compiling.

@@ -23,7 +23,8 @@ def test_every_user_error_is_one_base():
                 errors.ModelIOError, errors.ConversionError, errors.MappingError,
                 errors.CheckpointError, errors.IctError, errors.EvalError,
                 errors.TriviaQAError, errors.DecodeError, errors.TrainConfigError,
-                errors.UsageError, errors.MissingFileError, errors.SweepError):
+                errors.UsageError, errors.MissingFileError, errors.SweepError,
+                errors.DestinationError):
         assert issubclass(cls, errors.UserError), cls
     assert issubclass(errors.MissingFileError, FileNotFoundError)
     assert not issubclass(errors.NonFiniteLossError, errors.UserError)

@@ -442,13 +442,19 @@ def test_export_errors(tmp_path, hf_dir):
 
 
 def test_existing_out_is_kept_unless_overwrite(tmp_path, hf_dir):
+    """A dir the command did not write is never replaced, not even with --overwrite; its own
+    earlier output is, with --overwrite only."""
     out = tmp_path / "md"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    fails("hf-to-orbax", "--hf", hf_dir, "--out", out, match="already exists")
+    fails("hf-to-orbax", "--hf", hf_dir, "--out", out, match="not an output of")
+    fails("hf-to-orbax", "--hf", hf_dir, "--out", out, "--overwrite", match="not an output of")
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    run("hf-to-orbax", "--hf", hf_dir, "--out", out, "--no-progress")  # empty: fine
+    fails("hf-to-orbax", "--hf", hf_dir, "--out", out, match="pass --overwrite")
     run("hf-to-orbax", "--hf", hf_dir, "--out", out, "--overwrite", "--no-progress")
-    assert not (out / "keep.txt").exists() and (out / "params").is_dir()
+    assert (out / "params").is_dir()
     no_leftovers(tmp_path)
 
 

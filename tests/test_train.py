@@ -166,19 +166,39 @@ def test_init_from_model_dir_loads_weights(tmp_path):
         train.Trainer(config, tmp_path / "run2")
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+def test_non_finite_stop_names_the_quantity_and_a_healthy_checkpoint(tmp_path, capsys):
+    """Issue 17, defect 5: at lr 1e4 the loss stays finite while the gradient norm at step 2's
+    weights is NaN. The stop names the gradient norm, marks step 2 diverged (its weights'
+    gradient is NaN) and names as last good only a step whose own loss and gradient norm
+    were finite."""
     wd = tmp_path / "run"
     rc = train.main(argv(wd, "--config.num_steps=8", "--config.checkpoint_every=1",
-                         "--config.log_every=1", "--config.optim.lr=1e30",
+                         "--config.log_every=1", "--config.optim.lr=1e4",
                          "--config.optim.clip_norm=0", "--config.optim.b2=0.0"))
     err = capsys.readouterr().err
     assert rc == 1, err
     import re
 
-    m = re.search(r"non-finite loss at step (\d+) .* The last good checkpoint is step (\d+)", err)
+    from sorted_jax import checkpoint_integrity as integrity
+
+    m = re.search(r"(the loss|the gradient norm|the loss and the gradient norm) became "
+                  r"non-finite at step (\d+) \(loss=(\S+), grad_norm=(\S+), .* The last good "
+                  r"checkpoint is step (\d+)", err)
     assert m, err
-    bad, good = int(m.group(1)), int(m.group(2))
-    assert good == bad - 1
-    assert model_io.workdir_steps(wd)[-1] == good
-    params, _, _ = model_io.load_params(wd)
+    what, bad, loss, gnorm, good = m.groups()
+    named = {"the loss": (True, False), "the gradient norm": (False, True),
+             "the loss and the gradient norm": (True, True)}[what]
+    assert named == (not np.isfinite(float(loss.rstrip(","))), not np.isfinite(float(gnorm)))
+    bad, good = int(bad), int(good)
+    assert integrity.health(wd, good) == integrity.GOOD
+    assert integrity.health(wd, bad - 1) == integrity.DIVERGED
+    assert all(integrity.health(wd, s) != integrity.GOOD
+               for s in model_io.workdir_steps(wd) if s > good)
+    params, _, _ = model_io.load_params(wd, step=good)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    # a plain re-run passes over the diverged step and says so
+    assert train.main(argv(wd, "--config.num_steps=8", "--config.checkpoint_every=1",
+                           "--config.log_every=1", "--config.optim.lr=1e4",
+                           "--config.optim.clip_norm=0", "--config.optim.b2=0.0")) == 1
+    out = capsys.readouterr().out
+    assert f"step {bad - 1} in" in out and f"resuming from step {good}" in out, out

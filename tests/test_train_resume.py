@@ -97,9 +97,14 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, cache_dir, referenc
     assert model_io.workdir_steps(wd)[-1] == stopped
     data = json.loads((wd / "checkpoints" / str(stopped) / "data" / "metadata").read_text())
     assert data["index"] == stopped * 8
+    # exit 0 like a finished run, but the marker tells a launcher it was preempted
+    status = json.loads((wd / "run_status.json").read_text())
+    assert (status["status"], status["reason"], status["step"]) == ("preempted", "SIGTERM",
+                                                                    stopped)
 
     resumed = run_cli(wd, cache_dir, f"--config.num_steps={STEPS}")
     assert f"from step {stopped}" in resumed.stdout
+    assert json.loads((wd / "run_status.json").read_text())["status"] == "finished"
 
     # same final weights as the uninterrupted run
     got, _, got_step = model_io.load_workdir_params(wd)

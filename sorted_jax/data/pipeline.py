@@ -41,7 +41,7 @@ from sorted_jax.data.chat import (
     is_chat_record,
     validate_messages,
 )
-from sorted_jax.data.records import Record
+from sorted_jax.data.records import Record, record_where
 from sorted_jax.data.templates import CHAT, format_example
 from sorted_jax.data.tokenizers import Tokenizer, bos_prefix
 from sorted_jax.errors import DataError
@@ -112,6 +112,7 @@ class TokenizedDataset:
     max_len: int
     num_dropped: int = 0
     num_truncated: int = 0
+    first_dropped: str | None = None  # where the first dropped record was read (or its index)
     lengths: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -146,22 +147,30 @@ def tokenize_records(
             raise DataError(f"record {i} is a chat record (messages): it needs template "
                             f"'chat', not {template!r}")
     tokens, masks, dropped, truncated = [], [], 0, 0
+    first: str | None = None
     pairs = [format_example(record, template) for record in records]
     for start in range(0, len(pairs), chunk_size):
         chunk = pairs[start : start + chunk_size]
         prompt_ids = encode_batch(tokenizer, [p for p, _ in chunk])
         full_ids = encode_batch(tokenizer, [p + r for p, r in chunk])
-        for (_, response), p_ids, f_ids in zip(chunk, prompt_ids, full_ids, strict=True):
+        for j, ((_, response), p_ids, f_ids) in enumerate(
+                zip(chunk, prompt_ids, full_ids, strict=True)):
             r_ids = _split_response(tokenizer, p_ids, f_ids, response)
             out = _assemble(tokenizer, p_ids, r_ids, max_len)
             if out is None:
                 dropped += 1
+                first = first or _where(records, start + j)
                 continue
             toks, mask, was_truncated = out
             tokens.append(toks)
             masks.append(mask)
             truncated += was_truncated
-    return TokenizedDataset(tokens, masks, tokenizer.pad_id, max_len, dropped, truncated)
+    return TokenizedDataset(tokens, masks, tokenizer.pad_id, max_len, dropped, truncated, first)
+
+
+def _where(records: Sequence[Any], i: int) -> str:
+    """Where record `i` was read ("FILE:LINE: record N"), else its index."""
+    return record_where(records[i]) or f"record {i}"
 
 
 def _tokenize_chat(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, max_len: int,
@@ -171,15 +180,18 @@ def _tokenize_chat(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, m
     convs = [validate_messages(r, f"record {i}") if is_chat_record(r) else instruction_messages(
         r["instruction"], r.get("input", ""), r["output"]) for i, r in enumerate(records)]
     tokens, masks, dropped, truncated = [], [], 0, 0
+    first: str | None = None
     for start in range(0, len(convs), chunk_size):
-        for ids, mask in encode_chats(tokenizer, convs[start:start + chunk_size], start):
+        chats = encode_chats(tokenizer, convs[start:start + chunk_size], start)
+        for j, (ids, mask) in enumerate(chats):
             if not mask[1:max_len].any():  # no assistant token left within max_len
                 dropped += 1
+                first = first or _where(records, start + j)
                 continue
             tokens.append(ids[:max_len])
             masks.append(mask[:max_len])
             truncated += len(ids) > max_len
-    return TokenizedDataset(tokens, masks, tokenizer.pad_id, max_len, dropped, truncated)
+    return TokenizedDataset(tokens, masks, tokenizer.pad_id, max_len, dropped, truncated, first)
 
 
 def default_buckets(max_len: int, min_len: int = 32) -> list[int]:

@@ -18,7 +18,7 @@ from sorted_jax.data.chat import Message, is_chat_record, validate_messages
 from sorted_jax.errors import DataError, MissingFileError, SourceError
 
 __all__ = ["REQUIRED_FIELDS", "ChatRecord", "DataError", "Record", "SourceError",
-           "read_json_records", "spec_kind", "validate_record"]
+           "read_json_records", "record_where", "spec_kind", "validate_record"]
 
 SpecKind = Literal["builtin", "tfds", "file"]
 
@@ -47,13 +47,31 @@ class ChatRecord(TypedDict):
 REQUIRED_FIELDS = ("instruction", "output")
 
 
+class _Located(dict):
+    """A record that remembers where it was read ("FILE:LINE: record N"): a plain dict to
+    every reader, so a later report (a record dropped as too long) can name its line."""
+
+    where: str = ""
+
+
+def record_where(record: Any) -> str | None:
+    """Where `record` was read, when its source said (JSON files, TFDS), else None."""
+    return getattr(record, "where", None) or None
+
+
+def _located(rec: dict, where: str) -> Any:
+    out = _Located(rec)
+    out.where = where
+    return out
+
+
 def validate_record(obj: Any, where: str) -> Record | ChatRecord:
     """Check one raw record and return it as a :class:`Record` (``input`` defaults to "") or,
     when it has ``messages`` / ``conversations``, as a :class:`ChatRecord`."""
     if not isinstance(obj, Mapping):
         raise DataError(f"{where}: record is a {type(obj).__name__}, expected a JSON object")
     if is_chat_record(obj):
-        return ChatRecord(messages=validate_messages(obj, where))
+        return _located(ChatRecord(messages=validate_messages(obj, where)), where)
     for key in REQUIRED_FIELDS:
         if key not in obj:
             raise DataError(f"{where}: record has no {key!r} field (keys: {sorted(obj)}; a "
@@ -67,7 +85,7 @@ def validate_record(obj: Any, where: str) -> Record | ChatRecord:
         if not isinstance(value, str):
             kind = type(value).__name__
             raise DataError(f"{where}: field {key!r} is a {kind}, expected a string")
-    return Record(**rec)
+    return _located(Record(**rec), where)
 
 
 class _LineCounter:
@@ -134,6 +152,18 @@ def _iter_jsonl(text: str, path: Path) -> Iterator[Record]:
         index += 1
 
 
+def _refuse_json_object(text: str, path: Path) -> None:
+    """A file that is one (pretty-printed) JSON object: valid JSON, but not a record list."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return  # JSONL whose first record spans lines, or broken: the JSONL reader says where
+    if isinstance(obj, dict):
+        raise DataError(f"{path} holds one JSON object (keys {sorted(obj)[:8]}), not records: "
+                        "give a JSON list of records ([{...}, {...}]) or JSONL (one record "
+                        "object per line)")
+
+
 def read_json_records(path: str | Path) -> list[Record]:
     """All records of a JSON list file or a JSONL file (one object per line).
 
@@ -147,6 +177,8 @@ def read_json_records(path: str | Path) -> list[Record]:
     stripped = text.lstrip()
     if not stripped:
         raise DataError(f"{path}: empty data file")
+    if stripped[0] == "{" and "\n" in stripped.strip():
+        _refuse_json_object(text, path)
     if stripped[0] == "[":
         records = list(_iter_json_list(text, path))
     else:

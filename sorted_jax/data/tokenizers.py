@@ -107,7 +107,13 @@ class SentencePieceTokenizer:
 
         self.model_file = Path(model_file)
         self.spec = str(model_file)
-        self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as e:  # not a SentencePiece model at all
+            hint = (" (a JSON file: pass the directory that holds tokenizer.json)"
+                    if Path(model_file).suffix == ".json" else "")
+            raise DataError(f"tokenizer {str(model_file)!r} is not a SentencePiece .model "
+                            f"file{hint}: {str(e).splitlines()[0][:200]}") from None
         self.bos_id = int(self._sp.bos_id())
         self.eos_id = int(self._sp.eos_id())
         if self.bos_id < 0 or self.eos_id < 0:

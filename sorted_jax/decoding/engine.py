@@ -227,6 +227,15 @@ class Decoder:
         return GenerationResult(tokens, _stats(opts.mode, plan, counts, tokens,
                                                time.perf_counter() - t0))
 
+    def start(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
+              **kwargs: Any) -> BatchRun:
+        """A batch decoded round by round (one token, or one speculative round, per
+        `advance`): what a server streams from. Takes `generate`'s options."""
+        opts = self.options(options, **kwargs)
+        plan, progs, params, ctl, inputs, slots = self._start(prompts, opts)
+        return BatchRun(opts, plan, progs, params, ctl,
+                        progs.prefill(params, *inputs, slots=slots))
+
     def memory(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
                **kwargs: Any) -> DecodeMemory:
         """What decoding these prompts with these options holds on the device, from the
@@ -261,6 +270,45 @@ class Decoder:
         out, counts = jax.device_get((st.out[0, :sent], st.stats))
         self.last_stats = _stats(opts.mode, plan, counts, [out.tolist()],
                                  time.perf_counter() - t0)
+
+
+class BatchRun:
+    """One batch in flight: `advance()` runs a round and returns each row's new ids; rows
+    stop on their own (EOS, max_new_tokens). Not thread-safe (one driver)."""
+
+    def __init__(self, opts: DecodeOptions, plan: Plan, progs: Programs, params: dict,
+                 ctl: Control, st: Any):
+        self.opts, self.plan, self._progs, self._params, self._ctl = opts, plan, progs, params, ctl
+        self._st = st
+        self._t0 = time.perf_counter()
+        self._sent = np.zeros(st.length.shape[0], np.int64)
+        self.done = np.zeros(st.length.shape[0], bool)
+        self.tokens: list[list[int]] = [[] for _ in range(st.length.shape[0])]
+        self._first = True
+
+    def advance(self) -> list[list[int]]:
+        """New ids per row since the last call (the prefill's first token on the first)."""
+        if not self._first and not self.done.all():
+            self._st = self._progs.step(self._params, self._st, self._ctl)
+        self._first = False
+        length, done = jax.device_get((self._st.length, self._st.done))
+        out = None
+        new: list[list[int]] = []
+        for i, n in enumerate(length):
+            if n > self._sent[i]:
+                if out is None:
+                    out = jax.device_get(self._st.out)
+                new.append(out[i, self._sent[i]:n].tolist())
+                self.tokens[i] += new[-1]
+                self._sent[i] = n
+            else:
+                new.append([])
+        self.done = np.asarray(done, bool)
+        return new
+
+    def stats(self) -> DecodeStats:
+        return _stats(self.opts.mode, self.plan, jax.device_get(self._st.stats), self.tokens,
+                      time.perf_counter() - self._t0)
 
 
 def _nbytes(tree: Any) -> int:

@@ -7,9 +7,9 @@ streaming (`stream: true`) or one JSON response; `max_tokens`, `temperature` (de
 0 = greedy), `top_p`, `stop`, `seed`, `n` (1 only), `usage` with token counts. sorted_jax's
 own fields, in the request body (the `openai` client's `extra_body`): `mode` (`fixed` |
 `early-exit` | `speculative`; default fixed, or the mode the other fields imply),
-`exit_layer` (fixed depth), `exits` and `thresholds` (early exit), `draft_layer`
-(speculative). Every response carries `sorted_jax`: the mode, layers per token and, for
-speculative decoding, the acceptance.
+`exit_layer` (fixed depth), `exits` (default: the checkpoint's trained exits) and
+`thresholds` (early exit), `draft_layer` (speculative). Every response carries
+`sorted_jax`: the mode, layers per token and, for speculative decoding, the acceptance.
 
 Batching, the bounded queue (429), per-request timeouts (504) and shutdown live in
 `sorted_jax.serving`; this module is the HTTP layer. SIGTERM (or Ctrl-C) stops accepting
@@ -117,10 +117,12 @@ def _prompt_ids(body: dict, chat: bool, tokenizer: Any) -> list[int]:
                      "batched prompts are not supported)")
 
 
-def parse_request(body: Any, chat: bool, tokenizer: Any, config: Any
+def parse_request(body: Any, chat: bool, tokenizer: Any, config: Any,
+                  default_exits: Sequence[int] | None = None
                   ) -> tuple[list[int], DecodeOptions, list[str], bool]:
     """(prompt ids, decode options, stop strings, stream) of an OpenAI request body; a
-    `ServeError` (400) names the bad field."""
+    `ServeError` (400) names the bad field. `default_exits`: early exit's exits when the
+    request names none (the checkpoint's trained exits)."""
     if not isinstance(body, dict):
         raise ServeError("the request body must be a JSON object")
     if _field(body, "n", int, 1) != 1:
@@ -156,6 +158,8 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, config: Any
     if thresholds is not None and not all(0 <= t <= 1 for t in thresholds):
         raise ServeError(f"'thresholds' must lie in [0, 1], got {thresholds!r}")
     exits = _field(body, "exits", list)
+    if mode == "early-exit" and exits is None and default_exits is not None:
+        exits = list(default_exits)
     try:
         opts = DecodeOptions(
             mode=mode, exit_layer=_field(body, "exit_layer", int), exits=exits,
@@ -185,7 +189,8 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> An
                                    "code": status}}, status_code=status)
 
 
-def build_app(scheduler: Scheduler, tokenizer: Any, config: Any, model_name: str) -> Any:
+def build_app(scheduler: Scheduler, tokenizer: Any, config: Any, model_name: str,
+              default_exits: Sequence[int] | None = None) -> Any:
     """The FastAPI app over a running scheduler (closed when the app shuts down)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import StreamingResponse
@@ -209,7 +214,8 @@ def build_app(scheduler: Scheduler, tokenizer: Any, config: Any, model_name: str
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "the request body is not valid JSON")
         try:
-            ids, opts, stop, stream = parse_request(body, chat, tokenizer, config)
+            ids, opts, stop, stream = parse_request(body, chat, tokenizer, config,
+                                                    default_exits)
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
             job = scheduler.submit(ids, opts, stop, notify=lambda ev: loop.call_soon_threadsafe(
@@ -339,7 +345,7 @@ def run(args: argparse.Namespace) -> None:
     eos_ids = list(dict.fromkeys([*map(int, eos_ids), int(tokenizer.eos_id)]))
     scheduler = Scheduler(dec, tokenizer, settings, eos_ids)
     name = args.model_name or art.path.name
-    app = build_app(scheduler, tokenizer, art.config, name)
+    app = build_app(scheduler, tokenizer, art.config, name, art.default_exits())
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=int(args.graceful_s))
     print(f"sorted_jax.serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr,

@@ -8,7 +8,10 @@
 `batched`: tokens/s of greedy self-speculative decoding with per-row commit (each row keeps
 its own accepted drafts) vs lockstep (every row cut at the slowest row) vs the full model, at
 each batch size (prompts of different lengths), and the compiled decode loop's memory
-(`Decoder.memory`) against params + state; "before" adds the per-layout copies of the layer
+(`Decoder.memory`) against params + state. `rounds` = batch verify passes + prefill and
+`drafts` = batch draft passes over the whole run (deterministic; the cost of a round is about
+`drafts * k + W * (L - k)` layer-tokens on a compute-bound CPU, W = max_draft + 1, and one
+weight read of each on a memory-bound accelerator). "before" adds the per-layout copies of the layer
 weights the decoder used to hold (every segment's sliced layers: all L layers for a
 speculative layout).
 
@@ -219,11 +222,15 @@ def batched(params, cfg, dec: Decoder, args, drafts, what: str) -> int:
           f"draft layer {k}, {n} new tokens, {args.dtype}, backend {jax.default_backend()} "
           f"({os.cpu_count()} CPUs); best of {reps}; tokens/s = rows / s per decode step")
     print(f"\n{'batch':>5} {'full tok/s':>10} {'per-row tok/s':>13} {'lockstep tok/s':>14} "
-          f"{'per-row/lock':>12} {'accept':>7} {'tok/pass row':>12} {'tok/pass lock':>13}")
+          f"{'per-row/lock':>12} {'accept':>7} {'tok/pass row':>12} {'tok/pass lock':>13} "
+          f"{'rounds row/lock':>15} {'drafts row/lock':>15}")
+    held_out = _held_out_prompts(args.ckpt, 16) if args.ckpt else None
     for b in [int(x) for x in args.batches.split(",")]:
-        prompts = [[1] + rng.integers(3, cfg.vocab_size, int(rng.integers(4, args.prompt_len
-                                                                           + 1))).tolist()
-                   for _ in range(b)]
+        if held_out is not None:  # the checkpoint's own kind of prompt, different lengths
+            prompts = [held_out[i % len(held_out)] for i in range(b)]
+        else:
+            prompts = [[1] + rng.integers(3, cfg.vocab_size, int(rng.integers(
+                4, args.prompt_len + 1))).tolist() for _ in range(b)]
         spec = dict(mode="speculative", draft_layer=k)
         res = measure(dec, prompts, n, reps, {"full": {}, "row": spec})
         res_l = measure(lock, prompts, n, reps, {"lock": spec})
@@ -231,7 +238,9 @@ def batched(params, cfg, dec: Decoder, args, drafts, what: str) -> int:
         st_r = res["row"][1]
         print(f"{b:>5} {b / t_full:>10.1f} {b / t_row:>13.1f} {b / t_lock:>14.1f} "
               f"{t_lock / t_row:>12.2f} {st_r.acceptance_rate:>7.3f} "
-              f"{st_r.tokens_per_full_pass:>12.2f} {st_l.tokens_per_full_pass:>13.2f}")
+              f"{st_r.tokens_per_full_pass:>12.2f} {st_l.tokens_per_full_pass:>13.2f} "
+              f"{f'{st_r.full_passes}/{st_l.full_passes}':>15} "
+              f"{f'{st_r.draft_passes}/{st_l.draft_passes}':>15}")
     print(f"\ndecode memory (compiled loop, batch 4, draft layer {k}; MiB)")
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
     print(f"{'layout':>24} {'params':>8} {'state':>8} {'temp':>8} {'copies':>8} {'peak':>8} "
@@ -253,6 +262,20 @@ def batched(params, cfg, dec: Decoder, args, drafts, what: str) -> int:
               f"{mib(m.weight_copies)} {mib(m.peak)} {mib(before)}")
     sys.stdout.flush()
     return 0
+
+
+def _held_out_prompts(ckpt: str, n: int) -> list[list[int]]:
+    """Prompt ids of the builtin held-out records under the checkpoint's own template (the
+    distribution a `configs/tiny.py` run was trained on)."""
+    from sorted_jax import artifacts
+    from sorted_jax.data import prompt_ids
+    from sorted_jax.data.builtin import builtin_records
+
+    art = artifacts.inspect(ckpt)
+    tok = art.tokenizer()
+    recs = builtin_records("eval")[:n]
+    return [prompt_ids(tok, {"instruction": r["instruction"], "input": r["input"]},
+                       art.settings.template or "none") for r in recs]
 
 
 def _first_exit_confidences(dec: Decoder, prompts, k: int, n: int) -> list[float]:

@@ -14,7 +14,10 @@ q/k/v kernels `[embed, heads, head_dim]`, o_proj `[heads, head_dim, embed]`.
 
 A KV cache (`KVCache`, all layers in one `[L, ...]` buffer) rides in the scan's carry and each
 layer updates its own rows in place, so decoding reuses this exact code (no second model) and a
-decode step writes only the new tokens' keys and values, not the whole cache.
+decode step writes only the new tokens' keys and values, not the whole cache. Its write index is
+shared by all rows or per row (`[B]`, speculative batches whose rows commit different counts).
+Decoding runs segments `[a, b)` of the stack with `run_layer_range`, a loop that reads layer i
+of the one stacked copy in place (slicing per segment would copy the weights).
 """
 
 from __future__ import annotations

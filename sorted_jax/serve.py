@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graceful-s", type=float, default=30.0,
                    help="on SIGTERM, how long in-flight requests may still run")
     p.add_argument("--max-draft", type=int, default=8, help="speculative: largest window")
+    p.add_argument("--warmup", default="",
+                   help="comma-separated modes (fixed,early-exit,speculative) whose greedy "
+                        "programs to compile for every batch bucket before serving (default "
+                        "depths; other settings compile on first use)")
     p.add_argument("--fast-compile", action="store_true",
                    help="XLA's cheap optimisation level (tiny models, tests)")
     return p
@@ -344,6 +348,18 @@ def run(args: argparse.Namespace) -> None:
     eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     eos_ids = list(dict.fromkeys([*map(int, eos_ids), int(tokenizer.eos_id)]))
     scheduler = Scheduler(dec, tokenizer, settings, eos_ids)
+    if args.warmup:
+        modes = [m.strip() for m in args.warmup.split(",") if m.strip()]
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise UserError(f"--warmup: unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+        t0 = time.perf_counter()
+        exits = art.default_exits()
+        warmed = scheduler.warmup([DecodeOptions(mode=m, temperature=0.0, exits=exits
+                                                 if m == "early-exit" else None)
+                                   for m in modes])
+        print(f"sorted_jax.serve: warmed {warmed} programs in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr, flush=True)
     name = args.model_name or art.path.name
     app = build_app(scheduler, tokenizer, art.config, name, art.default_exits())
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

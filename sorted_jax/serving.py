@@ -176,6 +176,20 @@ class Scheduler:
             self._cv.notify_all()
         self._thread.join(wait_s)
 
+    def warmup(self, options: Sequence[DecodeOptions], prompt_len: int = 1) -> int:
+        """Compile every batch bucket of each options' programs now (greedy and sampled
+        programs differ: warm the ones you serve), so first requests do not wait on XLA.
+        Run before serving; returns the number of programs warmed."""
+        n = 0
+        for opts in options:
+            o = opts.replace(eos_id=self.eos, max_len=self.max_len, max_new_tokens=2)
+            for b in self.settings.buckets:
+                run = self.decoder.start([[0] * prompt_len] * b, o)
+                while not run.done.all():
+                    run.advance()
+                n += 1
+        return n
+
     @property
     def queued(self) -> int:
         return len(self._pending)

@@ -366,17 +366,16 @@ def run(args: argparse.Namespace) -> None:
                             timeout_graceful_shutdown=int(args.graceful_s))
     print(f"sorted_jax.serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
-    _GracefulServer(config).run()
+    _graceful_server(config).run()
     print("sorted_jax.serve: stopped", file=sys.stderr, flush=True)
 
 
-def _graceful_server_class() -> type:
+def _graceful_server(config: Any) -> Any:
+    """uvicorn's server, but SIGTERM / SIGINT end it with status 0: uvicorn re-raises the
+    signal after its graceful shutdown, which would make a clean stop look like a kill."""
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
-        """uvicorn's server, but SIGTERM / SIGINT end it with status 0: uvicorn re-raises the
-        signal after its graceful shutdown, which would make a clean stop look like a kill."""
-
         @contextlib.contextmanager
         def capture_signals(self) -> Any:
             sigs = (signal.SIGINT, signal.SIGTERM)
@@ -387,11 +386,7 @@ def _graceful_server_class() -> type:
                 for s, h in old.items():
                     signal.signal(s, h)
 
-    return GracefulServer
-
-
-def _GracefulServer(config: Any) -> Any:  # noqa: N802 - reads as the class it builds
-    return _graceful_server_class()(config)
+    return GracefulServer(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,7 +63,8 @@ class SpeculativeStats(DecodeStats):
     """`acceptance_rate` = accepted / drafted (per row, before any lockstep cut);
     `full_passes` = verify rounds of the batch + the prefill; `committed_drafts` = drafts
     kept; `committed_per_row` / `rounds_per_row`: drafts kept and verify rounds of each row
-    (per-row commit lets rows of a batch keep different counts)."""
+    (per-row commit lets rows of a batch keep different counts); `tokens_per_full_pass`:
+    tokens over the rows' own full-model passes (their verify rounds + the prefill)."""
 
     draft_layer: int
     drafted: int

@@ -11,8 +11,11 @@ and every prompt to a multiple of `pad_multiple` tokens, with one KV cache lengt
 whole server, so a new request never compiles anything new once its (mode, bucket, prompt
 bucket) has run. The worker takes the oldest waiting request's group, decodes it round by
 round (`Decoder.start`), sends each row's new text as it is made, and stops a row at its own
-`max_new_tokens`, stop string, EOS, timeout or cancellation; requests arriving meanwhile join
-the next batch. The queue of waiting requests is bounded (`QueueFullError` when full).
+`max_new_tokens`, stop string, EOS, timeout or cancellation. In a speculative batch (per-row
+cache lengths) a freed row takes the next waiting request of the same settings, which joins
+at the next round; in fixed / early-exit batches (one shared cache index) requests arriving
+meanwhile join the next batch. The queue of waiting requests is bounded (`QueueFullError`
+when full).
 
 Greedy requests give the same tokens whatever batch they land in (rows are independent,
 per-row speculative commit included). A sampled request's draws depend on its batch (one
@@ -229,27 +232,60 @@ class Scheduler:
                                     else ServeError(f"decoding failed: {e}"))
 
     def _run(self, jobs: list[Job]) -> None:
+        """Decode one batch round by round. In a speculative batch a row whose request ended
+        takes the next waiting request of the same settings (and no longer length), which
+        joins at the next round; other modes share one cache index, so requests arriving
+        meanwhile wait for the next batch."""
         bucket = next(b for b in self.settings.buckets if b >= len(jobs))
         prompts = [j.ids for j in jobs] + [jobs[0].ids] * (bucket - len(jobs))
-        opts = jobs[0].options.replace(max_new_tokens=max(j.options.max_new_tokens
-                                                          for j in jobs))
-        run = self.decoder.start(prompts, opts)
+        max_new = max(j.options.max_new_tokens for j in jobs)
+        run = self.decoder.start(prompts, jobs[0].options.replace(max_new_tokens=max_new))
         self.batches_run += 1
+        rows: list[Job | None] = [*jobs, *[None] * (bucket - len(jobs))]
+        key = jobs[0].key
         while True:
             new = run.advance()
-            for i, job in enumerate(jobs):
-                if not job.finished:
+            for i, job in enumerate(rows):
+                if job is not None and not job.finished:
                     self._feed(job, new[i], bool(run.done[i]))
-            if all(j.finished for j in jobs) or run.done.all():
+            if any(job is not None and job.finished for job in rows):
+                stats = run.stats()
+                for i, job in enumerate(rows):
+                    if job is not None and job.finished:
+                        if job.reason in ("stop", "length"):
+                            self._finish(job, job.reason, stats, i)
+                        rows[i] = None
+            for i, job in enumerate(rows):
+                if job is None and not run.done[i]:
+                    run.evict(i)  # padding, or a request that ended on the host side
+            if run.joinable and not self._cancel_running:
+                for i in range(bucket):
+                    if rows[i] is None and (job := self._take_joiner(key, max_new)) is not None:
+                        run.insert(i, job.ids)
+                        rows[i] = job
+            if all(job is None for job in rows) or self._cancel_running:
                 break
-            if self._cancel_running:
-                break
-        stats = run.stats()
-        for i, job in enumerate(jobs):
-            if not job.finished:  # stopped by a cancelling shutdown
-                self._finish(job, "length", stats, i)
-            elif job.reason in ("stop", "length"):
-                self._finish(job, job.reason, stats, i)
+        if any(job is not None for job in rows):  # stopped by a cancelling shutdown
+            stats = run.stats()
+            for i, job in enumerate(rows):
+                if job is not None:
+                    self._finish(job, "length", stats, i)
+
+    def _take_joiner(self, key: DecodeOptions, max_new: int) -> Job | None:
+        """The oldest live waiting job that fits a running batch (same settings, no more
+        tokens than the batch was started for), or None."""
+        with self._cv:
+            for job in list(self._pending):
+                if job.key != key or job.options.max_new_tokens > max_new:
+                    continue
+                self._pending.remove(job)
+                if job.cancelled.is_set():
+                    continue
+                if time.monotonic() > job.deadline:
+                    job.put(RequestTimeoutError("the request timed out in the queue"))
+                    continue
+                return job
+        return None
 
     def _feed(self, job: Job, new: list[int], row_done: bool) -> None:
         """Append a row's new ids to its job; send the new text; end it when it stops."""

@@ -315,6 +315,25 @@ def test_speculative_lockstep_equals_per_row(gqa):
         decoder(gqa, GQA, spec_commit="slowest")
 
 
+def test_speculative_row_joins_running_batch(gqa):
+    """A prompt inserted into a freed row of a running speculative batch (per-row cache
+    lengths) decodes exactly as it does alone, and the other row is undisturbed."""
+    p0, p1, p2 = [1, 5, 6, 7, 8], [1, 9], [1, 20, 21, 22, 23, 24, 25]
+    dec = decoder(gqa, GQA)
+    kw = dict(max_new_tokens=MAX_NEW, max_len=MAX_LEN)
+    want = dec.generate([p0, p2], **kw).tokens
+    run = dec.start([p0, p1], mode="speculative", draft_layer=2, **kw)
+    for _ in range(3):
+        run.advance()
+    run.evict(1)
+    run.insert(1, p2)
+    while not run.done.all():
+        run.advance()
+    assert run.tokens == want
+    with pytest.raises(ValueError, match="only speculative"):
+        dec.start([p0], **kw).insert(0, p2)
+
+
 def test_decode_memory_is_params_plus_cache():
     """Segments run over the one stacked copy of the layer weights: the compiled loop's
     temporaries stay far below the layer stack (a per-segment copy would be all of it), for

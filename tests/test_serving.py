@@ -25,32 +25,45 @@ class ByteTok:
 
 
 class FakeRun:
-    """Row i emits tokens 3, 4, 5, ... one per round; `gate` holds every round."""
+    """Row i emits tokens 3, 4, 5, ... one per round; `gate` holds every round. `joinable`
+    as a speculative batch is: a free row takes a new prompt."""
 
-    def __init__(self, prompts, opts, gate):
-        self.opts, self.gate, self.n = opts, gate, 0
-        self.rows = len(prompts)
-        self.done = np.zeros(self.rows, bool)
+    def __init__(self, prompts, opts, gate, joinable):
+        self.opts, self.gate, self.joinable = opts, gate, joinable
+        self.n = np.zeros(len(prompts), int)
+        self.done = np.zeros(len(prompts), bool)
+        self.inserted: list[int] = []
 
     def advance(self):
         self.gate.wait(10)
-        self.n += 1
-        self.done[:] = self.n >= self.opts.max_new_tokens
-        return [[2 + self.n] for _ in range(self.rows)]
+        live = ~self.done
+        self.n[live] += 1
+        self.done |= self.n >= self.opts.max_new_tokens
+        return [[2 + int(k)] if ok else [] for k, ok in zip(self.n, live, strict=True)]
+
+    def evict(self, i):
+        self.done[i] = True
+
+    def insert(self, i, ids):
+        self.n[i], self.done[i] = 0, False
+        self.inserted.append(i)
 
     def stats(self):
-        return FixedStats("fixed", self.n * self.rows, 0.0, layers=4)
+        return FixedStats("fixed", int(self.n.sum()), 0.0, layers=4)
 
 
 class FakeDecoder:
-    def __init__(self):
+    def __init__(self, joinable=False):
         self.config = SimpleNamespace(max_position_embeddings=64, num_hidden_layers=4)
         self.gate = threading.Event()
+        self.joinable = joinable
         self.batches: list[tuple[int, DecodeOptions]] = []
+        self.runs: list[FakeRun] = []
 
     def start(self, prompts, opts):
         self.batches.append((len(prompts), opts))
-        return FakeRun(prompts, opts, self.gate)
+        self.runs.append(FakeRun(prompts, opts, self.gate, self.joinable))
+        return self.runs[-1]
 
 
 def _drain(job, timeout=10):
@@ -117,3 +130,24 @@ def test_full_queue_timeout_and_shutdown():
     assert isinstance(_drain(queued[1])[1], ShuttingDownError)
     with pytest.raises(ShuttingDownError):
         sched.submit([1], opts)
+
+
+def test_requests_join_a_running_speculative_batch():
+    """A freed row of a (per-row) speculative batch takes the next waiting request of the
+    same settings at the next round; a longer request waits for the next batch."""
+    dec = FakeDecoder(joinable=True)
+    sched = Scheduler(dec, ByteTok(), ServeSettings(max_batch=2, max_queue=8), eos=[2])
+    try:
+        short, long_ = DecodeOptions(max_new_tokens=2), DecodeOptions(max_new_tokens=6)
+        first = [sched.submit([1], long_), sched.submit([1], short)]
+        deadline = time.monotonic() + 5
+        while not dec.batches and time.monotonic() < deadline:
+            time.sleep(0.01)
+        later = [sched.submit([1], short), sched.submit([1], long_.replace(max_new_tokens=9))]
+        dec.gate.set()
+        texts = [_drain(j)[0] for j in first + later]
+        assert texts == ["cdefgh", "cd", "cd", "cdefghijk"]
+        assert dec.runs[0].inserted == [1]  # the short request took row 1 of the first batch
+        assert len(dec.batches) == 2  # the 9-token request could not join a 6-token batch
+    finally:
+        sched.close()

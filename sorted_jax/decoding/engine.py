@@ -233,7 +233,7 @@ class Decoder:
         `advance`): what a server streams from. Takes `generate`'s options."""
         opts = self.options(options, **kwargs)
         plan, progs, params, ctl, inputs, slots = self._start(prompts, opts)
-        return BatchRun(opts, plan, progs, params, ctl,
+        return BatchRun(self, opts, plan, progs, params, ctl,
                         progs.prefill(params, *inputs, slots=slots))
 
     def memory(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
@@ -274,10 +274,13 @@ class Decoder:
 
 class BatchRun:
     """One batch in flight: `advance()` runs a round and returns each row's new ids; rows
-    stop on their own (EOS, max_new_tokens). Not thread-safe (one driver)."""
+    stop on their own (EOS, max_new_tokens) or by `evict`; in a speculative batch `insert`
+    puts a new prompt into a free row, which joins at the next round. Not thread-safe (one
+    driver)."""
 
-    def __init__(self, opts: DecodeOptions, plan: Plan, progs: Programs, params: dict,
-                 ctl: Control, st: Any):
+    def __init__(self, decoder: Decoder, opts: DecodeOptions, plan: Plan, progs: Programs,
+                 params: dict, ctl: Control, st: Any):
+        self._decoder = decoder
         self.opts, self.plan, self._progs, self._params, self._ctl = opts, plan, progs, params, ctl
         self._st = st
         self._t0 = time.perf_counter()
@@ -285,12 +288,15 @@ class BatchRun:
         self.done = np.zeros(st.length.shape[0], bool)
         self.tokens: list[list[int]] = [[] for _ in range(st.length.shape[0])]
         self._first = True
+        self._first_rows: set[int] = set()
 
     def advance(self) -> list[list[int]]:
-        """New ids per row since the last call (the prefill's first token on the first)."""
-        if not self._first and not self.done.all():
+        """New ids per row since the last call (the prefill's first token on the first, and
+        on a row's first after `insert`)."""
+        if not self._first and not self.done.all() and not self._first_rows:
             self._st = self._progs.step(self._params, self._st, self._ctl)
         self._first = False
+        self._first_rows.clear()
         length, done = jax.device_get((self._st.length, self._st.done))
         out = None
         new: list[list[int]] = []
@@ -303,8 +309,30 @@ class BatchRun:
                 self._sent[i] = n
             else:
                 new.append([])
-        self.done = np.asarray(done, bool)
+        self.done = np.array(done, bool)  # a writable copy (evict / insert update it)
         return new
+
+    @property
+    def joinable(self) -> bool:
+        """Whether rows can be replaced mid-batch (speculative: per-row cache lengths)."""
+        return self.plan.kind == "speculative"
+
+    def evict(self, row: int) -> None:
+        """Stop row `row` now (its request ended on the host side: a stop string, ...)."""
+        self._st = self._st.replace(done=self._st.done.at[row].set(True))
+        self.done[row] = True
+
+    def insert(self, row: int, prompt: Sequence[int]) -> None:
+        """Decode `prompt` in row `row` from the next round on (the row must be done)."""
+        if not self.joinable:
+            raise DecodeError("only speculative batches take new rows mid-batch")
+        _, _, _, _, inputs, slots = self._decoder._start([prompt], self.opts)
+        one = self._progs.prefill(self._params, *inputs, slots=slots)
+        self._st = self._progs.insert(self._st, one, jnp.asarray(row, jnp.int32))
+        self._sent[row] = 0
+        self.tokens[row] = []
+        self.done[row] = False
+        self._first_rows.add(row)
 
     def stats(self) -> DecodeStats:
         return _stats(self.opts.mode, self.plan, jax.device_get(self._st.stats), self.tokens,

@@ -212,6 +212,30 @@ class Programs:
         `memory_analysis()` gives decoding's device memory without running it."""
         return _jitted(self.compiler_options)["loop"].lower(self, params, st, ctl).compile()
 
+    def insert(self, st: DecodeState, row: DecodeState, b: Array) -> DecodeState:
+        """`st` with its row b replaced by `row`, a one-prompt prefill (speculative only:
+        every row there has its own cache length, so a new request can join a running batch
+        at the next round). `st` is donated."""
+        return _jitted(self.compiler_options)["insert"](self, st, row, b)
+
+    def _insert(self, st: DecodeState, row: DecodeState, b: Array) -> DecodeState:
+        if self.kind != "speculative":
+            raise ValueError("only speculative batches keep per-row cache lengths")
+
+        def put(x, y, axis=0):
+            return jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), b, axis=axis)
+
+        caches = tuple(c.replace(k=put(c.k, r.k, 1), v=put(c.v, r.v, 1),
+                                 positions=put(c.positions, r.positions),
+                                 index=put(c.index, r.index))
+                       for c, r in zip(st.caches, row.caches, strict=True))
+        stats = st.stats.replace(row_committed=put(st.stats.row_committed,
+                                                   row.stats.row_committed),
+                                 row_rounds=put(st.stats.row_rounds, row.stats.row_rounds))
+        rows = {name: put(getattr(st, name), getattr(row, name)) for name in (
+            "last", "pos", "n", "out", "length", "done", "draft_len")}
+        return st.replace(caches=caches, stats=stats, **rows)
+
     def _advance(self, params, st: DecodeState, ctl: Control) -> DecodeState:
         fn = self._ladder_step if self.kind == "ladder" else self._spec_round
         return fn(params, st, ctl)
@@ -438,4 +462,6 @@ def _jitted(compiler_options: tuple) -> dict[str, Callable]:
                         compiler_options=opts),
         "step": jax.jit(Programs._step, static_argnames=("self",), donate_argnames=("st",),
                         compiler_options=opts),
+        "insert": jax.jit(Programs._insert, static_argnames=("self",), donate_argnames=("st",),
+                          compiler_options=opts),
     }

@@ -10,8 +10,9 @@ package, non-streaming, greedy), each sending requests back to back until `--req
 done. Reports requests/s and the p50 / p95 of per-token latency (a request's wall time /
 its completion tokens, so queueing and prefill count), of the fastest of `--repeats` timed
 runs. The server compiles every batch
-bucket of the default-depth modes at start (`--warmup`) and each (mode, C) runs once untimed
-first (fixed-k, speculative-k), so compilation is excluded. All modes run in the same
+bucket of the four modes at start (`--warmup`, including the program that lets a request
+join a running speculative batch) and each (mode, C) runs once untimed first, so compilation
+is excluded. All modes run in the same
 server, so they share one machine state; on a shared CPU compare within one run only.
 """
 
@@ -88,9 +89,11 @@ def main(argv=None) -> int:
                                                     "draft_layer": args.draft_layer or half},
     }
     port = _free_port()
+    warm = (f"fixed,fixed:{args.exit_layer or half},early-exit,"
+            f"speculative:{args.draft_layer or half}")
     proc = subprocess.Popen([sys.executable, "-m", "sorted_jax.serve", "--ckpt", str(ckpt),
                              "--port", str(port), "--max-batch", "16", "--max-queue", "256",
-                             "--warmup", "fixed,early-exit,speculative"],
+                             "--warmup", warm],
                             stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     try:

@@ -61,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, how long in-flight requests may still run")
     p.add_argument("--max-draft", type=int, default=8, help="speculative: largest window")
     p.add_argument("--warmup", default="",
-                   help="comma-separated modes (fixed,early-exit,speculative) whose greedy "
-                        "programs to compile for every batch bucket before serving (default "
-                        "depths; other settings compile on first use)")
+                   help="comma-separated MODE[:LAYER] (e.g. fixed,fixed:4,early-exit,"
+                        "speculative:4; LAYER = exit_layer / draft_layer) whose greedy programs "
+                        "to compile for every batch bucket before serving (other settings "
+                        "compile on first use)")
     p.add_argument("--fast-compile", action="store_true",
                    help="XLA's cheap optimisation level (tiny models, tests)")
     return p
@@ -349,15 +350,9 @@ def run(args: argparse.Namespace) -> None:
     eos_ids = list(dict.fromkeys([*map(int, eos_ids), int(tokenizer.eos_id)]))
     scheduler = Scheduler(dec, tokenizer, settings, eos_ids)
     if args.warmup:
-        modes = [m.strip() for m in args.warmup.split(",") if m.strip()]
-        bad = [m for m in modes if m not in MODES]
-        if bad:
-            raise UserError(f"--warmup: unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+        warm = _warmup_options(args.warmup, art.config, art.default_exits())
         t0 = time.perf_counter()
-        exits = art.default_exits()
-        warmed = scheduler.warmup([DecodeOptions(mode=m, temperature=0.0, exits=exits
-                                                 if m == "early-exit" else None)
-                                   for m in modes])
+        warmed = scheduler.warmup(warm)
         print(f"sorted_jax.serve: warmed {warmed} programs in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr, flush=True)
     name = args.model_name or art.path.name
@@ -368,6 +363,28 @@ def run(args: argparse.Namespace) -> None:
           flush=True)
     _graceful_server(config).run()
     print("sorted_jax.serve: stopped", file=sys.stderr, flush=True)
+
+
+def _warmup_options(text: str, config: Any, exits: Sequence[int]) -> list[DecodeOptions]:
+    """`--warmup`'s MODE[:LAYER] list as greedy options, each checked against the model."""
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        mode, _, layer = item.partition(":")
+        if mode not in MODES:
+            raise UserError(f"--warmup: unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        if layer and (mode == "early-exit" or not layer.isdigit()):
+            raise UserError(f"--warmup {item!r}: LAYER is an integer, for fixed / speculative")
+        k = int(layer) if layer else None
+        opts = DecodeOptions(mode=mode, temperature=0.0,
+                             exits=tuple(exits) if mode == "early-exit" else None,
+                             exit_layer=k if mode == "fixed" else None,
+                             draft_layer=k if mode == "speculative" else None)
+        try:
+            opts.plan(config)
+        except UserError as e:
+            raise e.prefixed(f"--warmup {item!r}: ") from None
+        out.append(opts)
+    return out
 
 
 def _graceful_server(config: Any) -> Any:

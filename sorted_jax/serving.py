@@ -188,6 +188,10 @@ class Scheduler:
             o = opts.replace(eos_id=self.eos, max_len=self.max_len, max_new_tokens=2)
             for b in self.settings.buckets:
                 run = self.decoder.start([[0] * prompt_len] * b, o)
+                run.advance()
+                if run.joinable:  # the program that lets a request join mid-batch
+                    run.evict(0)
+                    run.insert(0, [0] * prompt_len)
                 while not run.done.all():
                     run.advance()
                 n += 1

@@ -34,7 +34,7 @@ from sorted_jax import artifacts
 from sorted_jax.data.chat import chat_prompt_ids, has_chat_template
 from sorted_jax.data.tokenizers import bos_prefix
 from sorted_jax.decoding import MODES, DecodeOptions, Decoder
-from sorted_jax.errors import ServeError, UserError, run_cli
+from sorted_jax.errors import RequestTimeoutError, ServeError, UserError, run_cli
 from sorted_jax.modeling import DTYPES
 from sorted_jax.serving import Finished, Scheduler, ServeSettings, TextDelta
 
@@ -237,7 +237,7 @@ def build_app(scheduler: Scheduler, tokenizer: Any, config: Any, model_name: str
                 return await asyncio.wait_for(events.get(), wait)
             except asyncio.TimeoutError:
                 job.cancelled.set()
-                return ServeError("the request timed out")
+                return RequestTimeoutError("the request timed out")
 
         if not stream:
             text_parts = []

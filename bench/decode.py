@@ -3,6 +3,17 @@
     python bench/decode.py                          # tiny random model (16 layers, width 256)
     python bench/decode.py --layers 8 --new-tokens 64 --batch 4
     python bench/decode.py --ckpt MODEL_DIR --prompt "Give three tips for staying healthy."
+    python bench/decode.py --sections batched --batches 1,4,16   # per-row vs lockstep vs full
+
+`batched`: tokens/s of greedy self-speculative decoding with per-row commit (each row keeps
+its own accepted drafts) vs lockstep (every row cut at the slowest row) vs the full model, at
+each batch size (prompts of different lengths), and the compiled decode loop's memory
+(`Decoder.memory`) against params + state. `rounds` = batch verify passes + prefill and
+`drafts` = batch draft passes over the whole run (deterministic; the cost of a round is about
+`drafts * k + W * (L - k)` layer-tokens on a compute-bound CPU, W = max_draft + 1, and one
+weight read of each on a memory-bound accelerator). "before" adds the per-layout copies of the layer
+weights the decoder used to hold (every segment's sliced layers: all L layers for a
+speculative layout).
 
 Every number is a per-token decode time: (time(prefill + N tokens) - time(prefill + 1 token))
 / (N - 1), best of `--repeats` runs after a warm-up (compilation excluded). `max_new_tokens` is
@@ -112,7 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--logit-scale", type=float, default=1.0,
                    help="random model: scale of lm_head (synthetic; sharper distributions)")
     p.add_argument("--sections", default="fixed,speculative,early-exit",
-                   help="comma-separated subset of fixed,speculative,early-exit")
+                   help="comma-separated subset of fixed,speculative,early-exit,batched")
+    p.add_argument("--batches", default="1,4,16", help="batched: batch sizes")
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
 
@@ -143,6 +155,8 @@ def main(argv=None) -> int:
               else sorted({max(1, big_l // 4), big_l // 2, 3 * big_l // 4} - {big_l}))
     dec = Decoder(params, cfg, dtype=jnp.dtype(args.dtype), max_draft=args.max_draft)
     n, reps = args.new_tokens, args.repeats
+    if sections == {"batched"}:
+        return batched(params, cfg, dec, args, drafts, what)
 
     print(f"model: {what}; L={big_l} D={cfg.hidden_size} V={cfg.vocab_size} "
           f"heads={cfg.num_attention_heads}/{cfg.kv_heads} {args.dtype}; batch {len(prompts)}, "
@@ -195,6 +209,73 @@ def main(argv=None) -> int:
                   f"{st['avg_exit_layer']:>8.2f}")
     sys.stdout.flush()
     return 0
+
+
+def batched(params, cfg, dec: Decoder, args, drafts, what: str) -> int:
+    """Per-row vs lockstep speculative vs full greedy at several batch sizes; memory."""
+    lock = Decoder(params, cfg, dtype=jnp.dtype(args.dtype), max_draft=args.max_draft,
+                   spec_commit="lockstep")
+    n, reps = args.new_tokens, args.repeats
+    k = drafts[len(drafts) // 2]
+    rng = np.random.default_rng(args.seed)
+    print(f"model: {what}; L={cfg.num_hidden_layers} D={cfg.hidden_size} V={cfg.vocab_size}; "
+          f"draft layer {k}, {n} new tokens, {args.dtype}, backend {jax.default_backend()} "
+          f"({os.cpu_count()} CPUs); best of {reps}; tokens/s = rows / s per decode step")
+    print(f"\n{'batch':>5} {'full tok/s':>10} {'per-row tok/s':>13} {'lockstep tok/s':>14} "
+          f"{'per-row/lock':>12} {'accept':>7} {'tok/pass row':>12} {'tok/pass lock':>13} "
+          f"{'rounds row/lock':>15} {'drafts row/lock':>15}")
+    held_out = _held_out_prompts(args.ckpt, 16) if args.ckpt else None
+    for b in [int(x) for x in args.batches.split(",")]:
+        if held_out is not None:  # the checkpoint's own kind of prompt, different lengths
+            prompts = [held_out[i % len(held_out)] for i in range(b)]
+        else:
+            prompts = [[1] + rng.integers(3, cfg.vocab_size, int(rng.integers(
+                4, args.prompt_len + 1))).tolist() for _ in range(b)]
+        spec = dict(mode="speculative", draft_layer=k)
+        res = measure(dec, prompts, n, reps, {"full": {}, "row": spec})
+        res_l = measure(lock, prompts, n, reps, {"lock": spec})
+        t_full, t_row, (t_lock, st_l) = res["full"][0], res["row"][0], res_l["lock"]
+        st_r = res["row"][1]
+        print(f"{b:>5} {b / t_full:>10.1f} {b / t_row:>13.1f} {b / t_lock:>14.1f} "
+              f"{t_lock / t_row:>12.2f} {st_r.acceptance_rate:>7.3f} "
+              f"{st_r.tokens_per_full_pass:>12.2f} {st_l.tokens_per_full_pass:>13.2f} "
+              f"{f'{st_r.full_passes}/{st_l.full_passes}':>15} "
+              f"{f'{st_r.draft_passes}/{st_l.draft_passes}':>15}")
+    print(f"\ndecode memory (compiled loop, batch 4, draft layer {k}; MiB)")
+    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
+    print(f"{'layout':>24} {'params':>8} {'state':>8} {'temp':>8} {'copies':>8} {'peak':>8} "
+          f"{'before':>8}")
+    prompts = [[1] + [5] * args.prompt_len] * 4
+    for label, kw in (("speculative", dict(mode="speculative", draft_layer=k)),
+                      ("fixed k", dict(mode="fixed", exit_layer=k)),
+                      ("early-exit", dict(mode="early-exit"))):
+        m = dec.memory(prompts, max_new_tokens=n, **kw)
+        plan = dec.plan(**kw)
+        big_l = cfg.num_hidden_layers
+        copied = sum(b - a for a, b in plan.bounds if (a, b) != (0, big_l)) / big_l
+        before = m.peak + copied * layer_bytes
+
+        def mib(x):
+            return f"{x / 2**20:>8.2f}"
+
+        print(f"{label:>24} {mib(m.params)} {mib(m.state)} {mib(m.temp)} "
+              f"{mib(m.weight_copies)} {mib(m.peak)} {mib(before)}")
+    sys.stdout.flush()
+    return 0
+
+
+def _held_out_prompts(ckpt: str, n: int) -> list[list[int]]:
+    """Prompt ids of the builtin held-out records under the checkpoint's own template (the
+    distribution a `configs/tiny.py` run was trained on)."""
+    from sorted_jax import artifacts
+    from sorted_jax.data import prompt_ids
+    from sorted_jax.data.builtin import builtin_records
+
+    art = artifacts.inspect(ckpt)
+    tok = art.tokenizer()
+    recs = builtin_records("eval")[:n]
+    return [prompt_ids(tok, {"instruction": r["instruction"], "input": r["input"]},
+                       art.settings.template or "none") for r in recs]
 
 
 def _first_exit_confidences(dec: Decoder, prompts, k: int, n: int) -> list[float]:

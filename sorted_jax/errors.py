@@ -95,6 +95,30 @@ class DecodeError(UserError):
     longer than the context, ...)."""
 
 
+class ServeError(UserError):
+    """A request the server refuses; `status` is its HTTP code (400 unless a subclass says)."""
+
+    status = 400
+
+
+class QueueFullError(ServeError):
+    """Too many requests waiting: the client should retry later."""
+
+    status = 429
+
+
+class RequestTimeoutError(ServeError):
+    """A request that did not finish within the server's per-request timeout."""
+
+    status = 504
+
+
+class ShuttingDownError(ServeError):
+    """The server is stopping and takes no new work."""
+
+    status = 503
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN/inf; the bad state was not saved.
 

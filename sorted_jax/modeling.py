@@ -14,7 +14,10 @@ q/k/v kernels `[embed, heads, head_dim]`, o_proj `[heads, head_dim, embed]`.
 
 A KV cache (`KVCache`, all layers in one `[L, ...]` buffer) rides in the scan's carry and each
 layer updates its own rows in place, so decoding reuses this exact code (no second model) and a
-decode step writes only the new tokens' keys and values, not the whole cache.
+decode step writes only the new tokens' keys and values, not the whole cache. Its write index is
+shared by all rows or per row (`[B]`, speculative batches whose rows commit different counts).
+Decoding runs segments `[a, b)` of the stack with `run_layer_range`, a loop that reads layer i
+of the one stacked copy in place (slicing per segment would copy the weights).
 """
 
 from __future__ import annotations
@@ -91,23 +94,27 @@ class KVCache:
     """Keys/values of every layer for `S` slots, plus each slot's token position per row.
 
     `positions[b, s]` is the position id of the token stored in slot s of row b, or -1 when the
-    slot holds padding or nothing. `index` is the next slot to write; all rows write the same
-    slots, rows of different lengths differ only in their positions. Rolling back (speculative
-    decoding) is setting `index` back: slots at or past `index` are never attended.
+    slot holds padding or nothing. `index` is the next slot to write: a scalar when all rows
+    write the same slots (rows of different lengths then differ only in their positions), or
+    `[B]` when every row has its own length (per-row speculative decoding: rows commit
+    different numbers of tokens). Rolling back is setting `index` back: attention masks every
+    slot at or past its row's `index` (plus the tokens being written), so rejected K/V are
+    never attended whatever the slots still hold. Per-row writes past the last slot are
+    dropped (a finished row may run on without growing).
     """
 
     k: Array  # [L, B, S, K, Dh]
     v: Array  # [L, B, S, K, Dh]
     positions: Array  # [B, S] int32
-    index: Array  # [] int32
+    index: Array  # [] or [B] int32
 
     @classmethod
     def init(cls, config: LlamaConfig, batch: int, max_len: int,
-             dtype: Dtype = jnp.bfloat16) -> KVCache:
+             dtype: Dtype = jnp.bfloat16, per_row: bool = False) -> KVCache:
         shape = (config.num_hidden_layers, batch, max_len, config.kv_heads, config.dim_per_head)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    positions=jnp.full((batch, max_len), -1, jnp.int32),
-                   index=jnp.zeros((), jnp.int32))
+                   index=jnp.zeros((batch,) if per_row else (), jnp.int32))
 
     @property
     def max_len(self) -> int:
@@ -115,6 +122,20 @@ class KVCache:
 
     def layers(self, start: int, stop: int) -> KVCache:
         return self.replace(k=self.k[start:stop], v=self.v[start:stop])
+
+
+def write_slots(buf: Array, new: Array, index: Array) -> Array:
+    """`buf [B, S, ...]` with `new [B, T, ...]` written at slots `index .. index + T - 1`.
+
+    A scalar index is one `dynamic_update_slice` (every row the same slots); a `[B]` index
+    scatters each row at its own offset, dropping writes past the last slot (a clamped
+    dynamic slice would instead shift them onto live slots).
+    """
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1)
+    rows = jnp.arange(buf.shape[0])[:, None]
+    cols = index[:, None] + jnp.arange(new.shape[1])[None, :]
+    return buf.at[rows, cols].set(new.astype(buf.dtype), mode="drop")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +205,7 @@ class AttentionInputs:
     sin: Array
     mask: Array | None  # [B, 1, T, S] bool, or None for the causal + lengths fast path
     kv_lengths: Array | None  # [B] int32 (fast path only)
-    cache_index: Array | None  # [] int32 when decoding with a cache
+    cache_index: Array | None  # [] or [B] int32 when decoding with a cache
 
 
 class Attention(nn.Module):
@@ -216,10 +237,17 @@ class Attention(nn.Module):
         v = checkpoint_name(v, "value_proj")
 
         if cache is not None:
-            zero = jnp.zeros((), jnp.int32)
-            start = (layer, zero, inputs.cache_index, zero, zero)
-            cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
-                          for c, new in zip(cache, (kk, v), strict=True))
+            index = inputs.cache_index
+            if index.ndim == 0:
+                zero = jnp.zeros((), jnp.int32)
+                start = (layer, zero, index, zero, zero)
+                cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
+                              for c, new in zip(cache, (kk, v), strict=True))
+            else:  # per-row lengths: each row writes at its own slot
+                rows = jnp.arange(kk.shape[0])[:, None]
+                cols = index[:, None] + jnp.arange(kk.shape[1])[None, :]
+                cache = tuple(c.at[layer, rows, cols].set(new.astype(c.dtype), mode="drop")
+                              for c, new in zip(cache, (kk, v), strict=True))
             kk, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False).astype(
                 self.dtype) for c in cache)
 
@@ -464,16 +492,8 @@ class Llama(nn.Module):
                                                 LayerInputs(attention, slots))
         hidden = last[None] if final_only else buf
         hidden = nn.with_logical_constraint(hidden, (None, BATCH, LENGTH, ACT_EMBED))
-        new_cache = None
-        if cache is not None:
-            t = h.shape[1]
-            valid = jnp.ones(h.shape[:2], bool) if attention_mask is None else attention_mask
-            pos = jnp.where(valid.astype(bool), self._positions(h, positions), -1)
-            new_cache = KVCache(
-                k=new_kv[0], v=new_kv[1],
-                positions=jax.lax.dynamic_update_slice_in_dim(
-                    cache.positions, pos.astype(jnp.int32), cache.index, axis=1),
-                index=cache.index + t)
+        new_cache = None if cache is None else _advance_cache(cache, new_kv, h, positions,
+                                                              attention_mask)
         return ModelOutput(hidden=hidden, cache=new_cache, exits=exits)
 
     def head(self, h: Array) -> Array:
@@ -522,9 +542,11 @@ class Llama(nn.Module):
             if segment_ids is not None:
                 raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
             index = cache.index
-            k_pos = jax.lax.dynamic_update_slice_in_dim(
-                cache.positions, jnp.where(valid, pos, -1), index, axis=1)
-            slot_ok = jnp.broadcast_to(jnp.arange(cache.max_len) < index + t,
+            k_pos = write_slots(cache.positions, jnp.where(valid, pos, -1), index)
+            # each row attends its own slots [0, index + t): what lies past them (rolled-back
+            # drafts, another row's longer history) is masked, not zeroed
+            end = index[:, None] if index.ndim else index
+            slot_ok = jnp.broadcast_to(jnp.arange(cache.max_len)[None, :] < end + t,
                                        (b, cache.max_len))
         mask = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= pos[:, :, None])
         mask &= slot_ok[:, None, :]
@@ -560,6 +582,53 @@ def abstract_params(model: Llama, seq_len: int = 8) -> dict:
 def logical_axes(model: Llama) -> dict:
     """The logical axis names of every parameter, as a tree of `PartitionSpec`s."""
     return nn.get_partition_spec(abstract_params(model))
+
+
+def _advance_cache(cache: KVCache, new_kv: tuple[Array, Array], h: Array,
+                   positions: Array | None, attention_mask: Array | None) -> KVCache:
+    """The cache after writing `h`'s T tokens (their K/V already in `new_kv`)."""
+    t = h.shape[1]
+    valid = jnp.ones(h.shape[:2], bool) if attention_mask is None else attention_mask
+    pos = jnp.where(valid.astype(bool), Llama._positions(h, positions), -1)
+    return KVCache(k=new_kv[0], v=new_kv[1],
+                   positions=write_slots(cache.positions, pos.astype(jnp.int32), cache.index),
+                   index=cache.index + t)
+
+
+def run_layer_range(model: Llama, params: dict, h: Array, start: int, stop: int, *,
+                    positions: Array | None = None, attention_mask: Array | None = None,
+                    cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+    """Layers `[start, stop)` of the full params' one stacked copy over `h [B, T, D]`.
+
+    Decoding runs segments of the stack (a draft `[0, k)`, a verifier `[k, L)`, early-exit
+    rungs); slicing `params["layers"][a:b]` per segment would copy those weights (a 7B model's
+    layers twice in memory). Here a loop reads layer i in place (a dynamic slice of the
+    stacked weights inside the loop body: one layer's worth of temporaries), through the same
+    `DecoderLayer` the training scan runs. `cache` holds `stop - start` layers (its row
+    `i - start` is layer i). Returns the state after layer `stop - 1` and the updated cache.
+    """
+    big_l = model.config.num_hidden_layers
+    if not 0 <= start < stop <= big_l:
+        raise ValueError(f"layer range [{start}, {stop}) outside 0..{big_l}")
+    attention = model.apply({"params": params}, h, positions, attention_mask, None, cache,
+                            method=Llama._attention_inputs)
+    layer = DecoderLayer(model.config, dtype=model.dtype, param_dtype=model.param_dtype,
+                         attention_impl=resolve_attention_impl(model.attention_impl, model.dtype))
+    inputs = LayerInputs(attention, None)
+    stacked = params["layers"]
+
+    def body(i: Array, carry: tuple) -> tuple:
+        x, kv = carry
+        weights = jax.tree.map(
+            lambda w: jax.lax.dynamic_index_in_dim(w, i, axis=0, keepdims=False), stacked)
+        (x, kv, _, _), _ = layer.apply({"params": weights}, (x, kv, i - start, None), inputs)
+        return x, kv
+
+    kv = None if cache is None else (cache.k, cache.v)
+    h, kv = jax.lax.fori_loop(start, stop, body, (h, kv))
+    new_cache = None if cache is None else _advance_cache(cache, kv, h, positions,
+                                                          attention_mask)
+    return h, new_cache
 
 
 def slice_layers(params: dict, start: int, stop: int) -> dict:

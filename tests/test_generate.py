@@ -269,13 +269,18 @@ def test_default_exits_and_thresholds():
 
 
 @pytest.mark.parametrize("config,seeds,draft,batch", [
-    (GQA, (0, 1, 2), 1, 4),
+    (GQA, (0, 1), 1, 8),
     (GQA, (3, 4), 2, 1),
-    (MHA, (0, 1), 2, 4),
-    (MHA, (2,), 4, 1),
+    (GQA, (5,), 3, 3),
+    (MHA, (0, 1), 2, 3),
+    (MHA, (2,), 4, 8),
+    (MHA, (3,), 1, 1),
 ])
 def test_speculative_greedy_equals_full(config, seeds, draft, batch):
+    """Per-row commit: every row of a batch of 1, 3 or 8 prompts of different lengths equals
+    the full model's greedy output, while rows of one batch keep different draft counts."""
     accepted = drafted = 0
+    rows_differ = batch == 1
     for seed in seeds:
         params = random_params(config, seed)
         dec = decoder(params, config)
@@ -289,7 +294,61 @@ def test_speculative_greedy_equals_full(config, seeds, draft, batch):
             accepted += spec.stats.accepted
             drafted += spec.stats.drafted
             assert spec.stats.full_passes <= max(len(t) for t in full.tokens)
+            assert len(spec.stats.committed_per_row) == len(chunk)
+            rows_differ |= len(set(spec.stats.committed_per_row)) > 1
     assert 0 < accepted < drafted  # both acceptances and rejections were exercised
+    assert rows_differ  # rows of a batch really committed different numbers of drafts
+
+
+def test_speculative_lockstep_equals_per_row(gqa):
+    """The lockstep baseline (every row cut at the slowest row) is exact too, and commits no
+    more drafts than per-row commit on the same batch."""
+    prompts = random_prompts(7, 8)
+    per_row = decoder(gqa, GQA).generate(prompts, mode="speculative", draft_layer=3,
+                                         max_new_tokens=MAX_NEW, max_len=MAX_LEN)
+    lock = decoder(gqa, GQA, spec_commit="lockstep").generate(
+        prompts, mode="speculative", draft_layer=3, max_new_tokens=MAX_NEW, max_len=MAX_LEN)
+    assert lock.tokens == per_row.tokens
+    assert lock.stats.committed_drafts <= per_row.stats.committed_drafts
+    assert lock.stats.full_passes >= per_row.stats.full_passes
+    with pytest.raises(ValueError, match="spec_commit must be one of"):
+        decoder(gqa, GQA, spec_commit="slowest")
+
+
+def test_speculative_row_joins_running_batch(gqa):
+    """A prompt inserted into a freed row of a running speculative batch (per-row cache
+    lengths) decodes exactly as it does alone, and the other row is undisturbed."""
+    p0, p1, p2 = [1, 5, 6, 7, 8], [1, 9], [1, 20, 21, 22, 23, 24, 25]
+    dec = decoder(gqa, GQA)
+    kw = dict(max_new_tokens=MAX_NEW, max_len=MAX_LEN)
+    want = dec.generate([p0, p2], **kw).tokens
+    run = dec.start([p0, p1], mode="speculative", draft_layer=2, **kw)
+    for _ in range(3):
+        run.advance()
+    run.evict(1)
+    run.insert(1, p2)
+    while not run.done.all():
+        run.advance()
+    assert run.tokens == want
+    with pytest.raises(ValueError, match="only speculative"):
+        dec.start([p0], **kw).insert(0, p2)
+
+
+def test_decode_memory_is_params_plus_cache():
+    """Segments run over the one stacked copy of the layer weights: the compiled loop's
+    temporaries stay far below the layer stack (a per-segment copy would be all of it), for
+    every mode, and the program's arguments are exactly params + decode state."""
+    cfg = MHA.replace(num_hidden_layers=8)
+    params = random_params(cfg, 0)
+    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
+    dec = decoder(params, cfg)
+    for kw in (dict(mode="speculative", draft_layer=3), dict(mode="fixed", exit_layer=5),
+               dict(mode="early-exit", exits=[2, 5, 8])):
+        mem = dec.memory([[1, 2, 3]] * 2, max_new_tokens=MAX_NEW, max_len=MAX_LEN, **kw)
+        assert mem.weight_copies == 0
+        assert mem.params == sum(x.nbytes for x in jax.tree.leaves(params))
+        assert mem.temp < 0.5 * layer_bytes, (kw, mem, layer_bytes)
+        assert mem.peak < mem.params + mem.state + 0.5 * layer_bytes
 
 
 def test_speculative_accept_math():
@@ -331,13 +390,13 @@ def test_speculative_sampling_matches_full_distribution():
     """End to end on a 16-token vocab: the 2nd and 3rd sampled tokens (made by draft +
     verify) follow the full model's marginals, computed exactly by enumerating prefixes.
 
-    Batches of 2 rows over 1500 seeds: a batch commits the drafts every row accepted
-    (lockstep), so with few rows drafts are really committed (a 3000-row batch commits none
-    and would only test the verifier's own samples)."""
+    Batches of 2 rows over 1500 seeds, each row committing its own accepted drafts (per-row
+    commit; the rows of a batch often keep different counts, asserted below), so the check
+    is about committed drafts, not only the verifier's own samples."""
     params = random_params(SMALL_V, 11, scale=6.0)
     prompt = [1, 4, 7]
     dec = decoder(params, SMALL_V, max_draft=4)
-    toks, committed, accepted, drafted = [], 0, 0, 0
+    toks, committed, accepted, drafted, uneven = [], 0, 0, 0, 0
     for seed in range(1500):
         res = dec.generate([prompt] * 2, mode="speculative", draft_layer=1, temperature=1.0,
                            max_new_tokens=3, seed=seed, max_len=16, eos_id=[])
@@ -345,12 +404,15 @@ def test_speculative_sampling_matches_full_distribution():
         committed += res.stats.committed_drafts
         accepted += res.stats.accepted
         drafted += res.stats.drafted
+        uneven += len(set(res.stats.committed_per_row)) > 1
     toks = np.asarray(toks)
     rows = len(toks)
     assert toks.shape == (rows, 3) and rows == 3000
     assert 0 < accepted < drafted
     # tokens 2 and 3 of a row come from drafts often enough for the check to be about them
     assert committed > 0.2 * rows, (committed, rows)
+    # per-row commit: the two rows of a batch often kept different numbers of drafts
+    assert uneven > 0.1 * 1500, uneven
     # exact marginals by enumerating every 1- and 2-token continuation (one batched call)
     v = SMALL_V.vocab_size
     seqs = [prompt] + [prompt + [a] for a in range(v)] + [

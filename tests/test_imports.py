@@ -25,6 +25,8 @@ LAZY_OK = frozenset({
     "tensorboardX",         # TensorBoard events (imports protobuf)
     "transformers",         # HF tokenizer dirs (seconds to import)
     "sentencepiece",        # SentencePiece tokenizers (a native extension)
+    "fastapi",              # python -m sorted_jax.serve (the `serve` extra)
+    "uvicorn",
 })
 
 

@@ -6,7 +6,7 @@ Modules, lowest first: `sampling` (token selection, speculative acceptance), `op
 (`Decoder`: prompts in, tokens and statistics out).
 """
 
-from sorted_jax.decoding.engine import Decoder, generate
+from sorted_jax.decoding.engine import SPEC_COMMITS, BatchRun, Decoder, generate
 from sorted_jax.decoding.options import (
     MODES,
     PAPER_THRESHOLDS,
@@ -17,6 +17,7 @@ from sorted_jax.decoding.options import (
 )
 from sorted_jax.decoding.programs import Programs
 from sorted_jax.decoding.results import (
+    DecodeMemory,
     DecodeStats,
     EarlyExitStats,
     FixedStats,
@@ -35,6 +36,9 @@ from sorted_jax.decoding.sampling import (
 __all__ = [
     "MODES",
     "PAPER_THRESHOLDS",
+    "SPEC_COMMITS",
+    "BatchRun",
+    "DecodeMemory",
     "DecodeOptions",
     "DecodeStats",
     "Decoder",

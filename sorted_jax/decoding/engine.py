@@ -8,8 +8,8 @@ A request is a frozen `options.DecodeOptions`; its `Plan` picks the segment layo
 compiled programs are `programs.Programs` values (shared by every decoder of the same model
 shape and layout); results are typed (`results`). One engine serves all modes.
 
-The decoder stack is cut into *segments* of consecutive layers `[a, b)`, each its own
-`nn.scan` of `b - a` layers with its own sliced params and its own `KVCache` (same slots, own
+The decoder stack is cut into *segments* of consecutive layers `[a, b)`, each a loop over
+layers a..b-1 of the one stacked copy of the weights, with its own `KVCache` (same slots, own
 `index`), so running a segment costs exactly its layers:
 
 * ``fixed`` (depth k): one segment `[0, k)`; every token costs k layers + the head.
@@ -31,8 +31,8 @@ In a batch, a deeper segment runs when any unfinished row still needs it; rows t
 exited keep their token.
 
 **Batches** are left-padded to a common prompt length P (padding slots hold position -1 in the
-cache, so they are never attended); row b's tokens keep their own positions 0, 1, .... All rows
-write the same cache slot each step (lockstep), as `KVCache` requires.
+cache, so they are never attended); row b's tokens keep their own positions 0, 1, .... Fixed
+depth and early exit write the same cache slot in every row each step (one shared index).
 
 **Early-exit K/V policy: lazy, exact.** A token that exits at e_s has no K/V yet in the layers
 above e_s. Its hidden state after each computed segment is kept in a per-segment buffer
@@ -45,20 +45,24 @@ equal that exit's logits in a full forward pass without cache: early exit only c
 exit emits each token, never any hidden state. Deferred work is batched with the next deep
 token (one pass over several tokens costs about one token's weight reads on an accelerator).
 
-**Speculative batching policy: lockstep at the slowest row.** All rows draft the same number n
-of tokens; each row's verifier accepts a_b of them; every row then commits m + 1 tokens with
-m = min over unfinished rows of a_b: its first m drafts and, at position m + 1, the token its
-own verification produced there (its next accepted draft if a_b > m, else its correction or
-bonus token). This keeps one shared cache index (no holes), greedy output stays identical to
-the full model's, and sampled output stays exactly distributed as the full model's (the stop
-point m is fixed by the row's own already-accepted prefix and by other rows only). Batch 1
-gives the best acceptance per row; the adaptive draft length (start 4, +2 when all unfinished
-rows accepted every draft, else -1, in [1, max_draft], never past max_new_tokens) is shared
-by the batch.
+**Speculative batching policy: per row.** Each row has its own cache length (`KVCache.index`
+is `[B]`), output offset and adaptive draft window (start 4, +2 when the row accepted every
+draft, else -1, in [1, max_draft], never past max_new_tokens). A round drafts until the longest
+window of an unfinished row is full; row b's verifier accepts a_b of its n_b drafts and the row
+commits those a_b drafts plus its correction / bonus token, so rows advance by different
+amounts and finish independently. Rejected drafts' K/V stay in slots past the row's length,
+which attention masks by that length (they are overwritten later, never attended). Greedy
+output equals the full model's row by row, and sampled output is distributed as the full
+model's (each row's acceptance is the standard rejection rule on its own prefix).
+`spec_commit="lockstep"` instead cuts every row at the slowest row's count (m = min a_b over
+unfinished rows: its first m drafts plus the token its own verification produced at m + 1); it
+does the same work per round and commits fewer tokens, so it is kept only as the baseline
+`bench/decode.py` compares against.
 
-**Memory.** Sliced per-segment params are copies of the layer weights (made once per layout
-and kept by the `Decoder`); early exit keeps `[B, S, D]` hidden states per exit boundary; the
-cache has `max_len` + a small slack of slots (chunked writes never clamp).
+**Memory.** Every segment runs over the full params' one stacked copy of the layer weights
+(`modeling.run_layer_range` reads layer i in place): decoding holds params + caches + small
+temporaries, whatever the layout. Early exit keeps `[B, S, D]` hidden states per exit
+boundary; the cache has `max_len` + a small slack of slots (chunked writes never clamp).
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ from sorted_jax.decoding.options import (
 )
 from sorted_jax.decoding.programs import Control, LadderCounts, Programs
 from sorted_jax.decoding.results import (
+    DecodeMemory,
     DecodeStats,
     EarlyExitStats,
     FixedStats,
@@ -89,8 +94,11 @@ from sorted_jax.decoding.results import (
 )
 from sorted_jax.decoding.sampling import SamplingParams
 from sorted_jax.errors import DecodeError
-from sorted_jax.modeling import slice_layers
 from sorted_jax.soft import default_exits  # the exit set SoFT trains by default
+
+# Speculative batches: each row commits its own accepted drafts ("per-row", the default) or
+# every row stops at the slowest row's count ("lockstep", kept for comparison: bench/decode.py).
+SPEC_COMMITS = ("per-row", "lockstep")
 
 __all__ = ["MODES", "PAPER_THRESHOLDS", "DecodeOptions", "Decoder", "GenerationResult",
            "default_exits", "default_thresholds", "generate"]
@@ -99,17 +107,19 @@ __all__ = ["MODES", "PAPER_THRESHOLDS", "DecodeOptions", "Decoder", "GenerationR
 class Decoder:
     """Decoding for one model: `generate` (batched, one jitted while-loop) and `stream`.
 
-    params: our params tree (full model); config: its `LlamaConfig`. Sliced per-segment
-    params are made once per layout and kept (slicing copies the layer weights; drop your own
-    reference to `params` if memory is tight). Compiled programs are shared by all decoders
+    params: our params tree (full model); config: its `LlamaConfig`. Every layout runs over
+    these params in place (no per-segment copies). Compiled programs are shared by all decoders
     of the same config (`Programs` is a hashable value), so tests and benchmarks compile each
     shape once.
     """
 
     def __init__(self, params: dict, config: LlamaConfig, *, dtype: Any = jnp.float32,
                  cache_dtype: Any = None, attention_impl: str = "xla", max_draft: int = 8,
-                 ee_chunk: int = 8, pad_multiple: int = 8,
+                 ee_chunk: int = 8, pad_multiple: int = 8, spec_commit: str = "per-row",
                  compiler_options: dict[str, Any] | None = None):
+        if spec_commit not in SPEC_COMMITS:
+            raise DecodeError(f"spec_commit must be one of {', '.join(SPEC_COMMITS)}, got "
+                              f"{spec_commit!r}")
         if max_draft < 1:
             raise DecodeError(f"max_draft must be >= 1, got {max_draft}")
         if ee_chunk < 1:
@@ -119,8 +129,8 @@ class Decoder:
         self.cache_dtype = dtype if cache_dtype is None else cache_dtype
         self.attention_impl = attention_impl
         self.max_draft, self.ee_chunk, self.pad_multiple = max_draft, ee_chunk, pad_multiple
+        self.spec_commit = spec_commit
         self.compiler_options = tuple(sorted((compiler_options or {}).items()))
-        self._seg_params: dict[tuple, tuple] = {}
         self.last_stats: DecodeStats | None = None
 
     # -- requests ----------------------------------------------------------------------------
@@ -140,15 +150,8 @@ class Decoder:
         return Programs.make(self.config, plan, greedy=greedy, dtype=self.dtype,
                              cache_dtype=self.cache_dtype, attention_impl=self.attention_impl,
                              ee_chunk=self.ee_chunk, max_draft=self.max_draft,
+                             spec_commit=self.spec_commit,
                              compiler_options=self.compiler_options)
-
-    def _params_for(self, bounds) -> tuple:
-        if bounds not in self._seg_params:
-            big_l = self.config.num_hidden_layers
-            self._seg_params[bounds] = tuple(
-                self.params if (a, b) == (0, big_l) else slice_layers(self.params, a, b)
-                for a, b in bounds)
-        return self._seg_params[bounds]
 
     def _check_prompts(self, prompts: Any) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
@@ -185,7 +188,7 @@ class Decoder:
         return p_len, max_len + max(self.ee_chunk, self.max_draft + 1)
 
     def _start(self, prompts: Any, opts: DecodeOptions):
-        """(plan, programs, sliced params, control, prefill inputs, cache slots)."""
+        """(plan, programs, params, control, prefill inputs, cache slots)."""
         plan = opts.plan(self.config)
         prompts = self._check_prompts(prompts)
         p_len, slots = self._layout(prompts, opts)
@@ -204,8 +207,7 @@ class Decoder:
                       jnp.asarray(opts.max_new_tokens, jnp.int32), jnp.asarray(th))
         inputs = (jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(pos),
                   jax.random.PRNGKey(opts.seed), ctl)
-        return (plan, self.programs(plan, opts.greedy), self._params_for(plan.bounds), ctl,
-                inputs, slots)
+        return plan, self.programs(plan, opts.greedy), self.params, ctl, inputs, slots
 
     # -- decoding ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
@@ -224,6 +226,26 @@ class Decoder:
         tokens = [out[i, :length[i]].tolist() for i in range(out.shape[0])]
         return GenerationResult(tokens, _stats(opts.mode, plan, counts, tokens,
                                                time.perf_counter() - t0))
+
+    def start(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
+              **kwargs: Any) -> BatchRun:
+        """A batch decoded round by round (one token, or one speculative round, per
+        `advance`): what a server streams from. Takes `generate`'s options."""
+        opts = self.options(options, **kwargs)
+        plan, progs, params, ctl, inputs, slots = self._start(prompts, opts)
+        return BatchRun(self, opts, plan, progs, params, ctl,
+                        progs.prefill(params, *inputs, slots=slots))
+
+    def memory(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
+               **kwargs: Any) -> DecodeMemory:
+        """What decoding these prompts with these options holds on the device, from the
+        compiled loop (nothing runs): params + decode state + XLA temporaries."""
+        opts = self.options(options, **kwargs)
+        _, progs, params, ctl, inputs, slots = self._start(prompts, opts)
+        st = progs.prefill_shape(params, *inputs, slots=slots)
+        mem = progs.compiled_loop(params, st, ctl).memory_analysis()
+        return DecodeMemory(params=_nbytes(params), state=_nbytes(st),
+                            temp=int(mem.temp_size_in_bytes), weight_copies=0)
 
     def stream(self, prompt: Sequence[int], options: DecodeOptions | None = None,
                **kwargs: Any) -> Iterator[list[int]]:
@@ -250,6 +272,77 @@ class Decoder:
                                  time.perf_counter() - t0)
 
 
+class BatchRun:
+    """One batch in flight: `advance()` runs a round and returns each row's new ids; rows
+    stop on their own (EOS, max_new_tokens) or by `evict`; in a speculative batch `insert`
+    puts a new prompt into a free row, which joins at the next round. Not thread-safe (one
+    driver)."""
+
+    def __init__(self, decoder: Decoder, opts: DecodeOptions, plan: Plan, progs: Programs,
+                 params: dict, ctl: Control, st: Any):
+        self._decoder = decoder
+        self.opts, self.plan, self._progs, self._params, self._ctl = opts, plan, progs, params, ctl
+        self._st = st
+        self._t0 = time.perf_counter()
+        self._sent = np.zeros(st.length.shape[0], np.int64)
+        self.done = np.zeros(st.length.shape[0], bool)
+        self.tokens: list[list[int]] = [[] for _ in range(st.length.shape[0])]
+        self._first = True
+        self._first_rows: set[int] = set()
+
+    def advance(self) -> list[list[int]]:
+        """New ids per row since the last call (the prefill's first token on the first, and
+        on a row's first after `insert`)."""
+        if not self._first and not self.done.all() and not self._first_rows:
+            self._st = self._progs.step(self._params, self._st, self._ctl)
+        self._first = False
+        self._first_rows.clear()
+        length, done = jax.device_get((self._st.length, self._st.done))
+        out = None
+        new: list[list[int]] = []
+        for i, n in enumerate(length):
+            if n > self._sent[i]:
+                if out is None:
+                    out = jax.device_get(self._st.out)
+                new.append(out[i, self._sent[i]:n].tolist())
+                self.tokens[i] += new[-1]
+                self._sent[i] = n
+            else:
+                new.append([])
+        self.done = np.array(done, bool)  # a writable copy (evict / insert update it)
+        return new
+
+    @property
+    def joinable(self) -> bool:
+        """Whether rows can be replaced mid-batch (speculative: per-row cache lengths)."""
+        return self.plan.kind == "speculative"
+
+    def evict(self, row: int) -> None:
+        """Stop row `row` now (its request ended on the host side: a stop string, ...)."""
+        self._st = self._st.replace(done=self._st.done.at[row].set(True))
+        self.done[row] = True
+
+    def insert(self, row: int, prompt: Sequence[int]) -> None:
+        """Decode `prompt` in row `row` from the next round on (the row must be done)."""
+        if not self.joinable:
+            raise DecodeError("only speculative batches take new rows mid-batch")
+        _, _, _, _, inputs, slots = self._decoder._start([prompt], self.opts)
+        one = self._progs.prefill(self._params, *inputs, slots=slots)
+        self._st = self._progs.insert(self._st, one, jnp.asarray(row, jnp.int32))
+        self._sent[row] = 0
+        self.tokens[row] = []
+        self.done[row] = False
+        self._first_rows.add(row)
+
+    def stats(self) -> DecodeStats:
+        return _stats(self.opts.mode, self.plan, jax.device_get(self._st.stats), self.tokens,
+                      time.perf_counter() - self._t0)
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
 def _stats(mode: str, plan: Plan, raw: Any, tokens: list[list[int]], seconds: float
            ) -> DecodeStats:
     """Typed statistics of a run from its device counters (`programs.LadderCounts` /
@@ -269,14 +362,16 @@ def _stats(mode: str, plan: Plan, raw: Any, tokens: list[list[int]], seconds: fl
         mode, total, seconds, draft_layer=plan.bounds[0][1], drafted=drafted,
         accepted=accepted, acceptance_rate=accepted / drafted if drafted else 0.0,
         committed_drafts=int(raw.committed_drafts), full_passes=rounds + 1,
+        committed_per_row=tuple(int(x) for x in raw.row_committed),
+        rounds_per_row=tuple(int(x) for x in raw.row_rounds),
         draft_passes=int(raw.draft_passes),
-        tokens_per_full_pass=(total / len(tokens)) / (rounds + 1))
+        tokens_per_full_pass=total / (sum(int(x) for x in raw.row_rounds) + len(tokens)))
 
 
 def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]],
              **kwargs: Any) -> GenerationResult:
     """One-shot `Decoder(params, config).generate(prompts, **kwargs)`."""
     dec_keys = ("dtype", "cache_dtype", "attention_impl", "max_draft", "ee_chunk",
-                "pad_multiple", "compiler_options")
+                "pad_multiple", "spec_commit", "compiler_options")
     dec_kw = {k: kwargs.pop(k) for k in dec_keys if k in kwargs}
     return Decoder(params, config, **dec_kw).generate(prompts, **kwargs)

@@ -30,7 +30,7 @@ from sorted_jax.decoding.sampling import (
     speculative_accept,
     top1_prob,
 )
-from sorted_jax.modeling import KVCache, make_model
+from sorted_jax.modeling import KVCache, make_model, run_layer_range, write_slots
 
 Array = jax.Array
 
@@ -51,12 +51,12 @@ class DecodeState:
     hbuf: tuple  # early exit: hidden state after each exit boundary, [B, S, D] per boundary
     last: Array  # [B] the last generated token (input of the next step)
     pos: Array  # [B] its position
-    n: Array  # [] tokens generated so far (lockstep, same for all rows)
+    n: Array  # [B] tokens generated so far per row (stops growing when the row is done)
     out: Array  # [B, O] generated ids
     length: Array  # [B] generated length per row (stops growing when the row is done)
     done: Array  # [B]
     key: Array
-    draft_len: Array  # [] speculative adaptive window
+    draft_len: Array  # [B] speculative adaptive window, per row
     stats: LadderCounts | SpecCounts
 
 
@@ -77,57 +77,64 @@ class SpecCounts:
     accepted: Array
     committed_drafts: Array
     draft_passes: Array
+    row_committed: Array  # [B] drafts committed per row
+    row_rounds: Array  # [B] verify rounds per row (while it was unfinished)
 
     @classmethod
-    def zeros(cls) -> SpecCounts:
-        z = jnp.zeros((), jnp.int32)
-        return cls(z, z, z, z, z)
+    def zeros(cls, batch: int) -> SpecCounts:
+        z, zb = jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32)
+        return cls(z, z, z, z, z, zb, zb)
 
 
 class Stack:
-    """Segments [a, b) of one model; each a `Llama` of b - a layers (same code as training)."""
+    """Segments [a, b) of one model, all run over the full params' one stacked copy of the
+    layer weights (`modeling.run_layer_range`: no per-segment copies); each segment has its
+    own `KVCache` of b - a layers."""
 
     def __init__(self, config: LlamaConfig, bounds: tuple[tuple[int, int], ...], dtype: Any,
                  attention_impl: str):
         self.config = config
         self.bounds = bounds
-        self.models = [make_model(config.replace(num_hidden_layers=b - a), dtype=dtype,
-                                  attention_impl=attention_impl) for a, b in bounds]
+        self.model = make_model(config, dtype=dtype, attention_impl=attention_impl)
 
-    def embed(self, params: tuple, ids: Array) -> Array:
-        return self.models[0].apply({"params": params[0]}, ids, method="embed")
+    @property
+    def dtype(self) -> Any:
+        return self.model.dtype
 
-    def head(self, params: tuple, h: Array) -> Array:
+    def embed(self, params: dict, ids: Array) -> Array:
+        return self.model.apply({"params": params}, ids, method="embed")
+
+    def head(self, params: dict, h: Array) -> Array:
         """fp32 logits of h `[B, D]` or `[B, T, D]` through the final norm + lm_head."""
         x = h[:, None] if h.ndim == 2 else h
-        logits = self.models[0].apply({"params": params[0]}, x, method="head")
+        logits = self.model.apply({"params": params}, x, method="head")
         return (logits[:, 0] if h.ndim == 2 else logits).astype(jnp.float32)
 
-    def run(self, s: int, params: tuple, h: Array, positions: Array, valid: Array | None,
+    def run(self, s: int, params: dict, h: Array, positions: Array, valid: Array | None,
             cache: KVCache) -> tuple[Array, KVCache]:
-        n = self.bounds[s][1] - self.bounds[s][0]
-        out = self.models[s].apply({"params": params[s]}, h, positions=positions,
-                                   attention_mask=valid, cache=cache, exits=(n,),
-                                   method="run_layers")  # the segment's last state only
-        return out.hidden[-1], out.cache
+        a, b = self.bounds[s]
+        return run_layer_range(self.model, params, h, a, b, positions=positions,
+                               attention_mask=valid, cache=cache)
 
-    def init_caches(self, batch: int, slots: int, dtype: Any) -> tuple:
+    def init_caches(self, batch: int, slots: int, dtype: Any, per_row: bool = False) -> tuple:
         return tuple(KVCache.init(self.config.replace(num_hidden_layers=b - a), batch, slots,
-                                  dtype) for a, b in self.bounds)
+                                  dtype, per_row=per_row) for a, b in self.bounds)
 
 
 def _commit(st: DecodeState, y: Array, count: Array, ctl: Control) -> dict:
-    """Append `count` tokens of `y [B, W]` to every unfinished row; EOS / max_new stop rows."""
+    """Append the first `count[b]` tokens of `y [B, W]` to each unfinished row b, at its own
+    offset `n[b]`; EOS / max_new stop rows. Finished rows do not move."""
     active = ~st.done
-    out = jax.lax.dynamic_update_slice_in_dim(st.out, y, st.n, axis=1)
-    real = jnp.arange(y.shape[1]) < count
+    count = jnp.broadcast_to(count, active.shape)
+    out = write_slots(st.out, y, st.n)  # past a row's length: never read
+    real = jnp.arange(y.shape[1])[None, :] < count[:, None]
     is_eos = jnp.any(y[..., None] == ctl.eos, axis=-1) & real
     has_eos = jnp.any(is_eos, axis=1)
     first = jnp.argmax(is_eos, axis=1).astype(jnp.int32)
     new_len = jnp.minimum(st.n + jnp.where(has_eos, first + 1, count), ctl.max_new)
-    n = st.n + count
+    n = st.n + jnp.where(active, count, 0)
     return dict(out=out, length=jnp.where(active, new_len, st.length), n=n,
-                done=st.done | has_eos | (n >= ctl.max_new))
+                done=st.done | (active & has_eos) | (n >= ctl.max_new))
 
 
 def _freeze(x: Any) -> Any:
@@ -156,6 +163,7 @@ class Programs:
     attention_impl: str
     ee_chunk: int
     max_draft: int
+    spec_commit: str = "per-row"  # speculative: "per-row" | "lockstep" (see `engine`)
     compiler_options: tuple[tuple[str, Any], ...] = ()
     config_key: tuple = dataclasses.field(init=False, repr=False)
 
@@ -164,13 +172,14 @@ class Programs:
 
     @classmethod
     def make(cls, config: LlamaConfig, plan: Plan, *, greedy: bool, dtype: Any, cache_dtype: Any,
-             attention_impl: str, ee_chunk: int, max_draft: int,
+             attention_impl: str, ee_chunk: int, max_draft: int, spec_commit: str = "per-row",
              compiler_options: tuple = ()) -> Programs:
         ladder = plan.kind == "ladder"
         return cls(config, plan.bounds, plan.kind, bool(greedy), jnp.dtype(dtype).name,
                    jnp.dtype(cache_dtype).name, attention_impl,
                    ee_chunk if ladder and len(plan.bounds) > 1 else 0,
-                   0 if ladder else max_draft, tuple(compiler_options))
+                   0 if ladder else max_draft, "" if ladder else spec_commit,
+                   tuple(compiler_options))
 
     @functools.cached_property
     def stack(self) -> Stack:
@@ -193,6 +202,40 @@ class Programs:
         """One token (ladder) or one speculative round (streaming)."""
         return _jitted(self.compiler_options)["step"](self, params, st, ctl)
 
+    def prefill_shape(self, params, ids, valid, positions, key, ctl, *, slots: int) -> Any:
+        """The decode state `prefill` would return, as shapes (nothing runs)."""
+        return _jitted(self.compiler_options)["prefill"].lower(
+            self, params, ids, valid, positions, key, ctl, slots=slots).out_info
+
+    def compiled_loop(self, params, st: DecodeState, ctl: Control) -> Any:
+        """`loop` lowered and compiled for these (abstract or real) inputs: its
+        `memory_analysis()` gives decoding's device memory without running it."""
+        return _jitted(self.compiler_options)["loop"].lower(self, params, st, ctl).compile()
+
+    def insert(self, st: DecodeState, row: DecodeState, b: Array) -> DecodeState:
+        """`st` with its row b replaced by `row`, a one-prompt prefill (speculative only:
+        every row there has its own cache length, so a new request can join a running batch
+        at the next round). `st` is donated."""
+        return _jitted(self.compiler_options)["insert"](self, st, row, b)
+
+    def _insert(self, st: DecodeState, row: DecodeState, b: Array) -> DecodeState:
+        if self.kind != "speculative":
+            raise ValueError("only speculative batches keep per-row cache lengths")
+
+        def put(x, y, axis=0):
+            return jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), b, axis=axis)
+
+        caches = tuple(c.replace(k=put(c.k, r.k, 1), v=put(c.v, r.v, 1),
+                                 positions=put(c.positions, r.positions),
+                                 index=put(c.index, r.index))
+                       for c, r in zip(st.caches, row.caches, strict=True))
+        stats = st.stats.replace(row_committed=put(st.stats.row_committed,
+                                                   row.stats.row_committed),
+                                 row_rounds=put(st.stats.row_rounds, row.stats.row_rounds))
+        rows = {name: put(getattr(st, name), getattr(row, name)) for name in (
+            "last", "pos", "n", "out", "length", "done", "draft_len")}
+        return st.replace(caches=caches, stats=stats, **rows)
+
     def _advance(self, params, st: DecodeState, ctl: Control) -> DecodeState:
         fn = self._ladder_step if self.kind == "ladder" else self._spec_round
         return fn(params, st, ctl)
@@ -201,7 +244,7 @@ class Programs:
         return self._advance(params, st, ctl)
 
     def _loop(self, params, st: DecodeState, ctl: Control) -> DecodeState:
-        return jax.lax.while_loop(lambda s: (s.n < ctl.max_new) & ~jnp.all(s.done),
+        return jax.lax.while_loop(lambda s: ~jnp.all(s.done),
                                   lambda s: self._advance(params, s, ctl), st)
 
     # -- prefill -----------------------------------------------------------------------------
@@ -209,7 +252,8 @@ class Programs:
         """Run every segment over the (left-padded) prompts; choose the first token."""
         stk = self.stack
         b, p = ids.shape
-        caches = list(stk.init_caches(b, slots, jnp.dtype(self.cache_dtype)))
+        caches = list(stk.init_caches(b, slots, jnp.dtype(self.cache_dtype),
+                                      per_row=self.kind == "speculative"))
         h = stk.embed(params, ids)
         last_h = []
         for s in range(len(stk.bounds)):
@@ -223,17 +267,17 @@ class Programs:
             stats = self._exit_stats(None, exit_idx, jnp.ones((b,), bool))
         else:
             logits = stk.head(params, last_h[-1])
-            stats = SpecCounts.zeros()
+            stats = SpecCounts.zeros(b)
         tok = select(k_sel, logits, ctl.sampling, self.greedy)
         d = stk.config.hidden_size
         nbuf = len(stk.bounds) - 1 if self.kind == "ladder" else 0
         st = DecodeState(
             caches=tuple(caches),
             hbuf=tuple(jnp.zeros((b, slots, d), h.dtype) for _ in range(nbuf)),
-            last=tok, pos=positions[:, -1] + 1, n=jnp.zeros((), jnp.int32),
+            last=tok, pos=positions[:, -1] + 1, n=jnp.zeros((b,), jnp.int32),
             out=jnp.zeros((b, slots), jnp.int32), length=jnp.zeros((b,), jnp.int32),
             done=jnp.zeros((b,), bool), key=key,
-            draft_len=jnp.asarray(min(4, self.max_draft), jnp.int32), stats=stats)
+            draft_len=jnp.full((b,), min(4, self.max_draft), jnp.int32), stats=stats)
         return st.replace(**_commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl))
 
     def _choose_exit(self, logits_per_exit, ctl, decided):
@@ -330,15 +374,18 @@ class Programs:
 
     # -- self-speculative --------------------------------------------------------------------
     def _spec_round(self, params, st: DecodeState, ctl: Control) -> DecodeState:
+        """One draft + verify round; every row keeps its own cache length (`KVCache.index`
+        `[B]`), draft window and output offset (module `engine` docstring)."""
         stk, wd, greedy = self.stack, self.max_draft, self.greedy
         key, k_draft, k_acc = jax.random.split(st.key, 3)
         active = ~st.done
         lo, hi = st.caches
         b = st.last.shape[0]
-        cur = lo.index
-        n = jnp.minimum(st.draft_len, ctl.max_new - st.n)  # >= 1 inside the loop
+        rows = jnp.arange(b)
+        cur = lo.index  # [B]
+        n = jnp.clip(jnp.minimum(st.draft_len, ctl.max_new - st.n), 1, wd)  # [B]
+        n_max = jnp.max(jnp.where(active, n, 1))
         d, v = stk.config.hidden_size, stk.config.vocab_size
-        dt = self.stack.models[0].dtype
 
         def draft_body(c):
             j, cache, tok, hb, drafts, qs, k = c
@@ -354,40 +401,53 @@ class Programs:
                     qs, probs_of(lg, ctl.sampling)[:, None], j, axis=1)
             return j + 1, cache, tok, hb, drafts, qs, k
 
-        init = (jnp.zeros((), jnp.int32), lo, st.last, jnp.zeros((b, wd + 1, d), dt),
+        # Rows draft until the longest window is full; a row's drafts past its own window are
+        # never verified, and their K/V lie past its length (masked, then overwritten).
+        init = (jnp.zeros((), jnp.int32), lo, st.last, jnp.zeros((b, wd + 1, d), stk.dtype),
                 jnp.zeros((b, wd), jnp.int32),
                 None if greedy else jnp.zeros((b, wd, v), jnp.float32), k_draft)
-        _, lo, d_n, hb, drafts, qs, _ = jax.lax.while_loop(lambda c: c[0] < n, draft_body, init)
-        # Verify: layers [0, k) for the last draft (the draft loop did all earlier ones and
-        # wrote their K/V), then layers [k, L) for the last committed token + n drafts at once.
-        h, lo = stk.run(0, params, stk.embed(params, d_n[:, None]), (st.pos + n)[:, None],
-                        None, lo)
-        hb = jax.lax.dynamic_update_slice_in_dim(hb, h, n, axis=1)
+        _, lo, _, hb, drafts, qs, _ = jax.lax.while_loop(lambda c: c[0] < n_max, draft_body,
+                                                         init)
+        # Verify: layers [0, k) for each row's last draft d_n (at its own slot cur + n), then
+        # layers [k, L) for the last committed token + n drafts at once (padding masked).
+        d_n = jnp.take_along_axis(drafts, (n - 1)[:, None], axis=1)
+        h, lo = stk.run(0, params, stk.embed(params, d_n), (st.pos + n)[:, None], None,
+                        lo.replace(index=cur + n))
+        hb = hb.at[rows, n].set(h[:, 0])
         idx = jnp.arange(wd + 1)
-        valid = jnp.broadcast_to(idx <= n, (b, wd + 1))
+        valid = idx[None, :] <= n[:, None]
         hv, hi = stk.run(1, params, hb, st.pos[:, None] + idx, valid, hi)
         logits = stk.head(params, hv)  # [B, W, V]
         if greedy:
             a, corr = greedy_accept(logits, drafts, n)
         else:
             a, corr = speculative_accept(k_acc, probs_of(logits, ctl.sampling), qs, drafts, n)
-        mcut = jnp.min(jnp.where(active, a, n))
-        count = mcut + 1
+        if self.spec_commit == "lockstep":  # every row stops where the slowest row did
+            cut = jnp.broadcast_to(jnp.min(jnp.where(active, a, wd)), (b,))
+            all_in = jnp.broadcast_to(jnp.all(jnp.where(active, a >= n, True)), (b,))
+        else:
+            cut, all_in = a, a >= n
+        count = cut + 1
         d_pad = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
-        nxt = jnp.where(a > mcut, jnp.take(d_pad, mcut, axis=1), corr)
-        y = jnp.where(idx[None, :] < mcut, d_pad, nxt[:, None])
-        n_act = jnp.sum(active.astype(jnp.int32))
+        # token at position cut + 1: the row's next accepted draft (lockstep, a > cut), else
+        # its correction / bonus token
+        nxt = jnp.where(a > cut, jnp.take_along_axis(d_pad, cut[:, None], axis=1)[:, 0], corr)
+        y = jnp.where(idx[None, :] < cut[:, None], d_pad, nxt[:, None])
+        act = active.astype(jnp.int32)
         old = st.stats
-        stats = SpecCounts(rounds=old.rounds + 1, drafted=old.drafted + n * n_act,
-                           accepted=old.accepted + jnp.sum(jnp.where(active, a, 0)),
-                           committed_drafts=old.committed_drafts + mcut * n_act,
-                           draft_passes=old.draft_passes + n + 1)
-        draft_len = jnp.clip(jnp.where(mcut >= n, st.draft_len + 2, st.draft_len - 1), 1, wd)
-        st = st.replace(caches=(lo.replace(index=cur + count), hi.replace(index=cur + count)),
-                        key=key, stats=stats, draft_len=draft_len)
+        stats = SpecCounts(rounds=old.rounds + 1, drafted=old.drafted + jnp.sum(n * act),
+                           accepted=old.accepted + jnp.sum(a * act),
+                           committed_drafts=old.committed_drafts + jnp.sum(cut * act),
+                           draft_passes=old.draft_passes + n_max + 1,
+                           row_committed=old.row_committed + cut * act,
+                           row_rounds=old.row_rounds + act)
+        grown = jnp.clip(jnp.where(all_in, st.draft_len + 2, st.draft_len - 1), 1, wd)
+        step = jnp.where(active, count, 0)
+        st = st.replace(caches=(lo.replace(index=cur + step), hi.replace(index=cur + step)),
+                        key=key, stats=stats,
+                        draft_len=jnp.where(active, grown, st.draft_len))
         upd = _commit(st, y, count, ctl)
-        return st.replace(last=nxt, pos=st.pos + count, **upd)
-
+        return st.replace(last=jnp.where(active, nxt, st.last), pos=st.pos + step, **upd)
 
 
 @functools.cache
@@ -402,4 +462,6 @@ def _jitted(compiler_options: tuple) -> dict[str, Callable]:
                         compiler_options=opts),
         "step": jax.jit(Programs._step, static_argnames=("self",), donate_argnames=("st",),
                         compiler_options=opts),
+        "insert": jax.jit(Programs._insert, static_argnames=("self",), donate_argnames=("st",),
+                          compiler_options=opts),
     }

@@ -60,8 +60,11 @@ class EarlyExitStats(DecodeStats):
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeStats(DecodeStats):
-    """`acceptance_rate` = accepted / drafted (per row, before the lockstep cut);
-    `full_passes` = verify passes + the prefill; `committed_drafts` = drafts kept."""
+    """`acceptance_rate` = accepted / drafted (per row, before any lockstep cut);
+    `full_passes` = verify rounds of the batch + the prefill; `committed_drafts` = drafts
+    kept; `committed_per_row` / `rounds_per_row`: drafts kept and verify rounds of each row
+    (per-row commit lets rows of a batch keep different counts); `tokens_per_full_pass`:
+    tokens over the rows' own full-model passes (their verify rounds + the prefill)."""
 
     draft_layer: int
     drafted: int
@@ -71,13 +74,36 @@ class SpeculativeStats(DecodeStats):
     full_passes: int
     draft_passes: int
     tokens_per_full_pass: float
+    committed_per_row: tuple[int, ...] = ()
+    rounds_per_row: tuple[int, ...] = ()
 
     def merge(self, other: DecodeStats) -> SpeculativeStats:
         assert isinstance(other, SpeculativeStats), other
         summed = {k: getattr(self, k) + getattr(other, k) for k in (
             "tokens", "drafted", "accepted", "full_passes", "committed_drafts", "draft_passes")}
         rate = summed["accepted"] / summed["drafted"] if summed["drafted"] else 0.0
-        return dataclasses.replace(self, acceptance_rate=rate, **summed)
+        return dataclasses.replace(
+            self, acceptance_rate=rate, **summed,
+            committed_per_row=self.committed_per_row + other.committed_per_row,
+            rounds_per_row=self.rounds_per_row + other.rounds_per_row)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeMemory:
+    """Device bytes of one compiled decode loop (XLA's `memory_analysis`, deterministic):
+    `params` (the weights it reads), `state` (KV caches, buffers, outputs), `temp` (XLA's
+    temporaries), `weight_copies` (layer weights the decoder holds beyond `params`: 0 since
+    segments run over the one stacked copy). `peak` = arguments + temporaries (the state is
+    donated, so outputs reuse its buffers)."""
+
+    params: int
+    state: int
+    temp: int
+    weight_copies: int
+
+    @property
+    def peak(self) -> int:
+        return self.params + self.weight_copies + self.state + self.temp
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,6 +73,11 @@ def _leading_true(ok: Array) -> Array:
     return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
 
 
+def _per_row(n: Array, drafts: Array) -> Array:
+    """`n` (`[]` or `[B]`) as a `[B, 1]` column that broadcasts against `drafts [B, W-1]`."""
+    return jnp.broadcast_to(jnp.asarray(n, jnp.int32), drafts.shape[:1])[:, None]
+
+
 def greedy_accept(target_logits: Array, drafts: Array, n: Array) -> tuple[Array, Array]:
     """Greedy verification.
 
@@ -81,7 +86,7 @@ def greedy_accept(target_logits: Array, drafts: Array, n: Array) -> tuple[Array,
     Returns (accepted count a `[B]`, the target's token after the accepted prefix `[B]`).
     """
     best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, W]
-    ok = (best[:, :-1] == drafts) & (jnp.arange(drafts.shape[1]) < n)
+    ok = (best[:, :-1] == drafts) & (jnp.arange(drafts.shape[1]) < _per_row(n, drafts))
     a = _leading_true(ok)
     return a, jnp.take_along_axis(best, a[:, None], axis=1)[:, 0]
 
@@ -91,7 +96,8 @@ def speculative_accept(key: Array, p: Array, q: Array, drafts: Array, n: Array
     """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
 
     p `[B, W, V]`: target probabilities at positions 0..W-1; q `[B, W-1, V]`: the draft
-    probabilities each draft was sampled from; drafts `[B, W-1]`; n: number of real drafts.
+    probabilities each draft was sampled from; drafts `[B, W-1]`; n: number of real drafts
+    (`[]` or `[B]`).
     Draft j is accepted with probability min(1, p_j(d)/q_j(d)); at the first rejection the
     token is drawn from norm(max(p_j - q_j, 0)); when all n are accepted a bonus token is
     drawn from p_n. Every emitted token is then distributed as the target's p.
@@ -102,11 +108,12 @@ def speculative_accept(key: Array, p: Array, q: Array, drafts: Array, n: Array
     p_d = jnp.take_along_axis(p[:, :-1], drafts[..., None], axis=-1)[..., 0]
     q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
     u = jax.random.uniform(k_u, (b, w1))
+    n = _per_row(n, drafts)
     ok = (u * q_d < p_d) & (jnp.arange(w1) < n)
     a = _leading_true(ok)
     p_a = jnp.take_along_axis(p, a[:, None, None], axis=1)[:, 0]
     q_a = jnp.take_along_axis(q, jnp.minimum(a, w1 - 1)[:, None, None], axis=1)[:, 0]
-    q_a = jnp.where((a < n)[:, None], q_a, 0.0)
+    q_a = jnp.where(a[:, None] < n, q_a, 0.0)
     resid = jnp.maximum(p_a - q_a, 0.0)
     mass = jnp.sum(resid, axis=-1, keepdims=True)
     resid = jnp.where(mass > 0, resid, p_a)  # p == q exactly: a rejection cannot happen

@@ -54,7 +54,8 @@ def restore_target(abstract_state: TrainState, shardings: TrainState) -> dict[st
 
 class _QuietOrbaxTracebacks(logging.Filter):
     """Drop Orbax's logged tracebacks of a failed background save: the same failure is raised
-    once, as our `CheckpointError`, at the next step boundary (a full disk logged ~16)."""
+    once, as our `CheckpointError`, at the next step boundary (a full disk logged ~16, and
+    asyncio as many again)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.exc_info or record.exc_info[2] is None:
@@ -80,7 +81,10 @@ def _quiet_closed_loops(previous: Any) -> Any:
 
 def _quiet_failed_saves() -> None:
     """Installed once per process, kept: a failed save's threads may log after `close`."""
-    logging.getLogger("absl").addFilter(_QUIET)  # a no-op when already there
+    # absl: Orbax's own logged tracebacks; asyncio: "Task exception was never retrieved" for
+    # the same failed writes, logged when the tasks are collected (often at exit).
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_QUIET)  # a no-op when already there
     if not getattr(sys.unraisablehook, "sorted_jax_quiet", False):
         sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
 

@@ -45,6 +45,7 @@ from sorted_jax.decoding import (
     EarlyExitStats,
     GenerationResult,
     SpeculativeStats,
+    stop_ids,
 )
 from sorted_jax.errors import DataError, MissingFileError, UsageError, run_cli
 from sorted_jax.modeling import DTYPES
@@ -166,13 +167,6 @@ def _load(args: argparse.Namespace) -> tuple[dict, Any, Tokenizer, Any, str]:
             template)
 
 
-def stop_ids(config: Any, tok: Tokenizer) -> tuple[int, ...]:
-    """The model's EOS ids (one or a list) and the tokenizer's EOS, in that order."""
-    eos = config.eos_token_id
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return tuple(dict.fromkeys([*(int(i) for i in ids), int(tok.eos_id)]))
-
-
 def _options(args: argparse.Namespace) -> DecodeOptions:
     """The request the flags describe (flags of another mode are refused)."""
     if args.exit_layer is not None and args.mode != "fixed":
@@ -243,7 +237,7 @@ def _batches(dec: Decoder, opts: DecodeOptions, ids: list[list[int]], records: l
 def run(args: argparse.Namespace) -> None:
     dest = _claim_out(args)
     params, config, tok, dtype, template = _load(args)
-    opts = _options(args).replace(eos_id=stop_ids(config, tok))
+    opts = _options(args).replace(eos_id=stop_ids(config, tok.eos_id))
     dec = Decoder(params, config, dtype=dtype, max_draft=args.max_draft, pad_multiple=64)
     dec.plan(opts)  # bad layers / thresholds fail before any prompt is read
     records = [{"prompt": args.prompt}] if args.prompt is not None else _read_records(

@@ -22,6 +22,8 @@ from sorted_jax import decoding, heads, triviaqa
 from sorted_jax.config import LlamaConfig
 from sorted_jax.data import Record, Tokenizer
 from sorted_jax.data import prompt_ids as data_prompt_ids
+from sorted_jax.data.chat import is_chat_record, validate_messages
+from sorted_jax.data.records import record_where
 
 PAD_MULTIPLE = 32  # prompt and cache lengths are rounded up to this: few compiled shapes
 
@@ -109,22 +111,38 @@ def prompt_ids(tok: Tokenizer, record: Record, template: str) -> list[int]:
     return data_prompt_ids(tok, record, template)
 
 
+def generation_case(record: Mapping[str, Any]) -> tuple[Mapping[str, Any], str, str, str]:
+    """(prompt record, instruction, input, reference) of an evaluation record. An instruction
+    record is its own prompt; a conversation is prompted with its turns before its last
+    assistant turn, which is the reference, and its instruction is the last user turn there."""
+    if not is_chat_record(record):
+        return record, record["instruction"], record.get("input", ""), record.get("output", "")
+    msgs = validate_messages(record, record_where(record) or "record", for_training=False)
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+    context = msgs[:last]
+    user = next((m["content"] for m in reversed(context) if m["role"] == "user"), "")
+    return ({"messages": context}, user, "",
+            msgs[last]["content"] if last < len(msgs) else "")
+
+
 def dump_generations(models: ExitModels, tok: Tokenizer, exits: Sequence[int],
                      records: Sequence[Record], f: Any, *, template: str, max_new_tokens: int,
                      batch_size: int, dtype: Any, line: Mapping[str, Any]) -> int:
-    """Write one JSON line per (instruction, exit) to `f` ({**line, id, exit, instruction,
-    input, response, reference, finished}, `skipped` when the prompt does not fit the
-    context); returns the count."""
-    prompts = [prompt_ids(tok, r, template) for r in records]
+    """Write one JSON line per (record, exit) to `f` ({**line, id, exit, instruction, input,
+    response, reference, finished}, `skipped` when the prompt does not fit the context);
+    returns the count. Responses stop at any of the model's EOS ids (`decoding.stop_ids`)."""
+    cases = [generation_case(r) for r in records]
+    prompts = [prompt_ids(tok, case[0], template) for case in cases]
+    stops = decoding.stop_ids(models.config, tok.eos_id)
     n = 0
     for e in exits:
         outs = generate_at_exit(models, e, prompts, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, stop_ids=[tok.eos_id], dtype=dtype)
-        for i, (r, toks) in enumerate(zip(records, outs, strict=True)):
-            row = {"id": i, **line, "exit": e, "instruction": r["instruction"],
-                   "input": r.get("input", ""),
+                                batch_size=batch_size, stop_ids=stops, dtype=dtype)
+        for i, ((_, instruction, extra, reference), toks) in enumerate(
+                zip(cases, outs, strict=True)):
+            row = {"id": i, **line, "exit": e, "instruction": instruction, "input": extra,
                    "response": "" if toks is None else tok.decode(toks),
-                   "reference": r.get("output", ""),
+                   "reference": reference,
                    "finished": toks is not None and len(toks) < max_new_tokens}
             if toks is None:  # the prompt does not fit the model's context
                 row["skipped"] = True

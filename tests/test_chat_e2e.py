@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import FAST, TINY_CONFIG_FILE, random_params
 
-from sorted_jax import artifacts, convert, generate, model_io, train
+from sorted_jax import artifacts, convert, evaluate, generate, model_io, train
 from sorted_jax.config import LlamaConfig
 from sorted_jax.data import chat_prompt_ids, load_tokenizer
 from sorted_jax.decoding import Decoder
@@ -165,6 +165,42 @@ def test_generate_chat_at_two_exits(trained, tmp_path, fast_generate, capsys):
     assert generate.main(["--ckpt", str(wd), "--prompt", "x", "--template", "none",
                           "--system", "y"]) == 2
     assert "--system needs --template chat" in capsys.readouterr().err
+
+
+def test_evaluate_dumps_generations_of_conversations(trained, tmp_path, capsys):
+    """A conversation is prompted with its turns before its last assistant turn (the
+    reference), under the run's chat template, and stops at the model's EOS list."""
+    _, _, wd = trained
+    data = tmp_path / "two.jsonl"
+    records = _conversations(2)  # a ShareGPT single turn, an OpenAI two-turn conversation
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    gens = tmp_path / "gens.jsonl"
+    rc = evaluate.main(["--ckpt", str(wd), "--data", str(data), "--exits", "1,2",
+                        "--out", str(tmp_path / "out"), "--dump-generations", str(gens),
+                        "--num-generations", "2", "--max-new-tokens", "6",
+                        "--gen-batch-size", "2"])
+    assert rc == 0, capsys.readouterr().err
+    rows = [json.loads(x) for x in gens.read_text().splitlines()]
+    assert [(r["exit"], r["id"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    contexts = [[{"role": "user", "content": "Say red."}],
+                [{"role": "user", "content": "Say green."},
+                 {"role": "assistant", "content": "Green."},
+                 {"role": "user", "content": "And dog?"}]]
+    for r in rows:
+        assert (r["instruction"], r["input"], r["reference"]) == [
+            ("Say red.", "", "Red."), ("And dog?", "", "dog dog")][r["id"]]
+    tok = load_tokenizer(wd / "tokenizer")
+    ids = [chat_prompt_ids(tok, c) for c in contexts]
+    params, config, _ = model_io.load_params(wd)
+    for e in (1, 2):
+        want = Decoder(params, config, pad_multiple=32, compiler_options=FAST).generate(
+            ids, exit_layer=e, max_new_tokens=6, eos_id=tuple(SMOL_EOS),
+            max_len=-(-max(len(i) for i in ids) // 32) * 32 + 32)
+        got = [r for r in rows if r["exit"] == e]
+        for r, toks in zip(got, want.tokens, strict=True):
+            stopped = bool(toks) and toks[-1] in SMOL_EOS
+            assert r["response"] == tok.decode(toks[:-1] if stopped else toks)
+            assert r["finished"] == stopped
 
 
 def test_export_keeps_eos_list_for_hf_and_converted_models_default_to_none(trained, tmp_path):

@@ -14,6 +14,7 @@ from sorted_jax.decoding.options import (
     Plan,
     default_exits,
     default_thresholds,
+    stop_ids,
 )
 from sorted_jax.decoding.programs import Programs
 from sorted_jax.decoding.results import (
@@ -56,5 +57,6 @@ __all__ = [
     "probs_of",
     "select",
     "speculative_accept",
+    "stop_ids",
     "warp_logits",
 ]

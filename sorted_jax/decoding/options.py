@@ -26,6 +26,14 @@ MODES = ("fixed", "early-exit", "speculative")
 PAPER_THRESHOLDS = (0.95, 0.95, 0.9, 0.9, 0.8, 0.8, 0.7)
 
 
+def stop_ids(config: LlamaConfig, tokenizer_eos: int) -> tuple[int, ...]:
+    """Every id that ends a response: the model's EOS ids (one, or a list as Llama-3-Instruct's
+    generation_config.json gives) and the tokenizer's EOS, in that order, without repeats."""
+    eos = config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return tuple(dict.fromkeys([*(int(i) for i in ids), int(tokenizer_eos)]))
+
+
 def default_thresholds(num_exits: int) -> tuple[float, ...]:
     """Thresholds of the first num_exits - 1 exits (paper's list, its last value repeated)."""
     t = list(PAPER_THRESHOLDS[: max(num_exits - 1, 0)])

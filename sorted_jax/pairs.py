@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sorted_jax import destinations
 from sorted_jax.errors import EvalError, run_cli
 
 
@@ -85,13 +86,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--a", required=True, help="LABEL:EXIT of response1, e.g. soft:4")
     p.add_argument("--b", required=True, help="LABEL:EXIT of response2, e.g. sft:8")
     p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of evaluate pair at --out")
     return run_cli("sorted_jax.evaluate pair", write_pairs, p.parse_args(argv))
 
 
+def _is_pairs_file(path: Path) -> bool:
+    """A file `write_pairs` wrote: its first line is one judge input."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and {"response1", "response2"} <= first.keys()
+
+
 def write_pairs(args: argparse.Namespace) -> None:
+    dest = destinations.claim_file(args.out, flag="--out", command="sorted_jax.evaluate pair",
+                                   inputs=[args.gens], overwrite=args.overwrite,
+                                   recognise=_is_pairs_file)
     pairs = make_pairs(read_generations(args.gens), _column(args.a, "--a"),
                        _column(args.b, "--b"))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs))
+    with destinations.atomic_file(dest) as f:
+        f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs))
     print(f"wrote {len(pairs)} pairs ({args.a} vs {args.b}) to {args.out}")

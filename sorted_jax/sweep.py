@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sorted_jax import reports
+from sorted_jax import destinations, reports
 from sorted_jax.errors import SweepError, run_cli
 
 # name -> (config overrides, what it trades)
@@ -243,8 +243,22 @@ def plot_pareto(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _is_sweep_dir(path: Path) -> bool:
+    """A sweep's OUT from before destination markers: its logs and runs, nothing else."""
+    names = {p.name for p in path.iterdir()}
+    return (path / "logs").is_dir() and names <= {"logs", "runs", "pretrain", "eval",
+                                                  TABLE_MD, TABLE_JSON, PARETO_PNG}
+
+
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    out = Path(args.out).absolute()
+    # OUT is new, empty or this sweep's own (which continues): never someone else's dir, and
+    # never one of its config files' dirs.
+    dest = destinations.claim_dir(args.out, flag="--out", command="sorted_jax.sweep",
+                                  inputs=[args.config, args.pretrain_config or None],
+                                  resume=True, recognise=_is_sweep_dir)
+    out = dest.path
+    destinations.make_dirs(out)
+    destinations.write_marker(out, dest.command)
     runner = Runner(out)
     common = [f"--config.{s}" for s in args.set]
     if args.pretrain_config:

@@ -234,6 +234,21 @@ def test_pair_helper(tmp_path, capsys):
          "model1": "soft:4", "model2": "sft:8"},
     ]
     capsys.readouterr()
+    # the destination: its own earlier output only with --overwrite; never its input or a
+    # file it did not write (both left byte-identical)
+    pair = ["pair", "--gens", str(gens), "--a", "soft:4", "--b", "sft:8", "--out"]
+    before = out.read_bytes()
+    out.write_text("")  # a file pair did not write
+    assert evaluate.main([*pair, str(out), "--overwrite"]) == 2
+    assert "is not an output of" in capsys.readouterr().err and out.read_text() == ""
+    out.write_bytes(before)
+    assert evaluate.main([*pair, str(out)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert evaluate.main([*pair, str(out), "--overwrite"]) == 0 and out.read_bytes() == before
+    gens_bytes = gens.read_bytes()
+    assert evaluate.main([*pair, str(gens), "--overwrite"]) == 2
+    assert "--out" in capsys.readouterr().err and gens.read_bytes() == gens_bytes
+    out = tmp_path / "p2.jsonl"
     assert evaluate.main(["pair", "--gens", str(gens), "--a", "soft:6", "--b", "sft:8",
                           "--out", str(out)]) == 2
     assert "--a soft:6 is not in the generations (have: sft:8, soft:4)" in (

@@ -61,6 +61,11 @@ def test_bad_recipes_are_clear_errors(tmp_path, capsys):
     assert sweep.main([*base, "--seeds", "a"]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing was written
+    # OUT is never a dir the sweep did not write: checked before any run starts
+    (tmp_path / "notes.txt").write_text("mine")
+    assert sweep.main([*base, "--recipe", "uniform"]) == 2
+    assert "is not an output of sorted_jax.sweep" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_summary_over_seeds():

@@ -237,7 +237,7 @@ INSTRUCTION = {"instruction": "Say hi.", "output": "hi"}
     ([GOOD], ["--config.data.template=chat"],
      "data.template='chat': template 'chat' needs a tokenizer with a chat template, but the "
      "tokenizer 'builtin' has none"),
-    ([GOOD], [], "record 0 is a chat record (messages): it needs template 'chat', not 'plain'"),
+    ([GOOD], [], ":1: record 0 is a chat record (messages): it needs template 'chat', not 'plain'"),
     ([INSTRUCTION] * 3, ["--config.data.packing=True", "--config.data.buckets="],
      "cannot be packed into one global batch: its 3 examples pack into 1 rows"),
     ([INSTRUCTION] * 3, ["--config.data.packing=True"],

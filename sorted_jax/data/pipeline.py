@@ -144,8 +144,8 @@ def tokenize_records(
         return _tokenize_chat(records, tokenizer, max_len, chunk_size)
     for i, record in enumerate(records):
         if is_chat_record(record):
-            raise DataError(f"record {i} is a chat record (messages): it needs template "
-                            f"'chat', not {template!r}")
+            raise DataError(f"{_where(records, i)} is a chat record (messages): it needs "
+                            f"template 'chat', not {template!r}")
     tokens, masks, dropped, truncated = [], [], 0, 0
     first: str | None = None
     pairs = [format_example(record, template) for record in records]

@@ -70,7 +70,7 @@ from sorted_jax.data import (
 )
 from sorted_jax.errors import EvalError, run_cli
 from sorted_jax.modeling import DTYPES, make_model
-from sorted_jax.run_spec import RunSettings
+from sorted_jax.run_spec import RunSettings, data_stats, data_stats_line
 from sorted_jax.train_step import SoftSteps, sum_exit_sums
 
 METRICS_MD, METRICS_JSON = "exit_metrics.md", "exit_metrics.json"
@@ -207,9 +207,7 @@ def exit_quality(ckpt: Checkpoint, records: Sequence, exits: Sequence[int], *, t
         loss = m[f"loss/exit_{e}"]
         per[e] = {"loss": loss, "perplexity": reports.perplexity(loss),
                   "accuracy": m[f"accuracy/exit_{e}"]}
-    return {"exits": per, "examples": len(ds), "tokens": int(m["tokens"]),
-            "records": len(records), "dropped": ds.num_dropped, "truncated": ds.num_truncated,
-            "first_dropped": ds.first_dropped}
+    return {"exits": per, "tokens": int(m["tokens"]), **data_stats(ds, len(records))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,11 +343,9 @@ def _evaluate_one(c: Checkpoint, args: argparse.Namespace, setup: EvalSetup, rec
                            "tokens": q["tokens"], "exits": q["exits"],
                            **{k: q[k] for k in ("records", "dropped", "truncated",
                                                 "first_dropped")}}
-    if q["dropped"] or q["truncated"]:
-        print(f"{c.label}: {q['records']} records, {q['dropped']} dropped (prompt longer than "
-              f"--max-len {setup.max_len}), {q['truncated']} truncated"
-              + (f"; first dropped: {q['first_dropped']}" if q["first_dropped"] else ""),
-              flush=True)
+    line = data_stats_line(q, f"--max-len {setup.max_len}")
+    if line:
+        print(f"{c.label}: {line}", flush=True)
     print(f"{c.label}: " + " ".join(f"e{e} {v['loss']:.4f}" for e, v in q["exits"].items())
           + f" ({q['examples']} examples, {time.time() - t0:.1f}s)", flush=True)
     if items is not None:

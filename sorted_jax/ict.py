@@ -29,6 +29,7 @@ from sorted_jax.data import TEMPLATE_NAMES, tokenize_records
 from sorted_jax.errors import IctError, run_cli
 from sorted_jax.heads import save_ict_dir, train_heads
 from sorted_jax.modeling import DTYPES
+from sorted_jax.run_spec import data_stats, data_stats_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +120,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dataset = tokenize_records(records, tokenizer, max_len, template)
     if len(dataset) == 0:
         raise IctError(f"no record of {data!r} fits max_len={max_len}")
+    stats = data_stats(dataset, len(records))
+    line = data_stats_line(stats, f"max_len={max_len}")
+    if line:
+        print(f"ICT data: {line}", flush=True)
     mesh = parse_mesh(args.mesh)
     params = art.load_params()
     length = f"{args.num_steps} steps" if args.num_steps else f"{args.epochs:g} epoch(s)"
@@ -136,7 +141,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "holdout": holdout, "data_seed": s.data_seed, "template": template,
         "max_len": max_len, "batch_size": batch_size, "lr": lr, "epochs": args.epochs,
         "num_steps": history[-1]["step"], "seed": args.seed, "dtype": dtype_name,
-        "buckets": s.buckets, "wall_time_s": time.time() - t0, "history": history,
+        "buckets": s.buckets, "wall_time_s": time.time() - t0, "data_stats": stats,
+        "history": history,
     }
     save_ict_dir(dest, params, config, ict_heads, getattr(tokenizer, "spec", None), meta)
     first, last = history[0], history[-1]

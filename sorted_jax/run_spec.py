@@ -465,6 +465,16 @@ def data_stats(ds: TokenizedDataset, records: int) -> dict[str, Any]:
             "truncated": int(ds.num_truncated), "first_dropped": ds.first_dropped}
 
 
+def data_stats_line(stats: dict[str, Any], max_len: str) -> str | None:
+    """The one line train, evaluate and ict print when records were dropped or truncated
+    (None when none were); `max_len` as the command names it, e.g. "max_len=512"."""
+    if not (stats["dropped"] or stats["truncated"]):
+        return None
+    first = f"; first dropped: {stats['first_dropped']}" if stats["first_dropped"] else ""
+    return (f"{stats['records']} records, {stats['dropped']} dropped (prompt longer than "
+            f"{max_len}), {stats['truncated']} truncated{first}")
+
+
 # ---------------------------------------------------------------------------------------------
 # what a run recorded
 

@@ -250,11 +250,9 @@ class Trainer:
             stats["eval"] = run_spec.data_stats(self.data.eval, self.data.eval_records)
         (self.workdir / run_spec.DATA_STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
         for split, st in stats.items():
-            if st["dropped"] or st["truncated"]:
-                self.note(f"data ({split}): {st['records']} records, {st['dropped']} dropped "
-                          f"(prompt longer than max_len={self.cfg.max_len}), {st['truncated']} "
-                          "truncated" + (f"; first dropped: {st['first_dropped']}"
-                                         if st["first_dropped"] else ""))
+            line = run_spec.data_stats_line(st, f"max_len={self.cfg.max_len}")
+            if line:
+                self.note(f"data ({split}): {line}")
 
     def _set_aside_newer_steps(self) -> None:
         """Resuming from an older step than the newest on disk (a damaged or diverged newer

@@ -222,6 +222,14 @@ def test_dropped_and_truncated_records_are_reported(tmp_path, capsys):
     row = json.loads((tmp_path / "ev" / "exit_metrics.json").read_text())["checkpoints"][0]
     assert (row["dropped"], row["truncated"]) == (2, 1)
 
+    assert ict.main(["--ckpt", str(wd), "--data", str(data), "--mesh", "1,1,1", "--max-len",
+                     "256", "--num-steps", "1", "--out", str(tmp_path / "ict")]) == 0
+    out = capsys.readouterr().out
+    assert "ICT data: 12 records, 2 dropped (prompt longer than max_len=256), 1 truncated; " \
+           f"first dropped: {data}:4: record 3" in out, out
+    meta = json.loads((tmp_path / "ict" / "ict.json").read_text())
+    assert meta["data_stats"] == stats
+
 
 # -- 7. destinations checked before the work ---------------------------------------------------
 

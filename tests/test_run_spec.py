@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 from helpers import REPO
 
@@ -18,13 +19,13 @@ from sorted_jax.errors import TrainConfigError
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
 SOFT_7B = (12, 16, 20, 24, 28, 32)  # the paper's exit sets (Sec. 4)
 SOFT_13B = (12, 16, 20, 24, 28, 32, 36, 40)
-EXPECTED = {  # config file -> (preset, exits, eval exits)
-    "tiny.py": ("tiny", (2, 4, 6, 8), (2, 4, 6, 8)),
-    "tiny_pretrain.py": ("tiny", (8,), (2, 4, 6, 8)),  # the pretrained-then-SoFT demo
-    "tiny_finetune.py": ("tiny", (2, 4, 6, 8), (2, 4, 6, 8)),
-    "soft_7b.py": ("llama2-7b", SOFT_7B, SOFT_7B),
-    "sft_7b.py": ("llama2-7b", (32,), SOFT_7B),
-    "soft_13b.py": ("llama2-13b", SOFT_13B, SOFT_13B),
+EXPECTED = {  # config file -> (preset, exits, eval exits, the last exit's weight share or None)
+    "tiny.py": ("tiny", (2, 4, 6, 8), (2, 4, 6, 8), None),  # None: the paper's uniform mean
+    "tiny_pretrain.py": ("tiny", (8,), (2, 4, 6, 8), None),  # the pretrained-then-SoFT demo
+    "tiny_finetune.py": ("tiny", (2, 4, 6, 8), (2, 4, 6, 8), None),
+    "soft_7b.py": ("llama2-7b", SOFT_7B, SOFT_7B, 0.5),  # the chosen recipe: exit_weights=last
+    "sft_7b.py": ("llama2-7b", (32,), SOFT_7B, None),
+    "soft_13b.py": ("llama2-13b", SOFT_13B, SOFT_13B, 0.5),
 }
 
 
@@ -42,7 +43,7 @@ def _base_model_dir(path, name: str):
 
 @pytest.mark.parametrize("config_file", CONFIGS, ids=lambda p: p.name)
 def test_config_file_resolves(config_file, tmp_path):
-    name, exits, eval_exits = EXPECTED[config_file.name]
+    name, exits, eval_exits, last_share = EXPECTED[config_file.name]
     argv = ["train", f"--config={config_file}", f"--workdir={tmp_path / 'run'}"]
     config, workdir = run_spec.parse_args(argv)
     if config.data.tokenizer == "":  # the paper's configs take the tokenizer from init_from
@@ -51,7 +52,13 @@ def test_config_file_resolves(config_file, tmp_path):
     spec = run_spec.resolve(config, workdir)
     assert spec.model_config.num_hidden_layers == preset(name).num_hidden_layers
     assert spec.exits == exits and spec.eval_exits == eval_exits
-    assert len(spec.exit_weights) == len(exits) and len(set(spec.exit_weights)) == 1  # mean
+    weights = np.asarray(spec.exit_weights)
+    assert len(weights) == len(exits) and weights.sum() == pytest.approx(1.0)
+    if last_share is None:  # the mean
+        assert len(set(spec.exit_weights)) == 1
+    else:  # the deepest exit gets its share, the sub-models split the rest equally
+        assert weights[-1] == pytest.approx(last_share)
+        np.testing.assert_allclose(weights[:-1], (1 - last_share) / (len(exits) - 1), rtol=1e-6)
     assert spec.resume_step is None and not spec.resuming
     c = spec.config
     assert c.max_len <= spec.model_config.max_position_embeddings

@@ -44,8 +44,8 @@ from pathlib import Path
 from sorted_jax.errors import DestinationError, ModelIOError
 
 __all__ = ["MARKER", "Destination", "DestinationError", "atomic_dir", "atomic_file", "claim_dir",
-           "claim_file", "clean_stale_temps", "read_marker", "require_filesystem_path",
-           "url_scheme"]
+           "claim_file", "clean_stale_temps", "jsonl_with_keys", "read_marker",
+           "require_filesystem_path", "url_scheme"]
 
 MARKER = ".sorted_jax.json"
 # .NAME.tmp-PID@HOST-RAND (this module's), or .NAME.tmp-XXXXXXXX (tempfile.mkdtemp's, before)
@@ -89,6 +89,20 @@ def read_marker(path: Path) -> str | None:
         return str(json.loads((path / MARKER).read_text())["command"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def jsonl_with_keys(*keys: str) -> Recognise:
+    """A `recognise` for a JSON-lines output file: its first line is an object with `keys`
+    (files carry no marker, so a command knows its own output by its records' shape)."""
+    def recognise(path: Path) -> bool:
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = json.loads(f.readline() or "null")
+        except (OSError, ValueError):
+            return False
+        return isinstance(first, dict) and set(keys) <= first.keys()
+
+    return recognise
 
 
 def write_marker(path: Path, command: str) -> None:

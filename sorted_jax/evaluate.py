@@ -85,14 +85,8 @@ def _is_eval_dir(path: Path) -> bool:
                                                destinations.MARKER}
 
 
-def _is_generation_dump(path: Path) -> bool:
-    """A `--dump-generations` file: its first line is one of its JSON records."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = json.loads(f.readline() or "null")
-    except (OSError, ValueError):
-        return False
-    return isinstance(first, dict) and {"label", "exit", "response"} <= set(first)
+# A `--dump-generations` file: its first line is one of its JSON records.
+_is_generation_dump = destinations.jsonl_with_keys("label", "exit", "response")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,14 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 COMMAND = "sorted_jax.generate"
 
 
-def _is_generate_output(path: Path) -> bool:
-    """A file of generate's JSON lines: its first line is one of them."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = json.loads(f.readline() or "null")
-    except (OSError, ValueError):
-        return False
-    return isinstance(first, dict) and {"output", "tokens", "finish_reason"} <= set(first)
+# A file of generate's JSON lines: its first line is one of them.
+_is_generate_output = destinations.jsonl_with_keys("output", "tokens", "finish_reason")
 
 
 def _claim_out(args: argparse.Namespace) -> destinations.Destination | None:

@@ -124,18 +124,25 @@ class KVCache:
         return self.replace(k=self.k[start:stop], v=self.v[start:stop])
 
 
-def write_slots(buf: Array, new: Array, index: Array) -> Array:
-    """`buf [B, S, ...]` with `new [B, T, ...]` written at slots `index .. index + T - 1`.
+def write_slots(buf: Array, new: Array, index: Array, layer: Array | int | None = None
+                ) -> Array:
+    """`buf [B, S, ...]` (or layer `layer` of `buf [L, B, S, ...]`, in place) with
+    `new [B, T, ...]` written at slots `index .. index + T - 1`.
 
     A scalar index is one `dynamic_update_slice` (every row the same slots); a `[B]` index
     scatters each row at its own offset, dropping writes past the last slot (a clamped
     dynamic slice would instead shift them onto live slots).
     """
+    new = new.astype(buf.dtype)
+    lead = () if layer is None else (layer,)
     if index.ndim == 0:
-        return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1)
-    rows = jnp.arange(buf.shape[0])[:, None]
+        zero = jnp.zeros((), jnp.int32)
+        start = (*lead, zero, index, *([zero] * (new.ndim - 2)))
+        return jax.lax.dynamic_update_slice(buf, new.reshape((1,) * len(lead) + new.shape),
+                                            start)
+    rows = jnp.arange(new.shape[0])[:, None]
     cols = index[:, None] + jnp.arange(new.shape[1])[None, :]
-    return buf.at[rows, cols].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[(*lead, rows, cols)].set(new, mode="drop")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,17 +244,9 @@ class Attention(nn.Module):
         v = checkpoint_name(v, "value_proj")
 
         if cache is not None:
-            index = inputs.cache_index
-            if index.ndim == 0:
-                zero = jnp.zeros((), jnp.int32)
-                start = (layer, zero, index, zero, zero)
-                cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
-                              for c, new in zip(cache, (kk, v), strict=True))
-            else:  # per-row lengths: each row writes at its own slot
-                rows = jnp.arange(kk.shape[0])[:, None]
-                cols = index[:, None] + jnp.arange(kk.shape[1])[None, :]
-                cache = tuple(c.at[layer, rows, cols].set(new.astype(c.dtype), mode="drop")
-                              for c, new in zip(cache, (kk, v), strict=True))
+            # a shared index writes every row's slots at once; a [B] one, each row at its own
+            cache = tuple(write_slots(c, new, inputs.cache_index, layer=layer)
+                          for c, new in zip(cache, (kk, v), strict=True))
             kk, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False).astype(
                 self.dtype) for c in cache)
 

@@ -91,14 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli("sorted_jax.evaluate pair", write_pairs, p.parse_args(argv))
 
 
-def _is_pairs_file(path: Path) -> bool:
-    """A file `write_pairs` wrote: its first line is one judge input."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = json.loads(f.readline())
-    except (OSError, ValueError):
-        return False
-    return isinstance(first, dict) and {"response1", "response2"} <= first.keys()
+# A file `write_pairs` wrote: its first line is one judge input.
+_is_pairs_file = destinations.jsonl_with_keys("response1", "response2")
 
 
 def write_pairs(args: argparse.Namespace) -> None:

@@ -31,10 +31,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from sorted_jax import artifacts
-from sorted_jax.data.chat import chat_prompt_ids, has_chat_template
+from sorted_jax.data.chat import chat_prompt_ids, has_chat_template, validate_messages
 from sorted_jax.data.tokenizers import bos_prefix
-from sorted_jax.decoding import MODES, DecodeOptions, Decoder
-from sorted_jax.errors import RequestTimeoutError, ServeError, UserError, run_cli
+from sorted_jax.decoding import MODES, DecodeOptions, Decoder, stop_ids
+from sorted_jax.errors import DataError, RequestTimeoutError, ServeError, UserError, run_cli
 from sorted_jax.modeling import DTYPES
 from sorted_jax.serving import Finished, Scheduler, ServeSettings, TextDelta
 
@@ -97,13 +97,10 @@ def _prompt_ids(body: dict, chat: bool, tokenizer: Any) -> list[int]:
         msgs = _field(body, "messages", list)
         if not msgs:
             raise ServeError("'messages' must be a non-empty list of {role, content}")
-        clean = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                    or not isinstance(m.get("content"), str):
-                raise ServeError(f"messages[{i}] must be {{'role': system|user|assistant, "
-                                 "'content': str}")
-            clean.append({"role": m["role"], "content": m["content"]})
+        try:  # the same checks as chat training data: roles, string contents
+            clean = validate_messages({"messages": msgs}, "'messages'", for_training=False)
+        except DataError as e:
+            raise ServeError(str(e)) from None
         if has_chat_template(tokenizer):
             return chat_prompt_ids(tokenizer, clean)
         text = "".join(f"{m['role']}: {m['content']}\n" for m in clean) + "assistant:"
@@ -345,10 +342,7 @@ def run(args: argparse.Namespace) -> None:
     dec = Decoder(params, art.config, dtype=dtype, max_draft=args.max_draft,
                   pad_multiple=settings.pad_multiple,
                   compiler_options=FAST_COMPILE if args.fast_compile else None)
-    eos = art.config.eos_token_id
-    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    eos_ids = list(dict.fromkeys([*map(int, eos_ids), int(tokenizer.eos_id)]))
-    scheduler = Scheduler(dec, tokenizer, settings, eos_ids)
+    scheduler = Scheduler(dec, tokenizer, settings, stop_ids(art.config, tokenizer.eos_id))
     if args.warmup:
         warm = _warmup_options(args.warmup, art.config, art.default_exits())
         t0 = time.perf_counter()

@@ -134,7 +134,7 @@ class Scheduler:
         self.eos = tuple(eos)
         ctx = decoder.config.max_position_embeddings
         pad = settings.pad_multiple
-        self.max_len = settings.max_len or -(-(ctx + pad) // 64) * 64
+        self.max_len = settings.max_len or -(-(ctx + pad) // pad) * pad
         self._pending: deque[Job] = deque()
         self._cv = threading.Condition()
         self._closing = False

@@ -42,7 +42,7 @@ def build_hf_model(out: Path, hidden: int, layers: int, vocab: int, inter: int,
     import torch
     import transformers
 
-    from sorted_jax.config import LlamaConfig
+    from sorted_jax.model.config import LlamaConfig
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                          num_hidden_layers=layers, num_attention_heads=hidden // 64,
@@ -90,7 +90,7 @@ def main() -> None:
         cases = [
             ("baseline (imports only)",
              [py, "-c", "import jax, jax.numpy as jnp, orbax.checkpoint, tqdm, sorted_jax.convert,"
-                        " sorted_jax.modeling; jnp.zeros(1).block_until_ready()"]),
+                        " sorted_jax.model.modeling; jnp.zeros(1).block_until_ready()"]),
             ("hf-to-orbax, 1 safetensors file",
              [py, "-m", "sorted_jax.convert", "hf-to-orbax", "--hf", str(work / "hf"),
               "--out", str(work / "md"), "--no-progress"]),

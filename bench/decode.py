@@ -38,10 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sorted_jax.config import LlamaConfig
 from sorted_jax.decoding import Decoder, default_exits
 from sorted_jax.decoding.sampling import top1_prob
-from sorted_jax.modeling import abstract_params, make_model
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.model.modeling import abstract_params, make_model
 
 
 def random_model(layers: int, width: int, vocab: int, seed: int, layer_scale: float = 1.0,
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
 
     if args.ckpt:
         from sorted_jax.data import format_prompt, load_tokenizer
-        from sorted_jax.model_io import load_params
+        from sorted_jax.io.model_io import load_params
 
         params, cfg, tok_dir = load_params(args.ckpt)
         tok = load_tokenizer(tok_dir or args.ckpt)
@@ -267,9 +267,9 @@ def batched(params, cfg, dec: Decoder, args, drafts, what: str) -> int:
 def _held_out_prompts(ckpt: str, n: int) -> list[list[int]]:
     """Prompt ids of the builtin held-out records under the checkpoint's own template (the
     distribution a `configs/tiny.py` run was trained on)."""
-    from sorted_jax import artifacts
     from sorted_jax.data import prompt_ids
     from sorted_jax.data.builtin import builtin_records
+    from sorted_jax.io import artifacts
 
     art = artifacts.inspect(ckpt)
     tok = art.tokenizer()
@@ -280,7 +280,7 @@ def _held_out_prompts(ckpt: str, n: int) -> list[list[int]]:
 
 def _first_exit_confidences(dec: Decoder, prompts, k: int, n: int) -> list[float]:
     """Top-1 probabilities of exit k along the full model's greedy continuation."""
-    from sorted_jax.modeling import slice_layers
+    from sorted_jax.model.modeling import slice_layers
 
     res = dec.generate(prompts[:1], max_new_tokens=min(n, 64), eos_id=[])
     seq = prompts[0] + res.tokens[0]

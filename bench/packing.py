@@ -27,8 +27,6 @@ import jax
 import numpy as np
 import optax
 
-from sorted_jax import modeling, sharding, train_step
-from sorted_jax.config import LlamaConfig
 from sorted_jax.data import (
     DataIterator,
     PackedIterator,
@@ -36,6 +34,10 @@ from sorted_jax.data import (
     read_json_records,
     tokenize_records,
 )
+from sorted_jax.model import modeling
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.parallel import sharding
+from sorted_jax.training import train_step
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 

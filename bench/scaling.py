@@ -6,7 +6,7 @@
 For each model and mesh the real train step (`SoftSteps`, the configs' exits, bf16 compute, fp32
 master weights) is compiled for N fake CPU devices on abstract inputs, and the per-device
 program is read: XLA's compiled temporaries and arguments (`memory_analysis`), and the dot FLOPs
-of the program with every loop counted trip-count times (`sorted_jax.hlo_stats`; XLA's own
+of the program with every loop counted trip-count times (`sorted_jax.tools.hlo_stats`; XLA's own
 `cost_analysis` counts a loop body once). Ideal scaling is 1/N of the 1-device figure: the table
 prints each figure and its ratio to that ideal. On a `data` mesh the fp32 gradients (and the
 replicated params / Adam state) are per-device copies by design, so only activations and loss
@@ -38,8 +38,11 @@ def measure(model: str, mesh_kind: str, devices: int, rows_per_chunk: int) -> di
     import jax
     import jax.numpy as jnp
 
-    from sorted_jax import hlo_stats, modeling, sharding, train_step
-    from sorted_jax.config import preset
+    from sorted_jax.model import modeling
+    from sorted_jax.model.config import preset
+    from sorted_jax.parallel import sharding
+    from sorted_jax.tools import hlo_stats
+    from sorted_jax.training import train_step
 
     name, exits, batch, seq, remat = MODELS[model]
     cfg = preset(name)

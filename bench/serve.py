@@ -42,10 +42,10 @@ def _free_port() -> int:
 
 def random_model_dir(path: Path, layers: int, width: int) -> Path:
     """A random model (builtin byte tokenizer) for a self-contained run."""
-    from sorted_jax.config import LlamaConfig
     from sorted_jax.data.tokenizers import save_tokenizer_files
-    from sorted_jax.model_io import save_model_dir
-    from sorted_jax.modeling import init_params, make_model
+    from sorted_jax.io.model_io import save_model_dir
+    from sorted_jax.model.config import LlamaConfig
+    from sorted_jax.model.modeling import init_params, make_model
 
     cfg = LlamaConfig(vocab_size=264, hidden_size=width, intermediate_size=width * 2,
                       num_hidden_layers=layers, num_attention_heads=max(1, width // 32),
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import openai
 
-    from sorted_jax import artifacts
+    from sorted_jax.io import artifacts
 
     tmp = tempfile.TemporaryDirectory()
     ckpt = Path(args.ckpt) if args.ckpt else random_model_dir(Path(tmp.name) / "model",

@@ -24,9 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sorted_jax import modeling, sharding, train_step
-from sorted_jax.config import LlamaConfig
-from sorted_jax.plan import plan_steps
+from sorted_jax.model import modeling
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.parallel import sharding
+from sorted_jax.tools.memory_planner import plan_steps
+from sorted_jax.training import train_step
 
 PEER = Path(__file__).resolve().parents[2] / "shared" / "bench" / "peer_soft_torch.py"
 

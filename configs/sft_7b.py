@@ -5,7 +5,7 @@ the held-out loss is still reported at exits 12,16,...,32 for comparison.
         --config.init_from=/models/llama2-7b
 """
 
-from sorted_jax.train_config import alpaca_config
+from sorted_jax.training.train_config import alpaca_config
 
 
 def get_config():

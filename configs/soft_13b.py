@@ -4,7 +4,7 @@
         --config.init_from=/models/llama2-13b
 """
 
-from sorted_jax.train_config import alpaca_config
+from sorted_jax.training.train_config import alpaca_config
 
 
 def get_config():

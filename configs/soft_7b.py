@@ -10,7 +10,7 @@ devices, remat of the scanned layers. Exit weights `last` (half on the last exit
 uses the mean, `--config.exit_weights=uniform`): README, "Choosing a recipe".
 """
 
-from sorted_jax.train_config import alpaca_config
+from sorted_jax.training.train_config import alpaca_config
 
 
 def get_config():

@@ -11,7 +11,7 @@ are better under SoFT on every seed (by 0.95-1.31, 0.54-0.96 and 0.25-0.81 nats)
 of 5 seeds (+0.09 to +0.30 nats, but -0.07 on seed 2; mean +0.11). See the README.
 """
 
-from sorted_jax.train_config import default_config
+from sorted_jax.training.train_config import default_config
 
 
 def get_config():

@@ -13,7 +13,7 @@ repeat twice), SoFT at exits 2, 4, 6, 8 vs SFT, at a fine-tuning learning rate. 
 sub-models'; the README's "Choosing a recipe" has the measured table.
 """
 
-from sorted_jax.train_config import default_config
+from sorted_jax.training.train_config import default_config
 
 
 def get_config():

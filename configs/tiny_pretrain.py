@@ -8,7 +8,7 @@ so that, like a real pretrained checkpoint, its last layer is good and its inter
 were never asked to be exits. No download, no GPU.
 """
 
-from sorted_jax.train_config import default_config
+from sorted_jax.training.train_config import default_config
 
 
 def get_config():

@@ -37,18 +37,10 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from sorted_jax import artifacts, destinations, heads, model_io
-from sorted_jax.config import ConfigError, LlamaConfig
-from sorted_jax.destinations import Destination, atomic_dir
-from sorted_jax.errors import ConversionError, run_cli
-from sorted_jax.hf_mapping import (
-    MappingError,
-    as_numpy,
-    expected_hf_names,
-    hf_tensor_to_ours,
-    iter_hf_tensors,
-)
-from sorted_jax.model_io import (
+from sorted_jax.core.errors import ConversionError, run_cli
+from sorted_jax.io import artifacts, destinations, model_io
+from sorted_jax.io.destinations import Destination, atomic_dir
+from sorted_jax.io.model_io import (
     CONFIG_FILE,
     check_params,
     copy_tokenizer_files,
@@ -59,7 +51,16 @@ from sorted_jax.model_io import (
     save_params,
     unflatten,
 )
-from sorted_jax.modeling import slice_layers
+from sorted_jax.model.config import ConfigError, LlamaConfig
+from sorted_jax.model.hf_mapping import (
+    MappingError,
+    as_numpy,
+    expected_hf_names,
+    hf_tensor_to_ours,
+    iter_hf_tensors,
+)
+from sorted_jax.model.modeling import slice_layers
+from sorted_jax.objective import heads
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"

@@ -48,19 +48,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sorted_jax import (
-    artifacts,
-    destinations,
-    heads,
-    pairs,
-    per_exit,
-    reports,
-    sharding,
-    soft,
-    triviaqa,
-)
-from sorted_jax.cli import open_split_records, parse_mesh
-from sorted_jax.config import LlamaConfig
+from sorted_jax.core.cli import open_split_records, parse_mesh
+from sorted_jax.core.errors import EvalError, run_cli
 from sorted_jax.data import (
     TEMPLATE_NAMES,
     TEMPLATES,
@@ -68,10 +57,14 @@ from sorted_jax.data import (
     Tokenizer,
     tokenize_records,
 )
-from sorted_jax.errors import EvalError, run_cli
-from sorted_jax.modeling import DTYPES, make_model
-from sorted_jax.run_spec import RunSettings, data_stats, data_stats_line
-from sorted_jax.train_step import SoftSteps, sum_exit_sums
+from sorted_jax.evaluation import pairs, per_exit, reports, triviaqa
+from sorted_jax.io import artifacts, destinations
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.model.modeling import DTYPES, make_model
+from sorted_jax.objective import heads, soft
+from sorted_jax.parallel import sharding
+from sorted_jax.training.run_spec import RunSettings, data_stats, data_stats_line
+from sorted_jax.training.train_step import SoftSteps, sum_exit_sums
 
 METRICS_MD, METRICS_JSON = "exit_metrics.md", "exit_metrics.json"
 QUALITY_PNG, SPEED_PNG = "exit_quality.png", "speed_quality.png"

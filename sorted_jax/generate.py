@@ -4,7 +4,7 @@
     python -m sorted_jax.generate --ckpt DIR --prompts in.jsonl --out out.jsonl \\
         --mode speculative --draft-layer 12
 
-`--ckpt` is a model dir or a training workdir (`sorted_jax.artifacts.inspect`). A single
+`--ckpt` is a model dir or a training workdir (`sorted_jax.io.artifacts.inspect`). A single
 `--prompt` streams tokens to stdout; `--prompts` (JSONL, one record per line: {"instruction",
 "input"}, {"prompt"} or, with `--template chat`, {"messages"}) writes one JSONL result per
 record to `--out` (or stdout). Statistics (tokens/s, average exit layer, acceptance rate,
@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sorted_jax import artifacts, destinations
-from sorted_jax.cli import parse_numbers
+from sorted_jax.core.cli import parse_numbers
+from sorted_jax.core.errors import DataError, MissingFileError, UsageError, run_cli
 from sorted_jax.data import PROMPT_TEMPLATES, Tokenizer, prompt_ids
 from sorted_jax.decoding import (
     MODES,
@@ -47,8 +47,8 @@ from sorted_jax.decoding import (
     SpeculativeStats,
     stop_ids,
 )
-from sorted_jax.errors import DataError, MissingFileError, UsageError, run_cli
-from sorted_jax.modeling import DTYPES
+from sorted_jax.io import artifacts, destinations
+from sorted_jax.model.modeling import DTYPES
 
 __all__ = ["build_parser", "main", "run"]
 

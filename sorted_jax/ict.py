@@ -1,5 +1,5 @@
 """`python -m sorted_jax.ict`: SFT+ICT, the paper's baseline: freeze an SFT model, train one
-extra head per exit (the heads themselves are `sorted_jax.heads`).
+extra head per exit (the heads themselves are `sorted_jax.objective.heads`).
 
     python -m sorted_jax.ict --ckpt /tmp/sft_tiny --data builtin --out /tmp/sft_ict
     python -m sorted_jax.evaluate --ckpt /tmp/soft_tiny --ckpt /tmp/sft_tiny \\
@@ -23,13 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sorted_jax import artifacts, destinations, heads, model_io, soft
-from sorted_jax.cli import open_split_records, parse_mesh
+from sorted_jax.core.cli import open_split_records, parse_mesh
+from sorted_jax.core.errors import IctError, run_cli
 from sorted_jax.data import TEMPLATE_NAMES, tokenize_records
-from sorted_jax.errors import IctError, run_cli
-from sorted_jax.heads import save_ict_dir, train_heads
-from sorted_jax.modeling import DTYPES
-from sorted_jax.run_spec import data_stats, data_stats_line
+from sorted_jax.io import artifacts, destinations, model_io
+from sorted_jax.model.modeling import DTYPES
+from sorted_jax.objective import heads, soft
+from sorted_jax.objective.heads import save_ict_dir, train_heads
+from sorted_jax.training.run_spec import data_stats, data_stats_line
 
 
 def build_parser() -> argparse.ArgumentParser:

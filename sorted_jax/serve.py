@@ -12,7 +12,7 @@ own fields, in the request body (the `openai` client's `extra_body`): `mode` (`f
 `sorted_jax`: the mode, layers per token and, for speculative decoding, the acceptance.
 
 Batching, the bounded queue (429), per-request timeouts (504) and shutdown live in
-`sorted_jax.serving`; this module is the HTTP layer. SIGTERM (or Ctrl-C) stops accepting
+`sorted_jax.serving.scheduler`; this module is the HTTP layer. SIGTERM (or Ctrl-C) stops accepting
 connections, lets in-flight requests finish (up to `--graceful-s`), then ends the worker.
 FastAPI and uvicorn are imported only when the server starts (`pip install -e ".[serve]"`).
 """
@@ -30,13 +30,13 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from sorted_jax import artifacts
+from sorted_jax.core.errors import DataError, RequestTimeoutError, ServeError, UserError, run_cli
 from sorted_jax.data.chat import chat_prompt_ids, has_chat_template, validate_messages
 from sorted_jax.data.tokenizers import bos_prefix
 from sorted_jax.decoding import MODES, DecodeOptions, Decoder, stop_ids
-from sorted_jax.errors import DataError, RequestTimeoutError, ServeError, UserError, run_cli
-from sorted_jax.modeling import DTYPES
-from sorted_jax.serving import Finished, Scheduler, ServeSettings, TextDelta
+from sorted_jax.io import artifacts
+from sorted_jax.model.modeling import DTYPES
+from sorted_jax.serving.scheduler import Finished, Scheduler, ServeSettings, TextDelta
 
 __all__ = ["build_app", "build_parser", "main", "parse_request"]
 

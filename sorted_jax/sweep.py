@@ -36,8 +36,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sorted_jax import destinations, reports
-from sorted_jax.errors import SweepError, run_cli
+from sorted_jax.core.errors import SweepError, run_cli
+from sorted_jax.evaluation import reports
+from sorted_jax.io import destinations
 
 # name -> (config overrides, what it trades)
 RECIPES: dict[str, tuple[tuple[str, ...], str]] = {

@@ -4,10 +4,10 @@
     python -m sorted_jax.train --config=configs/soft_7b.py --workdir=/ckpt/soft7b \\
         --config.init_from=/models/llama2-7b --config.optim.lr=1e-5 --config.exits=12,20,32
 
-Fields: `sorted_jax.train_config.default_config`. Overrides are `--config.a.b=value`; an unknown
-key fails with the list of known ones. Re-running a command on a workdir that has checkpoints
-resumes that run (params, optimizer state, step, data position); `init_from` instead loads base
-weights into a fresh run (new optimizer, step 0).
+Fields: `sorted_jax.training.train_config.default_config`. Overrides are `--config.a.b=value`;
+an unknown key fails with the list of known ones. Re-running a command on a workdir that has
+checkpoints resumes that run (params, optimizer state, step, data position); `init_from` instead
+loads base weights into a fresh run (new optimizer, step 0).
 
 Workdir:
 
@@ -60,19 +60,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.experimental import multihost_utils
 
-from sorted_jax import (
-    checkpoint_integrity,
-    errors,
-    metrics_log,
-    model_io,
-    modeling,
-    reports,
-    run_spec,
-    run_status,
-    soft,
-    train_plan,
-)
-from sorted_jax.checkpoint import Checkpointer, CheckpointError
+from sorted_jax.core import errors
+from sorted_jax.core.errors import NonFiniteLossError, TrainConfigError, run_cli
 from sorted_jax.data import (
     DataError,
     DataIterator,
@@ -80,12 +69,25 @@ from sorted_jax.data import (
     PackedIterator,
     load_tokenizer,
 )
-from sorted_jax.errors import NonFiniteLossError, TrainConfigError, run_cli
-from sorted_jax.modeling import DTYPES
-from sorted_jax.run_spec import RunSpec, parse_args
-from sorted_jax.sharding import MeshError, check_batch_size, make_mesh
-from sorted_jax.train_loop import Hooks, StepInfo, StopSignals, Window
-from sorted_jax.train_step import (
+from sorted_jax.evaluation import reports
+from sorted_jax.io import model_io
+from sorted_jax.model import modeling
+from sorted_jax.model.modeling import DTYPES
+from sorted_jax.objective import soft
+from sorted_jax.parallel.sharding import MeshError, check_batch_size, make_mesh
+from sorted_jax.training import (
+    checkpoint_integrity,
+    metrics_log,
+    run_spec,
+    run_status,
+)
+from sorted_jax.training import (
+    memory_plan as train_plan,
+)
+from sorted_jax.training.checkpoint import Checkpointer, CheckpointError
+from sorted_jax.training.run_spec import RunSpec, parse_args
+from sorted_jax.training.train_loop import Hooks, StepInfo, StopSignals, Window
+from sorted_jax.training.train_step import (
     SoftSteps,
     TrainState,
     make_optimizer,

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sorted_jax.config import LlamaConfig, preset
-from sorted_jax.modeling import abstract_params, make_model
+from sorted_jax.model.config import LlamaConfig, preset
+from sorted_jax.model.modeling import abstract_params, make_model
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
@@ -96,7 +96,7 @@ def random_params(config: LlamaConfig, seed: int = 0, *, std: float = 0.1,
 def tiny_model_dir(path: Path, config: LlamaConfig = BYTE_4L, seed: int = 0) -> Path:
     """A model dir of random weights with the builtin (byte) tokenizer."""
     from sorted_jax.data.tokenizers import save_tokenizer_files
-    from sorted_jax.model_io import save_model_dir
+    from sorted_jax.io.model_io import save_model_dir
 
     save_model_dir(path, random_params(config, seed), config)
     save_tokenizer_files("builtin", path)
@@ -104,6 +104,6 @@ def tiny_model_dir(path: Path, config: LlamaConfig = BYTE_4L, seed: int = 0) -> 
 
 
 def one_device_mesh():
-    from sorted_jax.sharding import make_mesh
+    from sorted_jax.parallel.sharding import make_mesh
 
     return make_mesh((1, 1, 1), jax.devices()[:1])

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from helpers import FAST, TINY_CONFIG_FILE, random_params
 
-from sorted_jax import artifacts, convert, evaluate, generate, model_io, train
-from sorted_jax.config import LlamaConfig
+from sorted_jax import convert, evaluate, generate, train
 from sorted_jax.data import chat_prompt_ids, load_tokenizer
 from sorted_jax.decoding import Decoder
+from sorted_jax.io import artifacts, model_io
+from sorted_jax.model.config import LlamaConfig
 
 EOS = [5, 7, 9]
 FORCED = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

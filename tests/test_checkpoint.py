@@ -8,12 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from sorted_jax import model_io
-from sorted_jax.checkpoint import Checkpointer, CheckpointError
-from sorted_jax.config import preset
-from sorted_jax.modeling import make_model
-from sorted_jax.sharding import make_mesh
-from sorted_jax.train_step import SoftSteps, make_optimizer
+from sorted_jax.io import model_io
+from sorted_jax.model.config import preset
+from sorted_jax.model.modeling import make_model
+from sorted_jax.parallel.sharding import make_mesh
+from sorted_jax.training.checkpoint import Checkpointer, CheckpointError
+from sorted_jax.training.train_step import SoftSteps, make_optimizer
 
 CONFIG = preset("tiny").replace(vocab_size=264, hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 from helpers import REPO, TRAIN_SMALL, tiny_model_dir
 
-from sorted_jax import convert, errors, evaluate, generate, ict, sweep, train
-from sorted_jax.config import ConfigError
+from sorted_jax import convert, evaluate, generate, ict, sweep, train
+from sorted_jax.core import errors
 from sorted_jax.data.tokenizers import ByteTokenizer
-from sorted_jax.sharding import MeshError
-from sorted_jax.soft import ExitError
+from sorted_jax.model.config import ConfigError
+from sorted_jax.objective.soft import ExitError
+from sorted_jax.parallel.sharding import MeshError
 
 
 def _one_error_line(err: str, prog: str) -> None:
@@ -83,7 +84,7 @@ def test_evaluate_pair_errors(tmp_path, capsys, monkeypatch):
     _one_error_line(capsys.readouterr().err, "sorted_jax.evaluate pair")
     (tmp_path / "none.jsonl").write_text(
         '{"id": 0, "label": "x", "exit": 1, "instruction": "i", "response": "r"}\n')
-    from sorted_jax import pairs
+    from sorted_jax.evaluation import pairs
 
     def make_pairs(*a, **k):
         raise TypeError("a bug deep inside")

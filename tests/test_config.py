@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from sorted_jax.config import PRESETS, ConfigError, LlamaConfig, preset, rope_inv_freq
+from sorted_jax.model.config import PRESETS, ConfigError, LlamaConfig, preset, rope_inv_freq
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

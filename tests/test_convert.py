@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from helpers import ASSETS, tiny_config
 
-from sorted_jax.config import LlamaConfig
 from sorted_jax.convert import main, parse_size, read_safetensors_header, write_safetensors
-from sorted_jax.hf_mapping import expected_hf_names
-from sorted_jax.model_io import load_model_dir, load_params
-from sorted_jax.modeling import make_model, slice_layers
+from sorted_jax.io.model_io import load_model_dir, load_params
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.model.hf_mapping import expected_hf_names
+from sorted_jax.model.modeling import make_model, slice_layers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -488,7 +488,7 @@ def test_safetensors_writer_readable_by_safetensors(tmp_path):
 
 
 def test_import_does_not_pull_torch():
-    code = ("import sys, sorted_jax.convert, sorted_jax.model_io; "
+    code = ("import sys, sorted_jax.convert, sorted_jax.io.model_io; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 from helpers import GQA_4L
 
+from sorted_jax.core.errors import DecodeError
 from sorted_jax.decoding import (
     DecodeOptions,
     EarlyExitStats,
@@ -16,7 +17,6 @@ from sorted_jax.decoding import (
     Programs,
     SpeculativeStats,
 )
-from sorted_jax.errors import DecodeError
 
 
 def test_options_are_frozen_hashable_values():

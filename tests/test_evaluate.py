@@ -17,13 +17,16 @@ import optax
 import pytest
 from helpers import ASSETS, BYTE_4L, FAST, random_params
 
-import sorted_jax.heads as ict_heads
-from sorted_jax import cli, evaluate, model_io, reports
+import sorted_jax.objective.heads as ict_heads
+from sorted_jax import evaluate
+from sorted_jax.core import cli
 from sorted_jax.data import EvalIterator, builtin_records, tokenize_records
 from sorted_jax.data.tokenizers import ByteTokenizer, save_tokenizer_files
-from sorted_jax.modeling import make_model, rms_norm
-from sorted_jax.sharding import make_mesh
-from sorted_jax.train_step import SoftSteps, to_global_batch
+from sorted_jax.evaluation import reports
+from sorted_jax.io import model_io
+from sorted_jax.model.modeling import make_model, rms_norm
+from sorted_jax.parallel.sharding import make_mesh
+from sorted_jax.training.train_step import SoftSteps, to_global_batch
 
 CFG = BYTE_4L
 EXITS = (1, 2, 4)

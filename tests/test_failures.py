@@ -22,17 +22,9 @@ import numpy as np
 import pytest
 from helpers import REPO, TINY_CONFIG_FILE, TRAIN_SMALL, tiny_model_dir
 
-from sorted_jax import (
-    checkpoint_integrity,
-    convert,
-    evaluate,
-    generate,
-    ict,
-    metrics_log,
-    model_io,
-    run_status,
-    train,
-)
+from sorted_jax import convert, evaluate, generate, ict, train
+from sorted_jax.io import model_io
+from sorted_jax.training import checkpoint_integrity, metrics_log, run_status
 
 
 def train_argv(workdir, *extra):
@@ -155,7 +147,8 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_intact_one(trained,
 
 FULL_DISK = textwrap.dedent("""
     import resource, signal, sys
-    from sorted_jax import checkpoint, train
+    from sorted_jax import train
+    from sorted_jax.training import checkpoint
 
     save = checkpoint.Checkpointer.save
     calls = []

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from helpers import FAST, GQA_4L, MHA_6L, SMALL_VOCAB_4L
 
-from sorted_jax.config import LlamaConfig
 from sorted_jax.decoding import Decoder, default_exits, default_thresholds
 from sorted_jax.decoding.engine import PAPER_THRESHOLDS
-from sorted_jax.modeling import make_model, slice_layers
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.model.modeling import make_model, slice_layers
 
 MAX_NEW = 12
 MAX_LEN = 32  # cache slots: prompts padded to 8 + 12 new tokens fit; one shape for all tests
@@ -181,7 +181,7 @@ def test_stream_equals_generate(gqa, prompts3):
 
 def test_greedy_matches_hf_generate(hf_llama_factory):
     torch = pytest.importorskip("torch")
-    from sorted_jax.hf_mapping import hf_to_params
+    from sorted_jax.model.hf_mapping import hf_to_params
 
     hf = hf_llama_factory(GQA, seed=3)
     params = hf_to_params(hf.state_dict(), GQA)

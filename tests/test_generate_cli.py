@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
     from test_generate import random_params
 
     from sorted_jax.data.tokenizers import save_tokenizer_files
-    from sorted_jax.model_io import save_model_dir
+    from sorted_jax.io.model_io import save_model_dir
 
     d = tmp_path_factory.mktemp("gen") / "model"
     params = random_params(CFG, 0)
@@ -44,7 +44,7 @@ def test_cli_jsonl_matches_decoder(model_dir, tmp_path, capsys):
     from sorted_jax.data.tokenizers import ByteTokenizer
     from sorted_jax.decoding import Decoder
     from sorted_jax.generate import main
-    from sorted_jax.model_io import load_params
+    from sorted_jax.io.model_io import load_params
 
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt": "hi there"}\n\n{"instruction": "abc", "input": "de"}\n')

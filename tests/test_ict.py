@@ -1,4 +1,4 @@
-"""SFT+ICT (`sorted_jax.heads`, `python -m sorted_jax.ict`): only the per-exit heads train
+"""SFT+ICT (`sorted_jax.objective.heads`, `python -m sorted_jax.ict`): only the per-exit heads train
 (trunk bitwise unchanged), their loss falls, the saved artifact reloads, and heads equal to the
 shared head reproduce SoftSteps' eval."""
 
@@ -12,12 +12,14 @@ import optax
 import pytest
 from helpers import BYTE_4L, one_device_mesh, random_params, tiny_model_dir
 
-import sorted_jax.heads as ict_heads
-from sorted_jax import ict, model_io, soft
+import sorted_jax.objective.heads as ict_heads
+from sorted_jax import ict
 from sorted_jax.data import EvalIterator, builtin_records, tokenize_records
 from sorted_jax.data.tokenizers import ByteTokenizer
-from sorted_jax.modeling import make_model
-from sorted_jax.train_step import SoftSteps, to_global_batch
+from sorted_jax.io import model_io
+from sorted_jax.model.modeling import make_model
+from sorted_jax.objective import soft
+from sorted_jax.training.train_step import SoftSteps, to_global_batch
 
 CFG = BYTE_4L
 EXITS = (1, 2, 4)

@@ -120,8 +120,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_function_level_and_relative_imports():
     graph = _graph()
-    assert "sorted_jax.config" in graph["sorted_jax.modeling"]
-    assert "sorted_jax.errors" in graph["sorted_jax.config"]
+    assert "sorted_jax.model.config" in graph["sorted_jax.model.modeling"]
+    assert "sorted_jax.core.errors" in graph["sorted_jax.model.config"]
     fake = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(fake) == [["a", "b", "c"]]
 
@@ -145,4 +145,4 @@ def test_lazy_imports_only_for_heavy_optional_packages():
 
 def test_errors_is_the_lowest_module():
     graph = _graph()
-    assert graph["sorted_jax.errors"] == set()
+    assert graph["sorted_jax.core.errors"] == set()

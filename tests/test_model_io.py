@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from helpers import IO_2L
 
-from sorted_jax import model_io
-from sorted_jax.config import LlamaConfig
-from sorted_jax.model_io import (
+from sorted_jax.io import model_io
+from sorted_jax.io.model_io import (
     ModelIOError,
     check_params,
     expected_param_shapes,
@@ -24,7 +23,8 @@ from sorted_jax.model_io import (
     unflatten,
     workdir_steps,
 )
-from sorted_jax.modeling import abstract_params, make_model
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.model.modeling import abstract_params, make_model
 
 CONFIG = IO_2L
 
@@ -42,7 +42,7 @@ def test_expected_shapes_match_model_init_and_hf_mapping(config):
     exactly them (stacked on `layers` for decoder-layer tensors)."""
     import flax.linen as nn
 
-    from sorted_jax.hf_mapping import expected_hf_names, hf_shape, hf_tensor_to_ours
+    from sorted_jax.model.hf_mapping import expected_hf_names, hf_shape, hf_tensor_to_ours
 
     model_params = nn.unbox(abstract_params(make_model(config)))
     want = {path: tuple(x.shape) for path, x in flatten(model_params).items()}
@@ -203,7 +203,7 @@ def test_workdir_errors(tmp_path, params):
 
 def fsdp_tensor_shardings(config: LlamaConfig):
     """The params' shardings on a (1, 4, 2) data x fsdp x tensor mesh of the 8 fake devices."""
-    from sorted_jax import sharding
+    from sorted_jax.parallel import sharding
 
     boxed = abstract_params(make_model(config))  # leaves carry their logical axis names
     return sharding.tree_shardings(boxed, sharding.make_mesh((1, 4, 2)))

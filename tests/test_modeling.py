@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import make_hf_llama
 
-from sorted_jax import hf_mapping, modeling
-from sorted_jax.config import LlamaConfig
+from sorted_jax.model import hf_mapping, modeling
+from sorted_jax.model.config import LlamaConfig
 
 # With head_dim 16 and rope_theta 500000 these put rotary frequencies in all three llama3 bands
 # (wavelength < 8: kept, 8..64: smoothed, > 64: divided by `factor`), so the HF parity tests
@@ -89,7 +89,7 @@ def test_every_exit_matches_hf(kv_heads, tied, rope):
 def test_llama3_test_config_covers_all_three_bands():
     import math
 
-    from sorted_jax.config import rope_inv_freq
+    from sorted_jax.model.config import rope_inv_freq
 
     cfg = tiny_config(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
     base = tiny_config(rope_theta=500000.0)

@@ -10,8 +10,6 @@ import numpy as np
 import optax
 import pytest
 
-from sorted_jax import modeling, sharding, train_step
-from sorted_jax.config import LlamaConfig
 from sorted_jax.data import (
     DataError,
     DataIterator,
@@ -23,6 +21,10 @@ from sorted_jax.data import (
     pack_rows,
     tokenize_records,
 )
+from sorted_jax.model import modeling
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.parallel import sharding
+from sorted_jax.training import train_step
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from helpers import PLAN_2L
 
-from sorted_jax import modeling, plan, sharding, train_step
-from sorted_jax.config import preset
+from sorted_jax.model import modeling
+from sorted_jax.model.config import preset
+from sorted_jax.parallel import sharding
+from sorted_jax.tools import memory_planner as plan
+from sorted_jax.training import train_step
 
 
 def build(cfg, mesh_shape, exits, remat="none"):

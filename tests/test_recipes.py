@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sorted_jax import sharding, soft
+from sorted_jax.objective import soft
+from sorted_jax.parallel import sharding
 
 
 def test_weight_schemes_give_the_weights_they_document():
@@ -140,8 +141,9 @@ def test_train_step_follows_the_curriculum():
     hold its update is exactly SFT's (plain SGD shows the raw gradient)."""
     import optax
 
-    from sorted_jax import modeling, train_step
-    from sorted_jax.config import LlamaConfig
+    from sorted_jax.model import modeling
+    from sorted_jax.model.config import LlamaConfig
+    from sorted_jax.training import train_step
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=2, num_key_value_heads=1)

@@ -13,7 +13,7 @@ from helpers import FAST, GQA_4L, TINY_CONFIG_FILE, TRAIN_SMALL, random_params
 
 from sorted_jax import train
 from sorted_jax.decoding import DecodeOptions, Decoder, programs
-from sorted_jax.train_step import SoftSteps
+from sorted_jax.training.train_step import SoftSteps
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from sorted_jax.core.errors import QueueFullError, RequestTimeoutError, ShuttingDownError
 from sorted_jax.decoding import DecodeOptions
 from sorted_jax.decoding.results import FixedStats
-from sorted_jax.errors import QueueFullError, RequestTimeoutError, ShuttingDownError
-from sorted_jax.serving import Finished, Scheduler, ServeSettings, TextDelta
+from sorted_jax.serving.scheduler import Finished, Scheduler, ServeSettings, TextDelta
 
 
 class ByteTok:

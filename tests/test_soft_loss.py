@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import make_hf_llama
 
-from sorted_jax import hf_mapping, modeling, soft
-from sorted_jax.config import LlamaConfig
+from sorted_jax.model import hf_mapping, modeling
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.objective import soft
 
 
 def random_problem(seed=0, layers=6, b=3, t=16, d=24, v=67):
@@ -178,7 +179,7 @@ def test_bad_exit_weights():
 
 
 def test_chunk_plan_budget_is_independent_of_exit_count():
-    from sorted_jax.exit_loss import plan_chunks
+    from sorted_jax.objective.exit_loss import plan_chunks
 
     # Rows per exit shrink as exits grow: K x rows stays within the budget.
     assert plan_chunks(8 * 1024, 1, 4096) == plan_chunks(8 * 1024, 1, 4096)

@@ -8,8 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from sorted_jax import hlo_stats, modeling, sharding, soft, train_step
-from sorted_jax.config import LlamaConfig
+from sorted_jax.model import modeling
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.objective import soft
+from sorted_jax.parallel import sharding
+from sorted_jax.tools import hlo_stats
+from sorted_jax.training import train_step
 
 CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -213,7 +217,7 @@ def test_loss_logits_cover_only_this_devices_rows(mesh_shape, batch_shards, voca
     """Issue shape: L=4, B=16, T=128, D=128, V=2048, exits (2,3,4). Each device computes the
     logits of its own B / batch_shards rows (and V / vocab_shards columns), in K x rows chunks
     within the per-device budget, and its loss loop gathers nothing."""
-    from sorted_jax.exit_loss import plan_chunks
+    from sorted_jax.objective.exit_loss import plan_chunks
 
     stats, _ = compiled_stats(mesh_shape)
     k, b, t, v = 3, 16, 128, 2048

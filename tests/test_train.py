@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from helpers import TINY_CONFIG_FILE, TRAIN_SMALL, TRAIN_SMALL_CONFIG
 
-from sorted_jax import checkpoint, metrics_log, model_io, train
+from sorted_jax import train
 from sorted_jax.data import save_tokenizer_files
-from sorted_jax.modeling import init_params, make_model
+from sorted_jax.io import model_io
+from sorted_jax.model.modeling import init_params, make_model
+from sorted_jax.training import checkpoint, metrics_log
 
 TINY = str(TINY_CONFIG_FILE)
 SMALL = TRAIN_SMALL
@@ -179,7 +181,7 @@ def test_non_finite_stop_names_the_quantity_and_a_healthy_checkpoint(tmp_path, c
     assert rc == 1, err
     import re
 
-    from sorted_jax import checkpoint_integrity as integrity
+    from sorted_jax.training import checkpoint_integrity as integrity
 
     m = re.search(r"(the loss|the gradient norm|the loss and the gradient norm) became "
                   r"non-finite at step (\d+) \(loss=(\S+), grad_norm=(\S+), .* The last good "

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from helpers import TRAIN_SMALL
 
-from sorted_jax import metrics_log, model_io
+from sorted_jax.io import model_io
+from sorted_jax.training import metrics_log
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 200  # long enough (a few seconds) to be interrupted mid-run
@@ -159,8 +160,10 @@ def test_two_processes_match_one(tmp_path, cache_dir, reference):
     # devices): the same values as the raw arrays on disk, really split across devices.
     import flax.linen as nn
 
-    from sorted_jax import modeling, sharding, train_step
-    from sorted_jax.checkpoint import Checkpointer
+    from sorted_jax.model import modeling
+    from sorted_jax.parallel import sharding
+    from sorted_jax.training import train_step
+    from sorted_jax.training.checkpoint import Checkpointer
 
     if len(jax.devices()) < 4:
         pytest.skip("restoring onto a (1,2,2) mesh needs 4 devices")

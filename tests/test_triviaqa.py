@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sorted_jax.triviaqa import (
+from sorted_jax.evaluation.triviaqa import (
     TriviaQAError,
     clean_prediction,
     evaluate_generations,

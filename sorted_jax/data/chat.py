@@ -38,7 +38,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from sorted_jax.errors import DataError
+from sorted_jax.core.errors import DataError
 
 __all__ = ["CHAT_FIELDS", "ROLES", "ChatTemplateError", "Message", "chat_prompt_ids",
            "encode_chat", "encode_chats", "has_chat_template", "instruction_messages",

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from sorted_jax.core.errors import DataError
 from sorted_jax.data.pipeline import (
     TokenizedDataset,
     epoch_permutation,
     local_batch_size,
 )
-from sorted_jax.errors import DataError
 
 __all__ = ["PACKED_BATCH_KEYS", "PackedIterator", "collate_packed", "pack_rows"]
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from sorted_jax.core.errors import DataError
 from sorted_jax.data.chat import (
     encode_chats,
     instruction_messages,
@@ -44,7 +45,6 @@ from sorted_jax.data.chat import (
 from sorted_jax.data.records import Record, record_where
 from sorted_jax.data.templates import CHAT, format_example
 from sorted_jax.data.tokenizers import Tokenizer, bos_prefix
-from sorted_jax.errors import DataError
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask", "positions")
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
+from sorted_jax.core.errors import DataError, MissingFileError, SourceError
 from sorted_jax.data.chat import Message, is_chat_record, validate_messages
-from sorted_jax.errors import DataError, MissingFileError, SourceError
 
 __all__ = ["REQUIRED_FIELDS", "ChatRecord", "DataError", "Record", "SourceError",
            "read_json_records", "record_where", "spec_kind", "validate_record"]

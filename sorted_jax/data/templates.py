@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sorted_jax.core.errors import DataError
 from sorted_jax.data.chat import (
     chat_prompt_ids,
     instruction_messages,
@@ -19,7 +20,6 @@ from sorted_jax.data.chat import (
     validate_messages,
 )
 from sorted_jax.data.tokenizers import Tokenizer, bos_prefix
-from sorted_jax.errors import DataError
 
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from sorted_jax.errors import DataError, MissingFileError
+from sorted_jax.core.errors import DataError, MissingFileError
 
 BUILTIN_MARKER = "sorted_jax_tokenizer.json"
 # Files of a Hugging Face tokenizer dir that are copied into an exported model dir.

@@ -75,7 +75,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sorted_jax.config import LlamaConfig
+from sorted_jax.core.errors import DecodeError
 from sorted_jax.decoding.options import (
     MODES,
     PAPER_THRESHOLDS,
@@ -93,8 +93,8 @@ from sorted_jax.decoding.results import (
     SpeculativeStats,
 )
 from sorted_jax.decoding.sampling import SamplingParams
-from sorted_jax.errors import DecodeError
-from sorted_jax.soft import default_exits  # the exit set SoFT trains by default
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.objective.soft import default_exits  # the exit set SoFT trains by default
 
 # Speculative batches: each row commits its own accepted drafts ("per-row", the default) or
 # every row stops at the slowest row's count ("lockstep", kept for comparison: bench/decode.py).

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from sorted_jax.config import LlamaConfig
-from sorted_jax.errors import DecodeError
-from sorted_jax.soft import default_exits  # the exit set SoFT trains by default
+from sorted_jax.core.errors import DecodeError
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.objective.soft import default_exits  # the exit set SoFT trains by default
 
 MODES = ("fixed", "early-exit", "speculative")
 # Paper (Sorted LLaMA, Sec. 4.4): thresholds of the first seven exits; the last always accepts.

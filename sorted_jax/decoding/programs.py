@@ -20,7 +20,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from sorted_jax.config import LlamaConfig
 from sorted_jax.decoding.options import Plan
 from sorted_jax.decoding.sampling import (
     SamplingParams,
@@ -30,7 +29,8 @@ from sorted_jax.decoding.sampling import (
     speculative_accept,
     top1_prob,
 )
-from sorted_jax.modeling import KVCache, make_model, run_layer_range, write_slots
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.model.modeling import KVCache, make_model, run_layer_range, write_slots
 
 Array = jax.Array
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sorted_jax.errors import UserError
+from sorted_jax.core.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

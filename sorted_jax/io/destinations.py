@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from sorted_jax.errors import DestinationError, ModelIOError
+from sorted_jax.core.errors import DestinationError, ModelIOError
 
 __all__ = ["MARKER", "Destination", "DestinationError", "atomic_dir", "atomic_file", "claim_dir",
            "claim_file", "clean_stale_temps", "jsonl_with_keys", "read_marker",

@@ -59,7 +59,7 @@ class ModelIOError(UserError):
 
 class DestinationError(ModelIOError):
     """An output path that would overwrite or delete something the command does not own
-    (`sorted_jax.destinations`)."""
+    (`sorted_jax.io.destinations`)."""
 
 
 class ConversionError(ModelIOError):

@@ -2,7 +2,7 @@
 
 Exit n reads the hidden state after layer n through the model's own final RMSNorm and shared
 lm_head. A naive version materialises `[K, B, T, V]` logits; `multi_exit_losses` instead runs
-the chunked, fused, data-parallel kernel of `sorted_jax.exit_loss`:
+the chunked, fused, data-parallel kernel of `sorted_jax.objective.exit_loss`:
 
 - no `[K, B, T, V]` tensor, only `rows_per_chunk` rows of logits per device at a time;
 - no recompute in the backward pass: each exit costs 6 x D x V FLOPs a token (forward matmul,
@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sorted_jax import sharding
-from sorted_jax.errors import UserError
-from sorted_jax.exit_loss import multi_exit_ce
-from sorted_jax.modeling import rms_norm
+from sorted_jax.core.errors import UserError
+from sorted_jax.model.modeling import rms_norm
+from sorted_jax.objective.exit_loss import multi_exit_ce
+from sorted_jax.parallel import sharding
 
 Array = jax.Array
 
@@ -282,8 +282,8 @@ def multi_exit_losses(hidden_exits: Array, norm_scale: Array, head_kernel: Array
     (1 where the token counts), exit_weights `[K]`. Divide the first output by
     `ExitSums.tokens` for the paper's loss. `rows_per_chunk` bounds the logits each device
     holds at once to `rows_per_chunk x V` floats, whatever the number of exits. Under a mesh
-    (`jax.set_mesh`) the loss is data parallel (`sorted_jax.exit_loss`); `rules` (default: the
-    flax rules in context) say which mesh axes hold the batch, embed and vocab axes.
+    (`jax.set_mesh`) the loss is data parallel (`sorted_jax.objective.exit_loss`); `rules`
+    (default: the flax rules in context) say which mesh axes hold the batch, embed and vocab axes.
 
     distill_weights `[K]` (lambda_k): also self-distil each exit toward the deepest exit's
     detached distribution, adding sum_k lambda_k KL(p_last || p_k) over tokens to the total

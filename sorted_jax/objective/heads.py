@@ -33,12 +33,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from sorted_jax import destinations, model_io, sharding, soft
-from sorted_jax.config import LlamaConfig
+from sorted_jax.core.errors import IctError
 from sorted_jax.data import DataIterator, save_tokenizer_files
-from sorted_jax.errors import IctError
-from sorted_jax.modeling import Llama, abstract_params, head_weights, make_model
-from sorted_jax.train_step import make_optimizer, to_global_batch
+from sorted_jax.io import destinations, model_io
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.model.modeling import Llama, abstract_params, head_weights, make_model
+from sorted_jax.objective import soft
+from sorted_jax.parallel import sharding
+from sorted_jax.training.train_step import make_optimizer, to_global_batch
 
 __all__ = ["HEADS_DIR", "ICT_FILE", "HeadsEval", "IctError", "IctHeads", "IctTrainer",
            "check_heads", "exit_model", "has_heads", "head_exits", "heads_loss_sums",

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sorted_jax.errors import UserError
+from sorted_jax.core.errors import UserError
 
 
 class ConfigError(UserError):

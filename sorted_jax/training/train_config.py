@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sorted_jax.sharding import DEFAULT_RULES
+from sorted_jax.parallel.sharding import DEFAULT_RULES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -21,7 +21,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     # -- model -------------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
-    # A name from sorted_jax.config.PRESETS; "" = take the architecture from `init_from`.
+    # A name from sorted_jax.model.config.PRESETS; "" = take the architecture from `init_from`.
     c.model.preset = "tiny"
     # Overrides of the preset; 0 keeps the preset's value.
     c.model.vocab_size = 0
@@ -59,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dtype = "bfloat16"  # compute dtype
     c.param_dtype = "float32"  # master weights and optimizer state
     c.attention_impl = "auto"  # xla | cudnn | auto (cudnn on GPU with bf16)
-    c.remat_policy = "none"  # sorted_jax.modeling.REMAT_POLICY_NAMES
+    c.remat_policy = "none"  # sorted_jax.model.modeling.REMAT_POLICY_NAMES
     c.loss_rows_per_chunk = 4096  # bounds the logits held at once in the multi-exit loss
 
     # -- data --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Checkpoints of a training run: Orbax `CheckpointManager` in `WORKDIR/checkpoints`.
 
-Each step directory holds three items (the layout `sorted_jax.model_io` reads):
+Each step directory holds three items (the layout `sorted_jax.io.model_io` reads):
 
     checkpoints/<step>/state   Orbax pytree {"params", "opt_state", "step"} (sharded arrays)
     checkpoints/<step>/data    JSON: the data iterator position (`DataIterator.state_dict()`)
@@ -30,13 +30,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from sorted_jax import checkpoint_integrity as integrity
-from sorted_jax.errors import CheckpointError, one_line
-from sorted_jax.model_io import CHECKPOINTS_DIR
-from sorted_jax.model_io import DATA_ITEM as DATA
-from sorted_jax.model_io import META_ITEM as META
-from sorted_jax.model_io import STATE_ITEM as STATE
-from sorted_jax.train_step import TrainState
+from sorted_jax.core.errors import CheckpointError, one_line
+from sorted_jax.io.model_io import CHECKPOINTS_DIR
+from sorted_jax.io.model_io import DATA_ITEM as DATA
+from sorted_jax.io.model_io import META_ITEM as META
+from sorted_jax.io.model_io import STATE_ITEM as STATE
+from sorted_jax.training import checkpoint_integrity as integrity
+from sorted_jax.training.train_step import TrainState
 
 
 def state_tree(state: TrainState) -> dict[str, Any]:

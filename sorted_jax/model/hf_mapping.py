@@ -14,8 +14,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from sorted_jax.config import LlamaConfig
-from sorted_jax.errors import MappingError
+from sorted_jax.core.errors import MappingError
+from sorted_jax.model.config import LlamaConfig
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 

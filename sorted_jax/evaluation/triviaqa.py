@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sorted_jax.core.errors import MissingFileError, TriviaQAError
 from sorted_jax.data.templates import format_prompt
 from sorted_jax.data.tokenizers import bos_prefix
-from sorted_jax.errors import MissingFileError, TriviaQAError
 
 PROMPT = "Question: {question}\nAnswer:"
 _PUNCT = frozenset(string.punctuation + "‘’´`")

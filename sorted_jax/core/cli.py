@@ -9,9 +9,9 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from sorted_jax import sharding
+from sorted_jax.core.errors import UsageError
 from sorted_jax.data import DataError, Record, SourceError, open_records, split_records
-from sorted_jax.errors import UsageError
+from sorted_jax.parallel import sharding
 
 
 def parse_mesh(text: str, flag: str = "--mesh") -> Mesh:

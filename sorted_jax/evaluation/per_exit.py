@@ -18,12 +18,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sorted_jax import decoding, heads, triviaqa
-from sorted_jax.config import LlamaConfig
+from sorted_jax import decoding
 from sorted_jax.data import Record, Tokenizer
 from sorted_jax.data import prompt_ids as data_prompt_ids
 from sorted_jax.data.chat import is_chat_record, validate_messages
 from sorted_jax.data.records import record_where
+from sorted_jax.evaluation import triviaqa
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.objective import heads
 
 PAD_MULTIPLE = 32  # prompt and cache lengths are rounded up to this: few compiled shapes
 

@@ -33,8 +33,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from sorted_jax import sharding
-from sorted_jax.config import LlamaConfig, rope_inv_freq
+from sorted_jax.model.config import LlamaConfig, rope_inv_freq
+from sorted_jax.parallel import sharding
 
 Array = jax.Array
 Dtype = Any

@@ -4,9 +4,10 @@
         --plan_device_memory=h100
 
 Prints, without allocating the model, the per-device bytes of params, optimizer state, the
-step's arguments and its compiled temporaries for the configured mesh (`sorted_jax.plan`), and
-which change helps if it does not fit. `--plan_devices=N` plans for N devices in a child
-process with N fake CPU devices; `--plan_json` prints the plan as JSON (what that child does).
+step's arguments and its compiled temporaries for the configured mesh
+(`sorted_jax.tools.memory_planner`), and which change helps if it does not fit.
+`--plan_devices=N` plans for N devices in a child process with N fake CPU devices;
+`--plan_json` prints the plan as JSON (what that child does).
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ from typing import Any
 import jax
 import ml_collections
 
-from sorted_jax import model_io, modeling, run_spec, sharding, soft
-from sorted_jax import plan as planner
-from sorted_jax.errors import TrainConfigError
-from sorted_jax.modeling import DTYPES
-from sorted_jax.train_step import SoftSteps, make_optimizer
+from sorted_jax.core.errors import TrainConfigError
+from sorted_jax.io import model_io
+from sorted_jax.model import modeling
+from sorted_jax.model.modeling import DTYPES
+from sorted_jax.objective import soft
+from sorted_jax.parallel import sharding
+from sorted_jax.tools import memory_planner as planner
+from sorted_jax.training import run_spec
+from sorted_jax.training.train_step import SoftSteps, make_optimizer
 
 
 def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) -> Any:

@@ -32,14 +32,14 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sorted_jax.decoding import DecodeOptions, Decoder, DecodeStats
-from sorted_jax.decoding.results import EarlyExitStats, FixedStats, SpeculativeStats
-from sorted_jax.errors import (
+from sorted_jax.core.errors import (
     QueueFullError,
     RequestTimeoutError,
     ServeError,
     ShuttingDownError,
 )
+from sorted_jax.decoding import DecodeOptions, Decoder, DecodeStats
+from sorted_jax.decoding.results import EarlyExitStats, FixedStats, SpeculativeStats
 
 __all__ = ["Finished", "Job", "Scheduler", "ServeSettings", "TextDelta"]
 

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sorted_jax.errors import CheckpointError
-from sorted_jax.model_io import CHECKPOINTS_DIR, DATA_ITEM, META_ITEM, STATE_ITEM
+from sorted_jax.core.errors import CheckpointError
+from sorted_jax.io.model_io import CHECKPOINTS_DIR, DATA_ITEM, META_ITEM, STATE_ITEM
 
 MANIFEST_DIR = "checkpoint_manifests"
 SET_ASIDE_DIR = "set_aside"  # checkpoints newer than the step a run resumed from

@@ -22,11 +22,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from sorted_jax import heads, model_io, soft
-from sorted_jax.config import LlamaConfig
+from sorted_jax.core.errors import ModelIOError
 from sorted_jax.data import Tokenizer, load_tokenizer
-from sorted_jax.errors import ModelIOError
-from sorted_jax.run_spec import RunSettings, read_run_settings
+from sorted_jax.io import model_io
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.objective import heads, soft
+from sorted_jax.training.run_spec import RunSettings, read_run_settings
 
 MODEL_DIR, WORKDIR = "model dir", "workdir"
 

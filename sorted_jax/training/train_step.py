@@ -20,8 +20,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sorted_jax import sharding, soft
-from sorted_jax.modeling import Llama, head_weights
+from sorted_jax.model.modeling import Llama, head_weights
+from sorted_jax.objective import soft
+from sorted_jax.parallel import sharding
 
 Array = jax.Array
 Batch = dict[str, Array]

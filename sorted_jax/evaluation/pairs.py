@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sorted_jax import destinations
-from sorted_jax.errors import EvalError, run_cli
+from sorted_jax.core.errors import EvalError, run_cli
+from sorted_jax.io import destinations
 
 
 def read_generations(path: str | Path) -> list[dict[str, Any]]:

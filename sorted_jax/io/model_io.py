@@ -5,7 +5,7 @@ A model dir is what `python -m sorted_jax.convert hf-to-orbax` writes, what trai
 
     MODEL_DIR/config.json        our `LlamaConfig` as an HF config.json (`LlamaConfig.to_json_file`)
     MODEL_DIR/params/            an Orbax PyTree checkpoint of the params tree (numpy leaves,
-                                 stacked `layers` axis, the layout of `sorted_jax.modeling`)
+                                 stacked `layers` axis, the layout of `sorted_jax.model.modeling`)
     MODEL_DIR/tokenizer.model    tokenizer files, when the source had them (tokenizer.model,
     MODEL_DIR/tokenizer.json ...  tokenizer.json, tokenizer_config.json, special_tokens_map.json)
 
@@ -34,10 +34,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from sorted_jax.config import ConfigError, LlamaConfig
-from sorted_jax.destinations import atomic_dir, require_filesystem_path, url_scheme
-from sorted_jax.errors import ModelIOError
-from sorted_jax.modeling import DTYPES, abstract_params, make_model
+from sorted_jax.core.errors import ModelIOError
+from sorted_jax.io.destinations import atomic_dir, require_filesystem_path, url_scheme
+from sorted_jax.model.config import ConfigError, LlamaConfig
+from sorted_jax.model.modeling import DTYPES, abstract_params, make_model
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"

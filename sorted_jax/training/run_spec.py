@@ -29,8 +29,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from sorted_jax import checkpoint_integrity, destinations, model_io, modeling, soft
-from sorted_jax.config import PRESETS, LlamaConfig, preset
+from sorted_jax.core.errors import TrainConfigError
 from sorted_jax.data import (
     TEMPLATE_NAMES,
     DataError,
@@ -45,9 +44,13 @@ from sorted_jax.data import (
 )
 from sorted_jax.data.chat import require_chat_template
 from sorted_jax.data.templates import CHAT
-from sorted_jax.errors import TrainConfigError
-from sorted_jax.modeling import DTYPES
-from sorted_jax.sharding import Rules, rules_from_config
+from sorted_jax.io import destinations, model_io
+from sorted_jax.model import modeling
+from sorted_jax.model.config import PRESETS, LlamaConfig, preset
+from sorted_jax.model.modeling import DTYPES
+from sorted_jax.objective import soft
+from sorted_jax.parallel.sharding import Rules, rules_from_config
+from sorted_jax.training import checkpoint_integrity
 
 TRAIN_CONFIG_FILE = "train_config.json"
 DATA_STATS_FILE = "data_stats.json"  # records read, dropped, truncated, per split
@@ -95,7 +98,7 @@ def _unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str | N
         close = difflib.get_close_matches(part, known, n=1)
         hint = f" Did you mean '{where}.{close[0]}'?" if close else ""
         return (f"unknown config key '{key}'.{hint} Fields of '{where}': {', '.join(known)} "
-                "(see sorted_jax/train_config.py)")
+                "(see sorted_jax/training/train_config.py)")
     return None
 
 

@@ -1,0 +1,1 @@
+"""Per-exit quality: losses, generations, TriviaQA, judge pairs, tables and plots, sweeps."""

@@ -1,0 +1,1 @@
+"""What sits on disk: model dirs, HF checkpoints, exports, and the guard on every destination."""

@@ -1,0 +1,1 @@
+"""Serving: the request scheduler and the OpenAI-compatible HTTP app."""

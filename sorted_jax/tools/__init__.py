@@ -1,0 +1,1 @@
+"""Measuring tools: the memory planner and the compiled-HLO statistics."""

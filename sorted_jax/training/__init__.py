@@ -1,0 +1,1 @@
+"""Training: the run spec and config schema, the Trainer, its step, loop, hooks and checkpoints."""

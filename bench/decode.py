@@ -250,9 +250,9 @@ def batched(params, cfg, dec: Decoder, args, drafts, what: str) -> int:
                       ("fixed k", dict(mode="fixed", exit_layer=k)),
                       ("early-exit", dict(mode="early-exit"))):
         m = dec.memory(prompts, max_new_tokens=n, **kw)
-        plan = dec.plan(**kw)
+        route = dec.route(**kw)
         big_l = cfg.num_hidden_layers
-        copied = sum(b - a for a, b in plan.bounds if (a, b) != (0, big_l)) / big_l
+        copied = sum(b - a for a, b in route.bounds if (a, b) != (0, big_l)) / big_l
         before = m.peak + copied * layer_bytes
 
         def mib(x):

@@ -48,13 +48,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sorted_jax.core.cli import open_split_records, parse_mesh
 from sorted_jax.core.errors import EvalError, run_cli
 from sorted_jax.data import (
     TEMPLATE_NAMES,
     TEMPLATES,
     EvalIterator,
     Tokenizer,
+    open_split_records,
     tokenize_records,
 )
 from sorted_jax.evaluation import pairs, per_exit, reports, triviaqa
@@ -385,7 +385,7 @@ def _claim_outputs(args: argparse.Namespace
 def _evaluate_all(args: argparse.Namespace, ckpts: Sequence[Checkpoint], setup: EvalSetup,
                   records: Sequence, items: Sequence | None,
                   gens: destinations.Destination | None) -> list[dict[str, Any]]:
-    mesh = parse_mesh(args.mesh)
+    mesh = sharding.parse_mesh(args.mesh)
     if gens is None:
         return [_evaluate_one(c, args, setup, records, items, mesh, None) for c in ckpts]
     with destinations.atomic_file(gens) as gens_file:

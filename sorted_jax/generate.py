@@ -33,9 +33,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sorted_jax.core.cli import parse_numbers
+from sorted_jax.core.args import parse_numbers
 from sorted_jax.core.errors import DataError, MissingFileError, UsageError, run_cli
 from sorted_jax.data import PROMPT_TEMPLATES, Tokenizer, prompt_ids
+from sorted_jax.data.records import iter_jsonl
 from sorted_jax.decoding import (
     MODES,
     PAPER_THRESHOLDS,
@@ -117,13 +118,7 @@ def _read_records(path: str) -> list[dict[str, Any]]:
     if not f.is_file():
         raise MissingFileError(f"--prompts file {path} does not exist")
     records = []
-    for n, line in enumerate(f.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON: {e}") from None
+    for n, rec in iter_jsonl(f):
         if isinstance(rec, str):
             rec = {"prompt": rec}
         keys = {"prompt", "instruction", "messages", "conversations"}
@@ -233,7 +228,7 @@ def run(args: argparse.Namespace) -> None:
     params, config, tok, dtype, template = _load(args)
     opts = _options(args).replace(eos_id=stop_ids(config, tok.eos_id))
     dec = Decoder(params, config, dtype=dtype, max_draft=args.max_draft, pad_multiple=64)
-    dec.plan(opts)  # bad layers / thresholds fail before any prompt is read
+    dec.route(opts)  # bad layers / thresholds fail before any prompt is read
     records = [{"prompt": args.prompt}] if args.prompt is not None else _read_records(
         args.prompts)
     ids = [prompt_ids(tok, r, template, args.system) for r in records]

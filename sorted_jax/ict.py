@@ -23,13 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sorted_jax.core.cli import open_split_records, parse_mesh
 from sorted_jax.core.errors import IctError, run_cli
-from sorted_jax.data import TEMPLATE_NAMES, tokenize_records
+from sorted_jax.data import TEMPLATE_NAMES, open_split_records, tokenize_records
 from sorted_jax.io import artifacts, destinations, model_io
 from sorted_jax.model.modeling import DTYPES
 from sorted_jax.objective import heads, soft
 from sorted_jax.objective.heads import save_ict_dir, train_heads
+from sorted_jax.parallel import sharding
 from sorted_jax.training.run_spec import data_stats, data_stats_line
 
 
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     line = data_stats_line(stats, f"max_len={max_len}")
     if line:
         print(f"ICT data: {line}", flush=True)
-    mesh = parse_mesh(args.mesh)
+    mesh = sharding.parse_mesh(args.mesh)
     params = art.load_params()
     length = f"{args.num_steps} steps" if args.num_steps else f"{args.epochs:g} epoch(s)"
     print(f"ICT: {args.ckpt} ({config.num_hidden_layers} layers), exits {list(exits)}, "

@@ -169,7 +169,7 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, config: Any,
             max_new_tokens=max_tokens, temperature=temperature,
             top_p=float(_field(body, "top_p", (int, float), 1.0)),
             seed=_field(body, "seed", int, 0))
-        opts.plan(config)
+        opts.route(config)
     except ServeError:
         raise
     except UserError as e:
@@ -374,7 +374,7 @@ def _warmup_options(text: str, config: Any, exits: Sequence[int]) -> list[Decode
                              exit_layer=k if mode == "fixed" else None,
                              draft_layer=k if mode == "speculative" else None)
         try:
-            opts.plan(config)
+            opts.route(config)
         except UserError as e:
             raise e.prefixed(f"--warmup {item!r}: ") from None
         out.append(opts)

@@ -107,6 +107,18 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, bad_line, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_file_that_is_not_utf8_names_the_file_and_byte(tmp_path, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    good = json.dumps(GOOD).encode()
+    path.write_bytes(good + b"\n" + '{"instruction": "caf\u00e9", "output": "x"}'.encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        read_json_records(path)
+    offset = len(good) + 1 + len('{"instruction": "caf')
+    assert str(err.value).startswith(f"{path}: not UTF-8 text (byte {offset} is 0xe9)")
+    assert "must be UTF-8" in str(err.value)
+
+
 def test_empty_and_missing_files(tmp_path):
     (tmp_path / "empty.json").write_text("  \n")
     with pytest.raises(DataError, match="empty"):

@@ -1,5 +1,5 @@
 """Decoding requests and results as values: `DecodeOptions` (frozen, hashable, checked when
-made), its `Plan`, `Programs` equality, typed statistics and their merge. Nothing compiles."""
+made), its `Route`, `Programs` equality, typed statistics and their merge. Nothing compiles."""
 
 from __future__ import annotations
 
@@ -47,28 +47,28 @@ def test_options_are_checked_when_made(kwargs, match):
         DecodeOptions(**kwargs)
 
 
-def test_plans():
-    assert DecodeOptions().plan(GQA_4L).bounds == ((0, 4),)
-    p = DecodeOptions(mode="early-exit", exits=(1, 2, 4), thresholds=(0.5, 0.6, 0.7)).plan(
+def test_routes():
+    assert DecodeOptions().route(GQA_4L).bounds == ((0, 4),)
+    p = DecodeOptions(mode="early-exit", exits=(1, 2, 4), thresholds=(0.5, 0.6, 0.7)).route(
         GQA_4L)
     assert (p.kind, p.bounds, p.thresholds) == ("ladder", ((0, 1), (1, 2), (2, 4)), (0.5, 0.6))
-    p = DecodeOptions(mode="speculative").plan(GQA_4L)
+    p = DecodeOptions(mode="speculative").route(GQA_4L)
     assert (p.kind, p.bounds) == ("speculative", ((0, 1), (1, 4)))  # the first default exit
     with pytest.raises(DecodeError, match="thresholds must be numbers"):
-        DecodeOptions(mode="early-exit", exits=(1, 4), thresholds=(float("nan"),)).plan(GQA_4L)
+        DecodeOptions(mode="early-exit", exits=(1, 4), thresholds=(float("nan"),)).route(GQA_4L)
 
 
 def test_programs_compare_by_what_they_compile():
-    plan = DecodeOptions(exit_layer=2).plan(GQA_4L)
+    route = DecodeOptions(exit_layer=2).route(GQA_4L)
     kw = dict(greedy=True, dtype=jnp.float32, cache_dtype=jnp.float32, attention_impl="xla",
               max_draft=8, ee_chunk=8)
-    a = Programs.make(GQA_4L, plan, **kw)
+    a = Programs.make(GQA_4L, route, **kw)
     # a single segment ignores the early-exit chunk and the draft window: the same program
-    assert a == Programs.make(GQA_4L, plan, **{**kw, "ee_chunk": 2, "max_draft": 3})
-    assert hash(a) == hash(Programs.make(GQA_4L.replace(), plan, **kw))
-    assert a != Programs.make(GQA_4L, plan, **{**kw, "greedy": False})
-    assert a != Programs.make(GQA_4L.replace(rope_theta=500000.0), plan, **kw)
-    assert a != Programs.make(GQA_4L, plan, **kw, compiler_options=(("x", 1),))
+    assert a == Programs.make(GQA_4L, route, **{**kw, "ee_chunk": 2, "max_draft": 3})
+    assert hash(a) == hash(Programs.make(GQA_4L.replace(), route, **kw))
+    assert a != Programs.make(GQA_4L, route, **{**kw, "greedy": False})
+    assert a != Programs.make(GQA_4L.replace(rope_theta=500000.0), route, **kw)
+    assert a != Programs.make(GQA_4L, route, **kw, compiler_options=(("x", 1),))
 
 
 def test_typed_stats_merge_and_read_like_the_old_dicts():

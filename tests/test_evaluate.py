@@ -19,8 +19,12 @@ from helpers import ASSETS, BYTE_4L, FAST, random_params
 
 import sorted_jax.objective.heads as ict_heads
 from sorted_jax import evaluate
-from sorted_jax.core import cli
-from sorted_jax.data import EvalIterator, builtin_records, tokenize_records
+from sorted_jax.data import (
+    EvalIterator,
+    builtin_records,
+    open_split_records,
+    tokenize_records,
+)
 from sorted_jax.data.tokenizers import ByteTokenizer, save_tokenizer_files
 from sorted_jax.evaluation import reports
 from sorted_jax.io import model_io
@@ -350,8 +354,8 @@ def test_defaults_from_the_training_run(dirs, tmp_path):
     data = tmp_path / "data.json"
     recs = [{"instruction": f"i{i}", "input": "", "output": f"o{i}"} for i in range(6)]
     data.write_text(json.dumps(recs))
-    held = cli.open_split_records(str(data), "eval", holdout=2, seed=3)
-    rest = cli.open_split_records(str(data), "train", holdout=2, seed=3)
+    held = open_split_records(str(data), "eval", holdout=2, seed=3)
+    rest = open_split_records(str(data), "train", holdout=2, seed=3)
     assert len(held) == 2 and len(rest) == 4
     assert sorted(r["instruction"] for r in held + rest) == sorted(r["instruction"] for r in recs)
-    assert cli.open_split_records(str(data), "eval") == recs
+    assert open_split_records(str(data), "eval") == recs

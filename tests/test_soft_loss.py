@@ -178,18 +178,20 @@ def test_bad_exit_weights():
         soft.resolve_exit_weights([1, -1], (1, 2))
 
 
-def test_chunk_plan_budget_is_independent_of_exit_count():
-    from sorted_jax.objective.exit_loss import plan_chunks
+def test_row_chunks_budget_is_independent_of_exit_count():
+    from sorted_jax.objective.exit_loss import RowChunks, row_chunks
 
-    # Rows per exit shrink as exits grow: K x rows stays within the budget.
-    assert plan_chunks(8 * 1024, 1, 4096) == plan_chunks(8 * 1024, 1, 4096)
-    for k in (1, 2, 4, 6):
-        plan = plan_chunks(8 * 1024, k, 4096)
+    # One exit: two chunks of 4096 rows; four exits share the budget: 8 chunks of 1024.
+    assert row_chunks(8 * 1024, 1, 4096) == RowChunks(rows=4096, chunks=2)
+    assert row_chunks(8 * 1024, 4, 4096) == RowChunks(rows=1024, chunks=8)
+    # Rows per exit shrink as exits grow: K x rows stays within the budget, all rows covered.
+    for k in (1, 2, 3, 4, 6):
+        plan = row_chunks(8 * 1024, k, 4096)
         assert k * plan.rows <= 4096 and plan.rows * plan.chunks >= 8 * 1024
-    assert plan_chunks(8 * 1024, 4, 4096).rows == 1024
+        assert (plan.rows - 1) * plan.chunks < 8 * 1024  # balanced: no chunk mostly padding
     # A prime number of rows never degrades to one-row chunks: balanced, nearly all useful.
-    plan = plan_chunks(2039, 1, 512)
+    plan = row_chunks(2039, 1, 512)
     assert plan.chunks == 4 and plan.rows == 510 and plan.rows * plan.chunks - 2039 < 4
     # A budget below one row per exit is an error, not a silent overrun.
     with pytest.raises(ValueError, match="smaller than the number of exits"):
-        plan_chunks(64, 4, 3)
+        row_chunks(64, 4, 3)

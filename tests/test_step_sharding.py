@@ -217,11 +217,11 @@ def test_loss_logits_cover_only_this_devices_rows(mesh_shape, batch_shards, voca
     """Issue shape: L=4, B=16, T=128, D=128, V=2048, exits (2,3,4). Each device computes the
     logits of its own B / batch_shards rows (and V / vocab_shards columns), in K x rows chunks
     within the per-device budget, and its loss loop gathers nothing."""
-    from sorted_jax.objective.exit_loss import plan_chunks
+    from sorted_jax.objective.exit_loss import row_chunks
 
     stats, _ = compiled_stats(mesh_shape)
     k, b, t, v = 3, 16, 128, 2048
-    plan = plan_chunks(b // batch_shards * t, k, 96)
+    plan = row_chunks(b // batch_shards * t, k, 96)
     assert plan.rows * plan.chunks >= b // batch_shards * t
     loss_loops = [(name, n) for name, n in stats.loops if "shard_map" in name]
     assert loss_loops == [(loss_loops[0][0], plan.chunks)], stats.loops

@@ -45,6 +45,7 @@ from sorted_jax.data.sources import (
     load_records,
     open_records,
     open_split,
+    open_split_records,
     read_tfds_records,
     split_records,
 )
@@ -100,6 +101,7 @@ __all__ = [
     "load_records",
     "open_records",
     "open_split",
+    "open_split_records",
     "pack_rows",
     "prompt_ids",
     "render_chat",

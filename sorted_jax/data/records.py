@@ -14,11 +14,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
-from sorted_jax.core.errors import DataError, MissingFileError, SourceError
+from sorted_jax.core.errors import DataError, MissingFileError, SourceError, UserError
 from sorted_jax.data.chat import Message, is_chat_record, validate_messages
 
 __all__ = ["REQUIRED_FIELDS", "ChatRecord", "DataError", "Record", "SourceError",
-           "read_json_records", "record_where", "spec_kind", "validate_record"]
+           "iter_jsonl", "read_json_records", "read_utf8", "record_where", "spec_kind",
+           "validate_record"]
 
 SpecKind = Literal["builtin", "tfds", "file"]
 
@@ -139,17 +140,39 @@ def _iter_json_list(text: str, path: Path) -> Iterator[Record]:
             )
 
 
-def _iter_jsonl(text: str, path: Path) -> Iterator[Record]:
+def read_utf8(path: str | Path, error: type[UserError] = DataError) -> str:
+    """The text of a UTF-8 file (a BOM is dropped); any other bytes are an `error` naming the
+    file and the byte offset, not a bare UnicodeDecodeError."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}): data "
+                    "and prompt files must be UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
+def iter_jsonl(path: str | Path, text: str | None = None, *,
+               error: type[UserError] = DataError) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSONL file; a line that is not JSON
+    is an `error` naming the file and the line. The one JSONL reader of every command."""
+    path = Path(path)
+    text = read_utf8(path, error) if text is None else text
     index = 0
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: record {index}: invalid JSON: {e.msg}") from None
-        yield validate_record(obj, f"{path}:{lineno}: record {index}")
+            raise error(f"{path}:{lineno}: record {index}: invalid JSON: {e.msg}") from None
+        yield lineno, value
         index += 1
+
+
+def _iter_jsonl(text: str, path: Path) -> Iterator[Record]:
+    for index, (lineno, obj) in enumerate(iter_jsonl(path, text)):
+        yield validate_record(obj, f"{path}:{lineno}: record {index}")
 
 
 def _refuse_json_object(text: str, path: Path) -> None:
@@ -173,7 +196,7 @@ def read_json_records(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"data file {str(path)!r} not found")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_utf8(path)
     stripped = text.lstrip()
     if not stripped:
         raise DataError(f"{path}: empty data file")

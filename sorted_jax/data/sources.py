@@ -32,7 +32,8 @@ from sorted_jax.data.records import (
 )
 
 __all__ = ["DataError", "Record", "SourceError", "holdout_split", "load_records", "map_fields",
-           "open_records", "open_split", "read_json_records", "read_tfds_records",
+           "open_records", "open_split", "open_split_records", "read_json_records",
+           "read_tfds_records",
            "split_records"]
 
 
@@ -197,4 +198,18 @@ def open_split(spec: str, split: str, *, holdout: int = 0, seed: int = 0, limit:
     """`open_records` then `split_records`; the first `limit` records if > 0."""
     records = open_records(spec, split, data_dir=data_dir, seed=seed)
     records = split_records(records, spec, split, holdout=holdout, seed=seed)
+    return records[:limit] if limit else records
+
+
+def open_split_records(spec: str, split: str, *, holdout: int = 0, seed: int = 0,
+                       limit: int = 0) -> list[Record]:
+    """`open_split` for a command line: errors name the flags `--data` and `--holdout`."""
+    try:
+        records = open_records(spec, split, seed=seed)
+    except SourceError as e:
+        raise e.prefixed("--data ") from None
+    try:
+        records = split_records(records, spec, split, holdout=holdout, seed=seed)
+    except DataError as e:
+        raise e.prefixed(f"--holdout {holdout}: ") from None
     return records[:limit] if limit else records

@@ -1,8 +1,8 @@
 """Decoding for SoFT models: any exit, early exit, self-speculative.
 
 Modules, lowest first: `sampling` (token selection, speculative acceptance), `options`
-(`DecodeOptions`, one frozen request, and its `Plan`), `results` (typed statistics),
-`programs` (`Programs`, the hashable value whose jitted methods run a plan), `engine`
+(`DecodeOptions`, one frozen request, and its `Route`), `results` (typed statistics),
+`programs` (`Programs`, the hashable value whose jitted methods run a route), `engine`
 (`Decoder`: prompts in, tokens and statistics out).
 """
 
@@ -11,7 +11,7 @@ from sorted_jax.decoding.options import (
     MODES,
     PAPER_THRESHOLDS,
     DecodeOptions,
-    Plan,
+    Route,
     default_exits,
     default_thresholds,
     stop_ids,
@@ -46,7 +46,7 @@ __all__ = [
     "EarlyExitStats",
     "FixedStats",
     "GenerationResult",
-    "Plan",
+    "Route",
     "Programs",
     "SamplingParams",
     "SpeculativeStats",

@@ -4,7 +4,7 @@
     res = dec.generate(prompts, mode="early-exit", max_new_tokens=64)   # or options=...
     res.tokens, res.stats.avg_exit_layer
 
-A request is a frozen `options.DecodeOptions`; its `Plan` picks the segment layout; the
+A request is a frozen `options.DecodeOptions`; its `Route` picks the segment layout; the
 compiled programs are `programs.Programs` values (shared by every decoder of the same model
 shape and layout); results are typed (`results`). One engine serves all modes.
 
@@ -80,7 +80,7 @@ from sorted_jax.decoding.options import (
     MODES,
     PAPER_THRESHOLDS,
     DecodeOptions,
-    Plan,
+    Route,
     default_thresholds,
 )
 from sorted_jax.decoding.programs import Control, LadderCounts, Programs
@@ -141,13 +141,13 @@ class Decoder:
             return DecodeOptions(**kwargs)
         return options.replace(**kwargs) if kwargs else options
 
-    def plan(self, options: DecodeOptions | None = None, **kwargs: Any) -> Plan:
+    def route(self, options: DecodeOptions | None = None, **kwargs: Any) -> Route:
         """The segment layout of a request on this model (raises `DecodeError` if it does
         not fit: a layer out of range, thresholds that do not match the exits, ...)."""
-        return self.options(options, **kwargs).plan(self.config)
+        return self.options(options, **kwargs).route(self.config)
 
-    def programs(self, plan: Plan, greedy: bool) -> Programs:
-        return Programs.make(self.config, plan, greedy=greedy, dtype=self.dtype,
+    def programs(self, route: Route, greedy: bool) -> Programs:
+        return Programs.make(self.config, route, greedy=greedy, dtype=self.dtype,
                              cache_dtype=self.cache_dtype, attention_impl=self.attention_impl,
                              ee_chunk=self.ee_chunk, max_draft=self.max_draft,
                              spec_commit=self.spec_commit,
@@ -188,8 +188,8 @@ class Decoder:
         return p_len, max_len + max(self.ee_chunk, self.max_draft + 1)
 
     def _start(self, prompts: Any, opts: DecodeOptions):
-        """(plan, programs, params, control, prefill inputs, cache slots)."""
-        plan = opts.plan(self.config)
+        """(route, programs, params, control, prefill inputs, cache slots)."""
+        route = opts.route(self.config)
         prompts = self._check_prompts(prompts)
         p_len, slots = self._layout(prompts, opts)
         b = len(prompts)
@@ -202,12 +202,12 @@ class Decoder:
             pos[i, p_len - len(p):] = np.arange(len(p))
         sp = SamplingParams.make(opts.temperature if opts.temperature > 0 else 1.0, opts.top_k,
                                  opts.top_p)
-        th = np.asarray([*plan.thresholds, 0.0], np.float32)
+        th = np.asarray([*route.thresholds, 0.0], np.float32)
         ctl = Control(sp, jnp.asarray(np.asarray([*opts.eos_ids(self.config), -1], np.int32)),
                       jnp.asarray(opts.max_new_tokens, jnp.int32), jnp.asarray(th))
         inputs = (jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(pos),
                   jax.random.PRNGKey(opts.seed), ctl)
-        return plan, self.programs(plan, opts.greedy), self.params, ctl, inputs, slots
+        return route, self.programs(route, opts.greedy), self.params, ctl, inputs, slots
 
     # -- decoding ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
@@ -220,11 +220,11 @@ class Decoder:
         """
         t0 = time.perf_counter()
         opts = self.options(options, **kwargs)
-        plan, progs, params, ctl, inputs, slots = self._start(prompts, opts)
+        route, progs, params, ctl, inputs, slots = self._start(prompts, opts)
         st = progs.loop(params, progs.prefill(params, *inputs, slots=slots), ctl)
         out, length, counts = jax.device_get((st.out, st.length, st.stats))
         tokens = [out[i, :length[i]].tolist() for i in range(out.shape[0])]
-        return GenerationResult(tokens, _stats(opts.mode, plan, counts, tokens,
+        return GenerationResult(tokens, _stats(opts.mode, route, counts, tokens,
                                                time.perf_counter() - t0))
 
     def start(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
@@ -232,8 +232,8 @@ class Decoder:
         """A batch decoded round by round (one token, or one speculative round, per
         `advance`): what a server streams from. Takes `generate`'s options."""
         opts = self.options(options, **kwargs)
-        plan, progs, params, ctl, inputs, slots = self._start(prompts, opts)
-        return BatchRun(self, opts, plan, progs, params, ctl,
+        route, progs, params, ctl, inputs, slots = self._start(prompts, opts)
+        return BatchRun(self, opts, route, progs, params, ctl,
                         progs.prefill(params, *inputs, slots=slots))
 
     def memory(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
@@ -256,7 +256,7 @@ class Decoder:
         """
         t0 = time.perf_counter()
         opts = self.options(options, **kwargs)
-        plan, progs, params, ctl, inputs, slots = self._start([prompt], opts)
+        route, progs, params, ctl, inputs, slots = self._start([prompt], opts)
         st = progs.prefill(params, *inputs, slots=slots)
         sent = 0
         while True:
@@ -268,7 +268,7 @@ class Decoder:
                 break
             st = progs.step(params, st, ctl)
         out, counts = jax.device_get((st.out[0, :sent], st.stats))
-        self.last_stats = _stats(opts.mode, plan, counts, [out.tolist()],
+        self.last_stats = _stats(opts.mode, route, counts, [out.tolist()],
                                  time.perf_counter() - t0)
 
 
@@ -278,10 +278,11 @@ class BatchRun:
     puts a new prompt into a free row, which joins at the next round. Not thread-safe (one
     driver)."""
 
-    def __init__(self, decoder: Decoder, opts: DecodeOptions, plan: Plan, progs: Programs,
+    def __init__(self, decoder: Decoder, opts: DecodeOptions, route: Route, progs: Programs,
                  params: dict, ctl: Control, st: Any):
         self._decoder = decoder
-        self.opts, self.plan, self._progs, self._params, self._ctl = opts, plan, progs, params, ctl
+        self.opts, self.route, self._progs = opts, route, progs
+        self._params, self._ctl = params, ctl
         self._st = st
         self._t0 = time.perf_counter()
         self._sent = np.zeros(st.length.shape[0], np.int64)
@@ -315,7 +316,7 @@ class BatchRun:
     @property
     def joinable(self) -> bool:
         """Whether rows can be replaced mid-batch (speculative: per-row cache lengths)."""
-        return self.plan.kind == "speculative"
+        return self.route.kind == "speculative"
 
     def evict(self, row: int) -> None:
         """Stop row `row` now (its request ended on the host side: a stop string, ...)."""
@@ -335,7 +336,7 @@ class BatchRun:
         self._first_rows.add(row)
 
     def stats(self) -> DecodeStats:
-        return _stats(self.opts.mode, self.plan, jax.device_get(self._st.stats), self.tokens,
+        return _stats(self.opts.mode, self.route, jax.device_get(self._st.stats), self.tokens,
                       time.perf_counter() - self._t0)
 
 
@@ -343,23 +344,23 @@ def _nbytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def _stats(mode: str, plan: Plan, raw: Any, tokens: list[list[int]], seconds: float
+def _stats(mode: str, route: Route, raw: Any, tokens: list[list[int]], seconds: float
            ) -> DecodeStats:
     """Typed statistics of a run from its device counters (`programs.LadderCounts` /
     `SpecCounts`, fetched to the host)."""
     total = sum(len(t) for t in tokens)
     if isinstance(raw, LadderCounts):
-        if len(plan.bounds) == 1:
-            return FixedStats(mode, total, seconds, layers=plan.bounds[0][1])
+        if len(route.bounds) == 1:
+            return FixedStats(mode, total, seconds, layers=route.bounds[0][1])
         hist = [int(x) for x in raw.exit_hist]
-        layers = [b for _, b in plan.bounds]
+        layers = [b for _, b in route.bounds]
         return EarlyExitStats(
             mode, total, seconds, avg_exit_layer=float(raw.exit_layer_sum) / max(sum(hist), 1),
             exit_histogram=dict(zip(layers, hist, strict=True)),
-            thresholds=tuple(plan.thresholds))
+            thresholds=tuple(route.thresholds))
     drafted, rounds, accepted = int(raw.drafted), int(raw.rounds), int(raw.accepted)
     return SpeculativeStats(
-        mode, total, seconds, draft_layer=plan.bounds[0][1], drafted=drafted,
+        mode, total, seconds, draft_layer=route.bounds[0][1], drafted=drafted,
         accepted=accepted, acceptance_rate=accepted / drafted if drafted else 0.0,
         committed_drafts=int(raw.committed_drafts), full_passes=rounds + 1,
         committed_per_row=tuple(int(x) for x in raw.row_committed),

@@ -1,8 +1,8 @@
 """What to decode: one frozen `DecodeOptions` per request, checked when it is made, and its
-`Plan` for a model (which segments of layers run, with which early-exit thresholds).
+`Route` for a model (which segments of layers run, with which early-exit thresholds).
 
     opts = DecodeOptions(mode="early-exit", exits=(4, 8), max_new_tokens=64)
-    plan = opts.plan(config)        # checks the layers against the model
+    route = opts.route(config)        # checks the layers against the model
 
 Options are hashable values: a server can key batches or programs on them, and `replace`
 derives a request from another.
@@ -52,7 +52,7 @@ def _tuple(x: Any) -> tuple | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Route:
     """A segment layout: `ladder` runs segments [a, b) one after the other (fixed depth: one
     segment; early exit: one per exit), `speculative` drafts with [0, k) and verifies with
     [k, L)."""
@@ -117,24 +117,24 @@ class DecodeOptions:
             return []
         return [int(eos)] if isinstance(eos, (int, np.integer)) else [int(e) for e in eos]
 
-    def plan(self, config: LlamaConfig) -> Plan:
+    def route(self, config: LlamaConfig) -> Route:
         """The segment layout of this request on `config`'s model (its layers checked)."""
         big_l = config.num_hidden_layers
         if self.mode == "fixed":
             k = big_l if self.exit_layer is None else self.exit_layer
             _check_layer("exit_layer", k, 1, big_l)
-            return Plan("ladder", ((0, k),), ())
+            return Route("ladder", ((0, k),), ())
         if self.mode == "early-exit":
-            return self._early_exit_plan(big_l)
+            return self._early_exit_route(big_l)
         if big_l < 2:
             raise DecodeError("speculative decoding needs a model with at least 2 layers")
         k = default_exits(big_l)[0] if self.draft_layer is None else self.draft_layer
         if k >= big_l:
             k = big_l // 2 if self.draft_layer is None else k
         _check_layer("draft_layer", k, 1, big_l - 1)
-        return Plan("speculative", ((0, k), (k, big_l)), ())
+        return Route("speculative", ((0, k), (k, big_l)), ())
 
-    def _early_exit_plan(self, big_l: int) -> Plan:
+    def _early_exit_route(self, big_l: int) -> Route:
         ex = tuple(default_exits(big_l) if self.exits is None else self.exits)
         if not ex:
             raise DecodeError("early-exit needs at least one exit layer")
@@ -152,4 +152,4 @@ class DecodeOptions:
         th = tuple(float(t) for t in th)
         if any(math.isnan(t) for t in th):
             raise DecodeError("thresholds must be numbers, got NaN")
-        return Plan("ladder", tuple(zip((0, *ex[:-1]), ex, strict=True)), th)
+        return Route("ladder", tuple(zip((0, *ex[:-1]), ex, strict=True)), th)

@@ -20,7 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from sorted_jax.decoding.options import Plan
+from sorted_jax.decoding.options import Route
 from sorted_jax.decoding.sampling import (
     SamplingParams,
     greedy_accept,
@@ -171,13 +171,13 @@ class Programs:
         object.__setattr__(self, "config_key", _freeze(self.config.to_hf_dict()))
 
     @classmethod
-    def make(cls, config: LlamaConfig, plan: Plan, *, greedy: bool, dtype: Any, cache_dtype: Any,
+    def make(cls, config: LlamaConfig, route: Route, *, greedy: bool, dtype: Any, cache_dtype: Any,
              attention_impl: str, ee_chunk: int, max_draft: int, spec_commit: str = "per-row",
              compiler_options: tuple = ()) -> Programs:
-        ladder = plan.kind == "ladder"
-        return cls(config, plan.bounds, plan.kind, bool(greedy), jnp.dtype(dtype).name,
+        ladder = route.kind == "ladder"
+        return cls(config, route.bounds, route.kind, bool(greedy), jnp.dtype(dtype).name,
                    jnp.dtype(cache_dtype).name, attention_impl,
-                   ee_chunk if ladder and len(plan.bounds) > 1 else 0,
+                   ee_chunk if ladder and len(route.bounds) > 1 else 0,
                    0 if ladder else max_draft, "" if ladder else spec_commit,
                    tuple(compiler_options))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sorted_jax.core.errors import EvalError, run_cli
+from sorted_jax.data.records import iter_jsonl
 from sorted_jax.io import destinations
 
 
@@ -25,13 +26,7 @@ def read_generations(path: str | Path) -> list[dict[str, Any]]:
         raise EvalError(f"--gens file {str(p)!r} not found")
     rows = []
     need = ("id", "label", "exit", "instruction", "response")
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{p}:{n}: not valid JSON: {e.msg}") from None
+    for n, row in iter_jsonl(p, error=EvalError):
         if not isinstance(row, dict) or any(k not in row for k in need):
             raise EvalError(f"{p}:{n}: not a --dump-generations line (needs {list(need)})")
         rows.append(row)

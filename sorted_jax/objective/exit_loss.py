@@ -40,14 +40,14 @@ P = PartitionSpec
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkPlan:
+class RowChunks:
     """How one device walks its rows: `chunks` chunks of `rows` rows per exit."""
 
     rows: int
     chunks: int
 
 
-def plan_chunks(local_rows: int, num_exits: int, rows_per_chunk: int) -> ChunkPlan:
+def row_chunks(local_rows: int, num_exits: int, rows_per_chunk: int) -> RowChunks:
     """Balanced chunks with `num_exits * rows <= rows_per_chunk` (logits held at once).
 
     The chunk count is the fewest that fit the budget; rows are spread evenly over them, so at
@@ -59,7 +59,7 @@ def plan_chunks(local_rows: int, num_exits: int, rows_per_chunk: int) -> ChunkPl
     local_rows = max(1, local_rows)
     cap = rows_per_chunk // num_exits
     chunks = -(-local_rows // cap)
-    return ChunkPlan(rows=-(-local_rows // chunks), chunks=chunks)
+    return RowChunks(rows=-(-local_rows // chunks), chunks=chunks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ def resolve_layout(batch: int, dim: int, vocab: int,
 @dataclasses.dataclass(frozen=True)
 class _Static:
     layout: LossLayout
-    plan: ChunkPlan
+    chunking: RowChunks
     eps: float
     distill: bool = False  # also KL(last exit || exit k), detached teacher
 
@@ -174,9 +174,9 @@ def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Arr
     `[D, V_local]` its vocab shard; distill `[K]` the KL weights (used when `static.distill`).
     Outputs are reduced over the mesh as `out_specs` expect.
     """
-    layout, plan, eps = static.layout, static.plan, static.eps
+    layout, chunking, eps = static.layout, static.chunking, static.eps
     k, b, t, d = h.shape
-    n, c = b * t, plan.rows
+    n, c = b * t, chunking.rows
     h = h.reshape(k, n, d)
     targets, mask = targets.reshape(n), mask.reshape(n)
     if n < c:  # fewer rows than one chunk (tiny shapes): pad once, cheaply
@@ -223,7 +223,7 @@ def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Arr
             loss, hit, kl, _ = stats(hc, tc, mc)
             return carry[0] + loss, carry[1] + hit, carry[2] + kl
 
-        loss, hit, kl = jax.lax.fori_loop(0, plan.chunks, body, (zeros, zeros, zeros))
+        loss, hit, kl = jax.lax.fori_loop(0, chunking.chunks, body, (zeros, zeros, zeros))
         return tuple(_reduce(x, layout.batch_axes) for x in (loss, hit, kl))
 
     def grad_body(i, carry):
@@ -252,7 +252,7 @@ def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Arr
 
     init = (zeros, zeros, zeros, *(_varying(jnp.zeros(x.shape, dtype), grad_vary) for x, dtype in (
         (scale, jnp.float32), (kernel, jnp.float32), (h, h.dtype))))
-    loss, hit, kl, d_scale, d_kernel, d_h = jax.lax.fori_loop(0, plan.chunks, grad_body, init)
+    loss, hit, kl, d_scale, d_kernel, d_h = jax.lax.fori_loop(0, chunking.chunks, grad_body, init)
     d_h = d_h[:, :n].reshape(k, b, t, d)
     if v_axis is not None:  # each vocab shard holds a partial sum: reduce once, not per chunk
         d_h = jax.lax.psum(d_h, v_axis)
@@ -326,10 +326,10 @@ def multi_exit_ce(hidden: Array, norm_scale: Array, head_kernel: Array, targets:
     """
     k, b, t, d = hidden.shape
     layout = resolve_layout(b, d, head_kernel.shape[1], rules_axes or {})
-    plan = plan_chunks(b * t // layout.data_parallel, k, rows_per_chunk)
+    chunking = row_chunks(b * t // layout.data_parallel, k, rows_per_chunk)
     distill = distill_weights is not None and k > 1
     lam = (jnp.zeros((k,), jnp.float32) if distill_weights is None
            else jnp.asarray(distill_weights, jnp.float32))
     return _weighted_loss(hidden, norm_scale, head_kernel, targets.astype(jnp.int32),
                           loss_mask.astype(jnp.float32), exit_weights.astype(jnp.float32), lam,
-                          _Static(layout, plan, float(eps), distill))
+                          _Static(layout, chunking, float(eps), distill))

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sorted_jax.core.errors import UserError
+from sorted_jax.core.errors import UsageError, UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -181,3 +181,16 @@ def rules_from_config(rules: Any) -> Rules:
             target = tuple(target)
         out.append((str(name), target))
     return tuple(out)
+
+
+def parse_mesh(text: str, flag: str = "--mesh") -> Mesh:
+    """A (data, fsdp, tensor) mesh from a command line's "1,-1,1"; a shape without -1 that
+    needs fewer devices than there are uses the first ones."""
+    try:
+        shape = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} must be three integers data,fsdp,tensor, got {text!r}") from None
+    devices = jax.devices()
+    if len(shape) == 3 and -1 not in shape and math.prod(shape) < len(devices):
+        devices = devices[:math.prod(shape)]
+    return make_mesh(shape, devices)

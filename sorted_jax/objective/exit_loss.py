@@ -21,6 +21,11 @@ after the loop (it is linear in the logits' gradient).
 
 **Once per step.** Partial head and norm gradients stay per device through the loop and are
 reduced once at the end (a reduce-scatter onto the kernel's fsdp shards where it has them).
+
+**Anchored to a frozen teacher.** With a `Teacher` (its final hidden state `[B, T, D]`, final
+norm and head), each chunk also computes the teacher's logits for its rows, beside the
+student's, and adds a_k KL(p_teacher || p_k) per token: no `[B, T, V]` teacher logits are held,
+and the teacher's rows are sharded like the student's.
 """
 
 from __future__ import annotations
@@ -60,6 +65,18 @@ def row_chunks(local_rows: int, num_exits: int, rows_per_chunk: int) -> RowChunk
     cap = rows_per_chunk // num_exits
     chunks = -(-local_rows // cap)
     return RowChunks(rows=-(-local_rows // chunks), chunks=chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A frozen model's distribution on the same tokens, as the kernel reads it: its final
+    hidden state (before its final norm), the norm's scale and its head kernel. `weights`
+    `[K]`: a_k, the weight of KL(p_teacher || p_k) for each student exit (0 = not anchored)."""
+
+    hidden: Array  # [B, T, D]
+    norm_scale: Array  # [D]
+    head_kernel: Array  # [D, V]
+    weights: Array  # [K]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +142,7 @@ class _Static:
     chunking: RowChunks
     eps: float
     distill: bool = False  # also KL(last exit || exit k), detached teacher
+    anchor: bool = False  # also KL(frozen teacher || exit k)
 
 
 def _vocab_stats(logits: Array, targets: Array, offset: Array | int,
@@ -151,6 +169,31 @@ def _vocab_stats(logits: Array, targets: Array, offset: Array | int,
     return top + jnp.log(sum_exp), target_logit, target_logit >= top
 
 
+def _logsumexp(logits: Array, axis: str | None) -> Array:
+    """Row logsumexp of `[rows, V_local]` logits over the whole (possibly split) vocab."""
+    local_max = jnp.max(logits, axis=-1)
+    top = local_max if axis is None else jax.lax.pmax(local_max, axis)
+    sum_exp = jnp.sum(jnp.exp(logits - top[:, None]), axis=-1)
+    if axis is not None:
+        sum_exp = jax.lax.psum(sum_exp, axis)
+    return top + jnp.log(sum_exp)
+
+
+def _kl_from_teacher(t_logits: Array, logits: Array, lse: Array, axis: str | None
+                     ) -> tuple[Array, Array]:
+    """(KL(p_teacher || p_k) per exit and row `[K, c]`, p_teacher `[c, V_local]`).
+
+    With teacher logits u, logsumexp r: KL_k = sum_v p_t u - r - sum_v p_t l_k + s_k.
+    """
+    t_lse = _logsumexp(t_logits, axis)
+    p_t = jnp.exp(t_logits - t_lse[:, None])
+    self_term = jnp.sum(p_t * t_logits, axis=-1)
+    cross = jnp.einsum("cv,kcv->kc", p_t, logits)
+    if axis is not None:
+        self_term, cross = jax.lax.psum((self_term, cross), axis)
+    return (self_term - t_lse)[None] - cross + lse, p_t
+
+
 def _kl_to_last(logits: Array, lse: Array, axis: str | None) -> tuple[Array, Array]:
     """(KL(p_last || p_k) per exit and row `[K, c]`, p_last `[c, V_local]`).
 
@@ -165,23 +208,28 @@ def _kl_to_last(logits: Array, lse: Array, axis: str | None) -> tuple[Array, Arr
 
 
 def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Array,
-                weights: Array, distill: Array, *, static: _Static,
-                with_grad: bool) -> tuple[Array, ...]:
-    """One device's rows: per-exit CE sums, hit counts, KL-to-the-last-exit sums and (with_grad)
-    the gradients.
+                weights: Array, distill: Array, t_h: Array, t_scale: Array, t_kernel: Array,
+                anchor: Array, *, static: _Static, with_grad: bool) -> tuple[Array, ...]:
+    """One device's rows: per-exit CE sums, hit counts, KL-to-the-last-exit sums, KL-from-the-
+    teacher sums and (with_grad) the gradients.
 
     h `[K, b, T, D]`, targets / mask `[b, T]` are this device's batch rows; kernel
-    `[D, V_local]` its vocab shard; distill `[K]` the KL weights (used when `static.distill`).
-    Outputs are reduced over the mesh as `out_specs` expect.
+    `[D, V_local]` its vocab shard; distill `[K]` the KL weights (used when `static.distill`);
+    t_h `[b, T, D]`, t_scale, t_kernel `[D, V_local]` the teacher's and anchor `[K]` its KL
+    weights (used when `static.anchor`). Outputs are reduced over the mesh as `out_specs`
+    expect.
     """
     layout, chunking, eps = static.layout, static.chunking, static.eps
     k, b, t, d = h.shape
     n, c = b * t, chunking.rows
     h = h.reshape(k, n, d)
     targets, mask = targets.reshape(n), mask.reshape(n)
+    t_h = t_h.reshape(-1, t_h.shape[-1])  # [n, D] with a teacher, else a [1, 1] placeholder
     if n < c:  # fewer rows than one chunk (tiny shapes): pad once, cheaply
         h = jnp.pad(h, ((0, 0), (0, c - n), (0, 0)))
         targets, mask = jnp.pad(targets, (0, c - n)), jnp.pad(mask, (0, c - n))
+        if static.anchor:
+            t_h = jnp.pad(t_h, ((0, c - n), (0, 0)))
     total_rows = h.shape[1]
     v_axis = layout.vocab_axis
     offset = 0 if v_axis is None else jax.lax.axis_index(v_axis) * kernel.shape[1]
@@ -191,14 +239,21 @@ def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Arr
     rows_vary = layout.batch_axes
     grad_vary = (*layout.batch_axes, *([v_axis] if v_axis else []))
 
-    def take(i: Array) -> tuple[Array, Array, Array, Array]:
+    w_t_kernel = t_kernel.astype(t_h.dtype)
+
+    def take(i: Array) -> tuple[Array, Array, Array, Array, Array]:
         start = jnp.minimum(i * c, total_rows - c)
         fresh = (start + jnp.arange(c)) >= i * c  # rows an earlier chunk has not counted
+        t_hc = (jax.lax.dynamic_slice_in_dim(t_h, start, c) if static.anchor else t_h)
         return (start, jax.lax.dynamic_slice_in_dim(h, start, c, axis=1),
                 jax.lax.dynamic_slice_in_dim(targets, start, c),
-                jax.lax.dynamic_slice_in_dim(mask, start, c) * fresh)
+                jax.lax.dynamic_slice_in_dim(mask, start, c) * fresh, t_hc)
 
-    def stats(hc: Array, tc: Array, mc: Array):
+    def teacher_logits(t_hc: Array) -> Array:
+        x_t = rms_norm(t_hc, t_scale, eps, t_hc.dtype)
+        return jax.lax.stop_gradient(jnp.dot(x_t, w_t_kernel, preferred_element_type=jnp.float32))
+
+    def stats(hc: Array, tc: Array, mc: Array, t_hc: Array):
         # The norm's vjp takes each vocab shard's partial d_x and must give per-device partial
         # d_scale (reduced once, after the loop), so its inputs are typed as varying over every
         # axis the gradients vary over (a type, not a copy; an invariant scale would make its
@@ -213,23 +268,27 @@ def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Arr
         hit = top1.reshape(k, c) * mc
         kl, teacher = (_kl_to_last(logits.reshape(k, c, -1), lse.reshape(k, c), v_axis)
                        if static.distill else (jnp.zeros_like(ce), None))
-        return (ce.sum(axis=1), hit.sum(axis=1), (kl * mc).sum(axis=1),
-                (logits, lse, flat_t, x, norm_vjp, teacher))
+        akl, p_t = (_kl_from_teacher(teacher_logits(t_hc), logits.reshape(k, c, -1),
+                                     lse.reshape(k, c), v_axis)
+                    if static.anchor else (jnp.zeros_like(ce), None))
+        return (ce.sum(axis=1), hit.sum(axis=1), (kl * mc).sum(axis=1), (akl * mc).sum(axis=1),
+                (logits, lse, flat_t, x, norm_vjp, teacher, p_t))
 
     zeros = _varying(jnp.zeros((k,), jnp.float32), rows_vary)
     if not with_grad:
         def body(i, carry):
-            _, hc, tc, mc = take(i)
-            loss, hit, kl, _ = stats(hc, tc, mc)
-            return carry[0] + loss, carry[1] + hit, carry[2] + kl
+            _, hc, tc, mc, t_hc = take(i)
+            sums = stats(hc, tc, mc, t_hc)[:4]
+            return tuple(acc + x for acc, x in zip(carry, sums, strict=True))
 
-        loss, hit, kl = jax.lax.fori_loop(0, chunking.chunks, body, (zeros, zeros, zeros))
-        return tuple(_reduce(x, layout.batch_axes) for x in (loss, hit, kl))
+        sums = jax.lax.fori_loop(0, chunking.chunks, body, (zeros,) * 4)
+        return tuple(_reduce(x, layout.batch_axes) for x in sums)
 
     def grad_body(i, carry):
-        loss_acc, hit_acc, kl_acc, d_scale, d_kernel, d_h = carry
-        start, hc, tc, mc = take(i)
-        loss, hit, kl, (logits, lse, flat_t, x, norm_vjp, teacher) = stats(hc, tc, mc)
+        loss_acc, hit_acc, kl_acc, akl_acc, d_scale, d_kernel, d_h = carry
+        start, hc, tc, mc, t_hc = take(i)
+        loss, hit, kl, akl, (logits, lse, flat_t, x, norm_vjp, teacher, p_t) = stats(
+            hc, tc, mc, t_hc)
         # d(sum_k w_k CE_k) / d logits = w_k * mask * (softmax - onehot), without a one-hot;
         # distillation adds lambda_k * mask * (softmax - teacher's softmax).
         row_weight = (weights[:, None] * mc[None]).reshape(-1, 1)
@@ -240,6 +299,10 @@ def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Arr
             kl_weight = (distill[:, None] * mc[None]).reshape(k, c, 1)
             d_logits = d_logits + ((probs.reshape(k, c, -1) - teacher[None]) * kl_weight
                                    ).reshape(d_logits.shape)
+        if static.anchor:  # a_k * mask * (softmax - the frozen teacher's softmax)
+            a_weight = (anchor[:, None] * mc[None]).reshape(k, c, 1)
+            d_logits = d_logits + ((probs.reshape(k, c, -1) - p_t[None]) * a_weight
+                                   ).reshape(d_logits.shape)
         d_logits = d_logits.astype(x.dtype)
         d_x = jnp.dot(d_logits, w_kernel.T, preferred_element_type=jnp.float32).astype(x.dtype)
         d_kernel = d_kernel + jnp.dot(x.T, d_logits, preferred_element_type=jnp.float32)
@@ -247,12 +310,14 @@ def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Arr
         prev = jax.lax.dynamic_slice_in_dim(d_h, start, c, axis=1)  # non-zero only on overlap
         d_h = jax.lax.dynamic_update_slice_in_dim(d_h, prev + d_hc.astype(d_h.dtype), start,
                                                   axis=1)
-        return (loss_acc + loss, hit_acc + hit, kl_acc + kl, d_scale + d_s.astype(jnp.float32),
-                d_kernel, d_h)
+        return (loss_acc + loss, hit_acc + hit, kl_acc + kl, akl_acc + akl,
+                d_scale + d_s.astype(jnp.float32), d_kernel, d_h)
 
-    init = (zeros, zeros, zeros, *(_varying(jnp.zeros(x.shape, dtype), grad_vary) for x, dtype in (
-        (scale, jnp.float32), (kernel, jnp.float32), (h, h.dtype))))
-    loss, hit, kl, d_scale, d_kernel, d_h = jax.lax.fori_loop(0, chunking.chunks, grad_body, init)
+    grad_zeros = (_varying(jnp.zeros(x.shape, dtype), grad_vary) for x, dtype in (
+        (scale, jnp.float32), (kernel, jnp.float32), (h, h.dtype)))
+    init = (zeros, zeros, zeros, zeros, *grad_zeros)
+    loss, hit, kl, akl, d_scale, d_kernel, d_h = jax.lax.fori_loop(0, chunking.chunks,
+                                                                   grad_body, init)
     d_h = d_h[:, :n].reshape(k, b, t, d)
     if v_axis is not None:  # each vocab shard holds a partial sum: reduce once, not per chunk
         d_h = jax.lax.psum(d_h, v_axis)
@@ -262,7 +327,8 @@ def _local_pass(h: Array, scale: Array, kernel: Array, targets: Array, mask: Arr
     if layout.embed_axes:
         d_kernel = jax.lax.psum_scatter(d_kernel, layout.embed_axes, scatter_dimension=0,
                                         tiled=True)
-    return (*(_reduce(x, layout.batch_axes) for x in (loss, hit, kl)), d_h, d_scale, d_kernel)
+    return (*(_reduce(x, layout.batch_axes) for x in (loss, hit, kl, akl)), d_h, d_scale,
+            d_kernel)
 
 
 def _varying(x: Array, axes: tuple[str, ...]) -> Array:
@@ -280,33 +346,42 @@ def _program(static: _Static, with_grad: bool):
     if layout.mesh is None:
         return fn
     rows, vocab = layout.batch_spec, layout.vocab_axis
-    in_specs = (P(None, rows), P(), P(None, vocab), P(rows), P(rows), P(), P())
-    out_specs = (P(), P(), P())
+    t_rows = P(rows) if static.anchor else P()  # no teacher: a replicated [1, 1] placeholder
+    in_specs = (P(None, rows), P(), P(None, vocab), P(rows), P(rows), P(), P(), t_rows, P(),
+                P(None, vocab) if static.anchor else P(), P())
+    out_specs = (P(), P(), P(), P())
     if with_grad:
         out_specs += (P(None, rows), P(), P(_spec_entry(layout.embed_axes), vocab))
     return jax.shard_map(fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _weighted_loss(h, scale, kernel, targets, mask, weights, distill, static):
-    loss, hit, kl = _program(static, with_grad=False)(h, scale, kernel, targets, mask, weights,
-                                                      distill)
-    return jnp.sum(loss * weights) + jnp.sum(kl * distill), loss, hit, kl
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
+def _weighted_loss(h, scale, kernel, targets, mask, weights, distill, t_h, t_scale, t_kernel,
+                   anchor, static):
+    sums = _program(static, with_grad=False)(h, scale, kernel, targets, mask, weights, distill,
+                                             t_h, t_scale, t_kernel, anchor)
+    return (_total(sums, weights, distill, anchor), *sums)
 
 
-def _weighted_loss_fwd(h, scale, kernel, targets, mask, weights, distill, static):
-    loss, hit, kl, d_h, d_scale, d_kernel = _program(static, with_grad=True)(
-        h, scale, kernel, targets, mask, weights, distill)
-    out = (jnp.sum(loss * weights) + jnp.sum(kl * distill), loss, hit, kl)
+def _total(sums, weights, distill, anchor):
+    loss, _, kl, akl = sums
+    return jnp.sum(loss * weights) + jnp.sum(kl * distill) + jnp.sum(akl * anchor)
+
+
+def _weighted_loss_fwd(h, scale, kernel, targets, mask, weights, distill, t_h, t_scale,
+                       t_kernel, anchor, static):
+    *sums, d_h, d_scale, d_kernel = _program(static, with_grad=True)(
+        h, scale, kernel, targets, mask, weights, distill, t_h, t_scale, t_kernel, anchor)
+    out = (_total(sums, weights, distill, anchor), *sums)
     return out, (d_h, d_scale.astype(scale.dtype), d_kernel.astype(kernel.dtype))
 
 
 def _weighted_loss_bwd(static, res, g):
-    # Only the weighted total is differentiable; per-exit sums are metrics, and the weights are
-    # hyper-parameters (no gradient).
+    # Only the weighted total is differentiable; per-exit sums are metrics, the weights are
+    # hyper-parameters and the teacher is frozen (no gradient).
     g_total = g[0]
     d_h, d_scale, d_kernel = ((g_total * r).astype(r.dtype) for r in res)
-    return d_h, d_scale, d_kernel, None, None, None, None
+    return d_h, d_scale, d_kernel, None, None, None, None, None, None, None, None
 
 
 _weighted_loss.defvjp(_weighted_loss_fwd, _weighted_loss_bwd)
@@ -315,14 +390,17 @@ _weighted_loss.defvjp(_weighted_loss_fwd, _weighted_loss_bwd)
 def multi_exit_ce(hidden: Array, norm_scale: Array, head_kernel: Array, targets: Array,
                   loss_mask: Array, exit_weights: Array, *, eps: float, rows_per_chunk: int,
                   rules_axes: dict[str, tuple[str, ...]] | None = None,
-                  distill_weights: Array | None = None
-                  ) -> tuple[Array, Array, Array, Array]:
-    """(total [differentiable], per-exit CE sums `[K]`, hit counts `[K]`, KL sums `[K]`).
+                  distill_weights: Array | None = None, teacher: Teacher | None = None
+                  ) -> tuple[Array, Array, Array, Array, Array]:
+    """(total [differentiable], per-exit CE sums `[K]`, hit counts `[K]`, KL-to-last sums `[K]`,
+    KL-from-teacher sums `[K]`).
 
-    total = sum_k w_k CE_k + sum_k lambda_k KL(p_last || p_k), each summed over tokens.
-    hidden `[K, B, T, D]`: the exits' hidden states (not normed), deepest last; targets
-    `[B, T]` int; loss_mask `[B, T]` float; distill_weights `[K]` (lambda; None = no
-    distillation, KL sums are then zero). Sums over the global batch, whatever the mesh.
+    total = sum_k w_k CE_k + sum_k lambda_k KL(p_last || p_k) + sum_k a_k KL(p_teacher || p_k),
+    each summed over tokens. hidden `[K, B, T, D]`: the exits' hidden states (not normed),
+    deepest last; targets `[B, T]` int; loss_mask `[B, T]` float; distill_weights `[K]`
+    (lambda; None = no self-distillation, its KL sums are then zero); teacher: a frozen model's
+    final state, norm and head with the anchor weights a_k (None: no anchor, its sums zero).
+    Sums over the global batch, whatever the mesh.
     """
     k, b, t, d = hidden.shape
     layout = resolve_layout(b, d, head_kernel.shape[1], rules_axes or {})
@@ -330,6 +408,18 @@ def multi_exit_ce(hidden: Array, norm_scale: Array, head_kernel: Array, targets:
     distill = distill_weights is not None and k > 1
     lam = (jnp.zeros((k,), jnp.float32) if distill_weights is None
            else jnp.asarray(distill_weights, jnp.float32))
+    if teacher is None:
+        placeholder = jnp.zeros((1, 1), hidden.dtype)
+        t_args = (placeholder, jnp.zeros((1,), jnp.float32), placeholder,
+                  jnp.zeros((k,), jnp.float32))
+    else:
+        if teacher.head_kernel.shape[1] != head_kernel.shape[1]:
+            raise ValueError(f"the teacher's vocab ({teacher.head_kernel.shape[1]}) is not the "
+                             f"student's ({head_kernel.shape[1]})")
+        sg = jax.lax.stop_gradient
+        t_args = (sg(teacher.hidden), sg(teacher.norm_scale), sg(teacher.head_kernel),
+                  jnp.asarray(teacher.weights, jnp.float32))
     return _weighted_loss(hidden, norm_scale, head_kernel, targets.astype(jnp.int32),
                           loss_mask.astype(jnp.float32), exit_weights.astype(jnp.float32), lam,
-                          _Static(layout, chunking, float(eps), distill))
+                          *t_args, _Static(layout, chunking, float(eps), distill,
+                                           teacher is not None))

@@ -29,7 +29,7 @@ import numpy as np
 
 from sorted_jax.core.errors import UserError
 from sorted_jax.model.modeling import rms_norm
-from sorted_jax.objective.exit_loss import multi_exit_ce
+from sorted_jax.objective.exit_loss import Teacher, multi_exit_ce
 from sorted_jax.parallel import sharding
 
 Array = jax.Array
@@ -251,11 +251,13 @@ class ExitSums:
     correct: Array  # [K] number of tokens whose argmax is the target
     tokens: Array  # [] number of tokens that count (sum of the loss mask)
     distill: Array | None = None  # [K] sum of KL(p_last || p_k) when self-distilling
+    anchor: Array | None = None  # [K] sum of KL(p_teacher || p_k) when anchored
 
     @classmethod
-    def zeros(cls, num_exits: int, distill: bool = False) -> ExitSums:
+    def zeros(cls, num_exits: int, distill: bool = False, anchor: bool = False) -> ExitSums:
         z = jnp.zeros((num_exits,), jnp.float32)
-        return cls(z, z, jnp.zeros((), jnp.float32), z if distill else None)
+        return cls(z, z, jnp.zeros((), jnp.float32), z if distill else None,
+                   z if anchor else None)
 
     def __add__(self, other: ExitSums) -> ExitSums:
         return jax.tree.map(jnp.add, self, other)
@@ -273,7 +275,8 @@ def multi_exit_losses(hidden_exits: Array, norm_scale: Array, head_kernel: Array
                       targets: Array, loss_mask: Array, exit_weights: Array, *, eps: float,
                       rows_per_chunk: int = 4096,
                       rules: Sequence[tuple[str, Any]] | None = None,
-                      distill_weights: Array | None = None) -> tuple[Array, ExitSums]:
+                      distill_weights: Array | None = None,
+                      teacher: Teacher | None = None) -> tuple[Array, ExitSums]:
     """Weighted CE sum over exits (differentiable) and per-exit sums (metrics).
 
     hidden_exits: `[K, B, T, D]` hidden states after the K exit layers (not normed), as
@@ -288,15 +291,20 @@ def multi_exit_losses(hidden_exits: Array, norm_scale: Array, head_kernel: Array
     distill_weights `[K]` (lambda_k): also self-distil each exit toward the deepest exit's
     detached distribution, adding sum_k lambda_k KL(p_last || p_k) over tokens to the total
     (`ExitSums.distill` holds the per-exit KL sums).
+
+    teacher: anchor the exits to a frozen model's distribution on the same tokens, adding
+    sum_k a_k KL(p_teacher || p_k) (`Teacher.weights` are the a_k; `ExitSums.anchor` holds the
+    per-exit KL sums). Its logits are computed chunk by chunk beside the student's.
     """
     mask = loss_mask.astype(jnp.float32)
-    total, loss, correct, kl = multi_exit_ce(
+    total, loss, correct, kl, akl = multi_exit_ce(
         hidden_exits, norm_scale, head_kernel, targets, mask,
         jnp.asarray(exit_weights, jnp.float32), eps=eps, rows_per_chunk=rows_per_chunk,
-        rules_axes=_rules_axes(rules), distill_weights=distill_weights)
+        rules_axes=_rules_axes(rules), distill_weights=distill_weights, teacher=teacher)
     sg = jax.lax.stop_gradient
     sums = ExitSums(loss=sg(loss), correct=sg(correct), tokens=jnp.sum(mask),
-                    distill=None if distill_weights is None else sg(kl))
+                    distill=None if distill_weights is None else sg(kl),
+                    anchor=None if teacher is None else sg(akl))
     return total, sums
 
 
@@ -320,8 +328,8 @@ def select_exits(hidden: Array, exits: Sequence[int]) -> Array:
 
 def naive_exit_losses(hidden_exits: Array, norm_scale: Array, head_kernel: Array,
                       targets: Array, loss_mask: Array, exit_weights: Array, *,
-                      eps: float, distill_weights: Array | None = None
-                      ) -> tuple[Array, ExitSums]:
+                      eps: float, distill_weights: Array | None = None,
+                      teacher: Teacher | None = None) -> tuple[Array, ExitSums]:
     """Reference: all `[K, B, T, V]` logits at once. For tests and the memory comparison."""
     x = rms_norm(hidden_exits, norm_scale, eps, hidden_exits.dtype)
     logits = jnp.einsum("kbtd,dv->kbtv", x, head_kernel.astype(x.dtype),
@@ -334,13 +342,23 @@ def naive_exit_losses(hidden_exits: Array, norm_scale: Array, head_kernel: Array
     total = jnp.sum(loss * jnp.asarray(exit_weights, jnp.float32))
     kl = None
     if distill_weights is not None:
-        teacher = jax.lax.stop_gradient(logp[-1])
-        kl_tok = jnp.sum(jnp.exp(teacher) * (teacher - logp), axis=-1)  # [K, B, T]
+        last = jax.lax.stop_gradient(logp[-1])
+        kl_tok = jnp.sum(jnp.exp(last) * (last - logp), axis=-1)  # [K, B, T]
         kl = jnp.sum(kl_tok * mask[None], axis=(1, 2))
         total = total + jnp.sum(kl * jnp.asarray(distill_weights, jnp.float32))
+    akl = None
+    if teacher is not None:
+        tx = rms_norm(teacher.hidden, teacher.norm_scale, eps, teacher.hidden.dtype)
+        t_logp = jax.lax.stop_gradient(jax.nn.log_softmax(jnp.einsum(
+            "btd,dv->btv", tx, teacher.head_kernel.astype(tx.dtype),
+            preferred_element_type=jnp.float32), axis=-1))
+        akl_tok = jnp.sum(jnp.exp(t_logp)[None] * (t_logp[None] - logp), axis=-1)  # [K, B, T]
+        akl = jnp.sum(akl_tok * mask[None], axis=(1, 2))
+        total = total + jnp.sum(akl * jnp.asarray(teacher.weights, jnp.float32))
     sg = jax.lax.stop_gradient
     sums = ExitSums(loss=sg(loss), correct=sg(correct.astype(jnp.float32)),
-                    tokens=jnp.sum(mask), distill=None if kl is None else sg(kl))
+                    tokens=jnp.sum(mask), distill=None if kl is None else sg(kl),
+                    anchor=None if akl is None else sg(akl))
     return total, sums
 
 
@@ -353,5 +371,7 @@ def exit_metrics(sums: ExitSums, exits: Sequence[int]) -> dict[str, Array]:
         out[f"accuracy/exit_{e}"] = sums.correct[i] / n
         if sums.distill is not None:
             out[f"kl_to_last/exit_{e}"] = sums.distill[i] / n
+        if sums.anchor is not None:
+            out[f"kl_to_teacher/exit_{e}"] = sums.anchor[i] / n
     out["tokens"] = sums.tokens
     return out

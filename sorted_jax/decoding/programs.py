@@ -117,7 +117,7 @@ class Stack:
                                attention_mask=valid, cache=cache)
 
     def init_caches(self, batch: int, slots: int, dtype: Any, per_row: bool = False) -> tuple:
-        return tuple(KVCache.init(self.config.replace(num_hidden_layers=b - a), batch, slots,
+        return tuple(KVCache.init(self.config.layers_config(b - a), batch, slots,
                                   dtype, per_row=per_row) for a, b in self.bounds)
 
 

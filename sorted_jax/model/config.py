@@ -41,8 +41,11 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    # Exits with their own adapter layer on a frozen trunk (`exit_adapters`); () = none.
+    exit_adapters: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "exit_adapters", tuple(int(e) for e in self.exit_adapters))
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.rope_scaling is not None:
@@ -104,6 +107,11 @@ class LlamaConfig:
                 raise ConfigError(f"llama3 rope_scaling is missing {missing}")
         if self.rope_type == "linear" and "factor" not in self.rope_scaling:
             raise ConfigError("linear rope_scaling needs a 'factor'")
+        a = self.exit_adapters
+        if any(not 1 <= e < self.num_hidden_layers for e in a) or any(
+                x >= y for x, y in zip(a, a[1:], strict=False)):
+            raise ConfigError(f"exit_adapters must be increasing exits in 1.."
+                              f"{self.num_hidden_layers - 1}, got {list(a)}")
 
     def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
@@ -113,7 +121,12 @@ class LlamaConfig:
         if not 1 <= depth <= self.num_hidden_layers:
             raise ConfigError(
                 f"sub-model depth must be in 1..{self.num_hidden_layers}, got {depth}")
-        return self.replace(num_hidden_layers=depth)
+        return self.replace(num_hidden_layers=depth, exit_adapters=())
+
+    def layers_config(self, count: int) -> LlamaConfig:
+        """A config with `count` layers and no adapters: the shape of a run of layers (a KV
+        cache of a decoding segment), not a model."""
+        return self.replace(num_hidden_layers=count, exit_adapters=())
 
     # -- HF config.json ----------------------------------------------------------------------
     @classmethod
@@ -155,6 +168,9 @@ class LlamaConfig:
         }
         for f in dataclasses.fields(self):
             d[f.name] = copy.deepcopy(getattr(self, f.name))
+        d["exit_adapters"] = list(self.exit_adapters)
+        if not self.exit_adapters:  # a plain LLaMA config: nothing HF does not know
+            del d["exit_adapters"]
         d["head_dim"] = self.dim_per_head
         d["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
                                 **(self.rope_scaling or {})}

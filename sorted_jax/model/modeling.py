@@ -565,17 +565,40 @@ def make_model(config: LlamaConfig, *, dtype: Dtype = jnp.float32,
                  remat_policy=remat_policy, scan_unroll=scan_unroll)
 
 
+EXIT_ADAPTERS = "exit_adapters"  # params key of the exit adapters' layer stack
+
+
+def with_exit_adapters(params: dict, config: LlamaConfig) -> dict:
+    """`params` plus, where the config has exit adapters, their stack: adapter k starts as a
+    copy of the layer right after exit k (0-based row k of `layers`). Works on boxed
+    (logically partitioned) params too: the stack keeps the layers' axis names."""
+    if not config.exit_adapters or EXIT_ADAPTERS in params:
+        return params
+    rows = jnp.asarray(config.exit_adapters)
+
+    def take(x):
+        if isinstance(x, nn.LogicallyPartitioned):
+            return x.replace_boxed(jnp.take(x.value, rows, axis=0))
+        return jnp.take(x, rows, axis=0)
+
+    stack = jax.tree.map(take, params["layers"],
+                         is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return {**params, EXIT_ADAPTERS: stack}
+
+
 def init_params(model: Llama, rng: Array, seq_len: int = 8) -> dict:
-    """Random params (unboxed from their logical-axis metadata)."""
+    """Random params (unboxed from their logical-axis metadata), exit adapters included."""
     ids = jnp.zeros((1, seq_len), jnp.int32)
-    return nn.unbox(model.init(rng, ids, method=Llama.touch_all)["params"])
+    params = model.init(rng, ids, method=Llama.touch_all)["params"]
+    return nn.unbox(with_exit_adapters(params, model.config))
 
 
 def abstract_params(model: Llama, seq_len: int = 8) -> dict:
     """Shapes/dtypes of params with their logical-axis metadata, without allocating."""
     ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    return jax.eval_shape(
-        lambda i: model.init(jax.random.PRNGKey(0), i, method=Llama.touch_all), ids)["params"]
+    return jax.eval_shape(lambda i: with_exit_adapters(
+        model.init(jax.random.PRNGKey(0), i, method=Llama.touch_all)["params"], model.config),
+        ids)
 
 
 def logical_axes(model: Llama) -> dict:

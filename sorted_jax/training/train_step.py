@@ -4,6 +4,13 @@ One `jax.jit` per step with explicit in/out shardings and donated state. Gradien
 is a `lax.scan` over micro-batches that adds unnormalised loss sums, gradients and token
 counts, and divides once, so A micro-batches give exactly the step on the whole batch.
 SFT is the same code with the exit set {L}.
+
+Two ways to keep the full model where SFT would take it: `trainable_keys` trains only part of
+the params (e.g. exit adapters on a frozen trunk: the gradient is taken with respect to those
+params only, so the trunk's is never computed, and the optimizer holds state for them only);
+`teacher` anchors the exits to a frozen model's distribution (its forward pass runs inside
+the step on the same batch; its params are a step argument, never in the optimizer or the
+checkpoint).
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sorted_jax.model.modeling import Llama, head_weights
+from sorted_jax.model.exit_adapters import apply_adapters
+from sorted_jax.model.modeling import Llama, abstract_params, head_weights, with_exit_adapters
 from sorted_jax.objective import soft
+from sorted_jax.objective.exit_loss import Teacher
 from sorted_jax.parallel import sharding
 
 Array = jax.Array
@@ -125,6 +134,12 @@ class SoftSteps:
     exit_hold_steps: int = 0
     # Self-distillation of every exit but the deepest toward its (detached) distribution.
     distill_weight: float = 0.0
+    # Top-level params keys the optimizer trains (None: all); the rest stay bit-identical.
+    trainable_keys: tuple[str, ...] | None = None
+    # A frozen teacher (its params go to `set_teacher`) and the weight a_k of KL(p_teacher ||
+    # p_k) per exit (the anchor): anchored SoFT.
+    teacher: Llama | None = None
+    anchor_weights: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         cfg = self.model.config
@@ -133,6 +148,14 @@ class SoftSteps:
         self.schedule_of_exits = soft.ExitSchedule(tuple(float(w) for w in self.weights),
                                                    self.exit_ramp_steps, self.exit_hold_steps)
         self.distill = soft.distill_weights(len(self.exits), self.distill_weight)
+        if (self.teacher is None) != (self.anchor_weights is None):
+            raise ValueError("an anchored step needs both a teacher model and anchor weights")
+        if self.anchor_weights is not None:
+            self.anchor_weights = np.asarray(self.anchor_weights, np.float32)
+            if self.anchor_weights.shape != (len(self.exits),):
+                raise ValueError(f"need one anchor weight per exit ({len(self.exits)}), got "
+                                 f"{self.anchor_weights.shape}")
+        self.teacher_params: Any = None
         if self.master_weights is None:
             self.master_weights = _low_precision(self.model.param_dtype)
         if self.master_weights:
@@ -144,10 +167,13 @@ class SoftSteps:
                                                        self.rules)
         self.params_shardings = self.state_shardings.params
         self.batch_shardings = sharding.batch_sharding(self.mesh, self.rules)
+        self.teacher_shardings = None if self.teacher is None else sharding.tree_shardings(
+            abstract_params(self.teacher), self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self._init = jax.jit(self._init_unboxed, out_shardings=self.state_shardings)
         self._train = jax.jit(self._train_step,
-                              in_shardings=(self.state_shardings, self.batch_shardings),
+                              in_shardings=(self.state_shardings, self.batch_shardings,
+                                            self.teacher_shardings),
                               out_shardings=(self.state_shardings, replicated),
                               donate_argnums=0)
         self._eval = jax.jit(self._eval_step,
@@ -162,16 +188,36 @@ class SoftSteps:
     def state_from_params(self, params: Any) -> TrainState:
         """A fresh train state (step 0, new optimizer state) around given weights."""
         params = jax.device_put(params, self.params_shardings)
-        make = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)),
+        make = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p,
+                                            self.tx.init(self.split(p)[0])),
                        out_shardings=self.state_shardings)
         return make(params)
+
+    def set_teacher(self, params: Any) -> None:
+        """The anchored step's frozen teacher weights, placed once (sharded like a model's)."""
+        if self.teacher is None:
+            raise ValueError("this step has no teacher model")
+        self.teacher_params = jax.device_put(params, self.teacher_shardings)
+
+    def split(self, params: Any) -> tuple[Any, Any]:
+        """(trainable, frozen) top-level parts of a params dict."""
+        if self.trainable_keys is None:
+            return params, {}
+        missing = set(self.trainable_keys) - set(params)
+        if missing:
+            raise ValueError(f"trainable params {sorted(missing)} are not in the model")
+        keep = set(self.trainable_keys)
+        return ({k: v for k, v in params.items() if k in keep},
+                {k: v for k, v in params.items() if k not in keep})
 
     def check_batch(self, global_batch_size: int) -> None:
         sharding.check_batch_size(global_batch_size, self.mesh, self.rules, self.grad_accum)
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        if self.teacher is not None and self.teacher_params is None:
+            raise ValueError("set_teacher(params) before the first anchored step")
         with sharding.activation_sharding(self.mesh, self.rules):
-            return self._train(state, batch)
+            return self._train(state, batch, self.teacher_params)
 
     def eval_step(self, params: Any, batch: Batch) -> soft.ExitSums:
         with sharding.activation_sharding(self.mesh, self.rules):
@@ -186,43 +232,75 @@ class SoftSteps:
             "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32),
             "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
         }
-        state = jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x,
-                             self.abstract_state,
-                             is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        unbox = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x, tree,
+            is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        teacher = None if self.teacher is None else unbox(abstract_params(self.teacher))
         with sharding.activation_sharding(self.mesh, self.rules):
-            return self._train.lower(state, batch)
+            return self._train.lower(unbox(self.abstract_state), batch, teacher)
 
     # -- traced ------------------------------------------------------------------------------
     def _init_boxed(self, rng: Array) -> TrainState:
         ids = jnp.zeros((1, self.init_seq_len), jnp.int32)
-        params = self.model.init(rng, ids, method=Llama.touch_all)["params"]
-        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+        params = with_exit_adapters(self.model.init(rng, ids, method=Llama.touch_all)["params"],
+                                    self.model.config)
+        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(self.split(params)[0]))
 
     def _init_unboxed(self, rng: Array) -> TrainState:
         return nn.unbox(self._init_boxed(rng))
 
-    def _loss_sums(self, params: Any, batch: Batch, step: Array | None = None
-                   ) -> tuple[Array, soft.ExitSums]:
-        """Weighted loss sum and per-exit sums; the exit weights of `step` (None: the target)."""
-        cfg = self.model.config
+    def _exit_states(self, params: Any, batch: Batch) -> Array:
+        """`[K, B, T, D]`: the exits' hidden states, through their adapters where they have
+        one."""
+        positions = batch.get("positions") if "segment_ids" in batch else None
         out = self.model.apply({"params": params}, batch["input_ids"],
                                attention_mask=batch.get("attention_mask"),
-                               segment_ids=batch.get("segment_ids"),
-                               positions=batch.get("positions") if "segment_ids" in batch
-                               else None, exits=self.exits)
+                               segment_ids=batch.get("segment_ids"), positions=positions,
+                               exits=self.exits)
+        if not self.model.config.exit_adapters:
+            return out.hidden
+        return apply_adapters(self.model, params, out.hidden, self.exits, positions=positions,
+                              attention_mask=batch.get("attention_mask"),
+                              segment_ids=batch.get("segment_ids"))
+
+    def _teacher(self, teacher_params: Any, batch: Batch) -> Teacher | None:
+        """The frozen teacher's final state, norm and head on this batch (no gradient)."""
+        if teacher_params is None:
+            return None
+        cfg = self.teacher.config
+        positions = batch.get("positions") if "segment_ids" in batch else None
+        out = self.teacher.apply({"params": teacher_params}, batch["input_ids"],
+                                 attention_mask=batch.get("attention_mask"),
+                                 segment_ids=batch.get("segment_ids"), positions=positions,
+                                 exits=(cfg.num_hidden_layers,))
+        scale, kernel = head_weights(teacher_params, cfg)
+        sg = jax.lax.stop_gradient
+        return Teacher(sg(out.hidden[0]), sg(scale), sg(kernel), self.anchor_weights)
+
+    def _loss_sums(self, params: Any, batch: Batch, step: Array | None = None,
+                   teacher_params: Any = None) -> tuple[Array, soft.ExitSums]:
+        """Weighted loss sum and per-exit sums; the exit weights of `step` (None: the target)."""
+        cfg = self.model.config
         scale, kernel = head_weights(params, cfg)
         weights = (self.weights if step is None else self.schedule_of_exits.at(step))
-        return soft.multi_exit_losses(out.hidden, scale, kernel, batch["targets"],
-                                      batch["loss_mask"], weights, eps=cfg.rms_norm_eps,
-                                      rows_per_chunk=self.rows_per_chunk, rules=self.rules,
-                                      distill_weights=self.distill)
+        return soft.multi_exit_losses(self._exit_states(params, batch), scale, kernel,
+                                      batch["targets"], batch["loss_mask"], weights,
+                                      eps=cfg.rms_norm_eps, rows_per_chunk=self.rows_per_chunk,
+                                      rules=self.rules, distill_weights=self.distill,
+                                      teacher=self._teacher(teacher_params, batch))
 
-    def _grads(self, params: Any, batch: Batch, step: Array | None = None
-               ) -> tuple[Array, soft.ExitSums, Any]:
-        """Unnormalised weighted loss sum, per-exit sums and gradient over the whole batch."""
-        grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
+    def _grads(self, params: Any, batch: Batch, step: Array | None = None,
+               teacher_params: Any = None) -> tuple[Array, soft.ExitSums, Any]:
+        """Unnormalised weighted loss sum, per-exit sums and the gradient of the trainable
+        params (only those: the frozen ones' is never computed) over the whole batch."""
+        trainable, frozen = self.split(params)
+
+        def loss(t: Any, mb: Batch) -> tuple[Array, soft.ExitSums]:
+            return self._loss_sums({**frozen, **t}, mb, step, teacher_params)
+
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
         if self.grad_accum == 1:
-            (total, sums), grads = grad_fn(params, batch, step)
+            (total, sums), grads = grad_fn(trainable, batch)
             return total, sums, grads
 
         a = self.grad_accum
@@ -239,28 +317,31 @@ class SoftSteps:
 
         def body(carry, mb):
             total, sums, grads = carry
-            (t, s), g = grad_fn(params, mb, step)
+            (t, s), g = grad_fn(trainable, mb)
             grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
             return (total + t, sums + s, grads), None
 
         k = len(self.exits)
-        zeros = soft.ExitSums.zeros(k, distill=self.distill is not None)
+        zeros = soft.ExitSums.zeros(k, distill=self.distill is not None,
+                                    anchor=teacher_params is not None)
         init = (jnp.zeros(()), zeros,
-                jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+                jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable))
         (total, sums, grads), _ = jax.lax.scan(body, init, micro)
         return total, sums, grads
 
-    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        total, sums, grads = self._grads(state.params, batch, state.step)
+    def _train_step(self, state: TrainState, batch: Batch, teacher_params: Any = None
+                    ) -> tuple[TrainState, dict]:
+        total, sums, grads = self._grads(state.params, batch, state.step, teacher_params)
+        trainable, frozen = self.split(state.params)
         n = jnp.maximum(sums.tokens, 1.0)
         grad_dtype = (lambda p: jnp.float32) if self.master_weights else (lambda p: p.dtype)
-        grads = jax.tree.map(lambda g, p: (g / n).astype(grad_dtype(p)), grads, state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        grads = jax.tree.map(lambda g, p: (g / n).astype(grad_dtype(p)), grads, trainable)
+        updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
         if isinstance(opt_state, MasterWeightsState):  # exactly the master's cast, no rounding
-            params = jax.tree.map(lambda m, p: m.astype(p.dtype), opt_state.master,
-                                  state.params)
+            new = jax.tree.map(lambda m, p: m.astype(p.dtype), opt_state.master, trainable)
         else:
-            params = optax.apply_updates(state.params, updates)
+            new = optax.apply_updates(trainable, updates)
+        params = {**frozen, **new}  # frozen leaves are the very same arrays: bit-identical
         metrics = {"loss": total / n, "grad_norm": optax.tree.norm(grads),
                    **soft.exit_metrics(sums, self.exits)}
         if self.schedule is not None:

@@ -30,7 +30,14 @@ from sorted_jax.decoding.sampling import (
     top1_prob,
 )
 from sorted_jax.model.config import LlamaConfig
-from sorted_jax.model.modeling import KVCache, make_model, run_layer_range, write_slots
+from sorted_jax.model.exit_adapters import adapter_index
+from sorted_jax.model.modeling import (
+    EXIT_ADAPTERS,
+    KVCache,
+    make_model,
+    run_layer_range,
+    write_slots,
+)
 
 Array = jax.Array
 
@@ -48,6 +55,7 @@ class Control:
 @flax.struct.dataclass
 class DecodeState:
     caches: tuple  # one KVCache per segment
+    acaches: tuple  # per segment: its exit adapter's one-layer KVCache, or None (no adapter)
     hbuf: tuple  # early exit: hidden state after each exit boundary, [B, S, D] per boundary
     last: Array  # [B] the last generated token (input of the next step)
     pos: Array  # [B] its position
@@ -89,13 +97,16 @@ class SpecCounts:
 class Stack:
     """Segments [a, b) of one model, all run over the full params' one stacked copy of the
     layer weights (`modeling.run_layer_range`: no per-segment copies); each segment has its
-    own `KVCache` of b - a layers."""
+    own `KVCache` of b - a layers. A segment that ends at an exit with an adapter
+    (`model.exit_adapters`) reads its logits through that adapter layer, which keeps its own
+    one-layer cache; the next segment continues from the trunk's state, not the adapter's."""
 
     def __init__(self, config: LlamaConfig, bounds: tuple[tuple[int, int], ...], dtype: Any,
                  attention_impl: str):
         self.config = config
         self.bounds = bounds
         self.model = make_model(config, dtype=dtype, attention_impl=attention_impl)
+        self.adapter_rows = tuple(adapter_index(config, b) for _, b in bounds)
 
     @property
     def dtype(self) -> Any:
@@ -116,9 +127,25 @@ class Stack:
         return run_layer_range(self.model, params, h, a, b, positions=positions,
                                attention_mask=valid, cache=cache)
 
+    def adapt(self, s: int, params: dict, h: Array, positions: Array, valid: Array | None,
+              acache: KVCache | None) -> tuple[Array, KVCache | None]:
+        """Segment s's output through its exit adapter (what its logits read); unchanged
+        where the segment's exit has none."""
+        a = self.adapter_rows[s]
+        if a is None:
+            return h, acache
+        return run_layer_range(self.model, {**params, "layers": params[EXIT_ADAPTERS]}, h, a,
+                               a + 1, positions=positions, attention_mask=valid, cache=acache)
+
     def init_caches(self, batch: int, slots: int, dtype: Any, per_row: bool = False) -> tuple:
         return tuple(KVCache.init(self.config.layers_config(b - a), batch, slots,
                                   dtype, per_row=per_row) for a, b in self.bounds)
+
+    def init_adapter_caches(self, batch: int, slots: int, dtype: Any,
+                            per_row: bool = False) -> tuple:
+        return tuple(None if a is None else KVCache.init(self.config.layers_config(1), batch,
+                                                         slots, dtype, per_row=per_row)
+                     for a in self.adapter_rows)
 
 
 def _commit(st: DecodeState, y: Array, count: Array, ctl: Control) -> dict:
@@ -225,16 +252,19 @@ class Programs:
         def put(x, y, axis=0):
             return jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), b, axis=axis)
 
-        caches = tuple(c.replace(k=put(c.k, r.k, 1), v=put(c.v, r.v, 1),
-                                 positions=put(c.positions, r.positions),
-                                 index=put(c.index, r.index))
-                       for c, r in zip(st.caches, row.caches, strict=True))
+        def put_cache(c, r):
+            return None if c is None else c.replace(
+                k=put(c.k, r.k, 1), v=put(c.v, r.v, 1), positions=put(c.positions, r.positions),
+                index=put(c.index, r.index))
+
+        caches = tuple(put_cache(c, r) for c, r in zip(st.caches, row.caches, strict=True))
+        acaches = tuple(put_cache(c, r) for c, r in zip(st.acaches, row.acaches, strict=True))
         stats = st.stats.replace(row_committed=put(st.stats.row_committed,
                                                    row.stats.row_committed),
                                  row_rounds=put(st.stats.row_rounds, row.stats.row_rounds))
         rows = {name: put(getattr(st, name), getattr(row, name)) for name in (
             "last", "pos", "n", "out", "length", "done", "draft_len")}
-        return st.replace(caches=caches, stats=stats, **rows)
+        return st.replace(caches=caches, acaches=acaches, stats=stats, **rows)
 
     def _advance(self, params, st: DecodeState, ctl: Control) -> DecodeState:
         fn = self._ladder_step if self.kind == "ladder" else self._spec_round
@@ -252,13 +282,16 @@ class Programs:
         """Run every segment over the (left-padded) prompts; choose the first token."""
         stk = self.stack
         b, p = ids.shape
-        caches = list(stk.init_caches(b, slots, jnp.dtype(self.cache_dtype),
-                                      per_row=self.kind == "speculative"))
+        per_row = self.kind == "speculative"
+        caches = list(stk.init_caches(b, slots, jnp.dtype(self.cache_dtype), per_row=per_row))
+        acaches = list(stk.init_adapter_caches(b, slots, jnp.dtype(self.cache_dtype),
+                                               per_row=per_row))
         h = stk.embed(params, ids)
         last_h = []
         for s in range(len(stk.bounds)):
             h, caches[s] = stk.run(s, params, h, positions, valid, caches[s])
-            last_h.append(h[:, -1])
+            ha, acaches[s] = stk.adapt(s, params, h, positions, valid, acaches[s])
+            last_h.append(ha[:, -1])
         key, k_sel = jax.random.split(key)
         stats: LadderCounts | SpecCounts
         if self.kind == "ladder":
@@ -272,7 +305,7 @@ class Programs:
         d = stk.config.hidden_size
         nbuf = len(stk.bounds) - 1 if self.kind == "ladder" else 0
         st = DecodeState(
-            caches=tuple(caches),
+            caches=tuple(caches), acaches=tuple(acaches),
             hbuf=tuple(jnp.zeros((b, slots, d), h.dtype) for _ in range(nbuf)),
             last=tok, pos=positions[:, -1] + 1, n=jnp.zeros((b,), jnp.int32),
             out=jnp.zeros((b, slots), jnp.int32), length=jnp.zeros((b,), jnp.int32),
@@ -304,11 +337,12 @@ class Programs:
         m = len(stk.bounds)
         key, k_sel = jax.random.split(st.key)
         active = ~st.done
-        caches, hbuf = list(st.caches), list(st.hbuf)
+        caches, acaches, hbuf = list(st.caches), list(st.acaches), list(st.hbuf)
         cur = caches[0].index
         h, caches[0] = stk.run(0, params, stk.embed(params, st.last[:, None]),
                                st.pos[:, None], None, caches[0])
-        logits = stk.head(params, h[:, 0])
+        ha, acaches[0] = stk.adapt(0, params, h, st.pos[:, None], None, acaches[0])
+        logits = stk.head(params, ha[:, 0])
         exit_idx = jnp.zeros(st.last.shape, jnp.int32)
         if m > 1:
             hbuf[0] = jax.lax.dynamic_update_slice_in_dim(hbuf[0], h, cur, axis=1)
@@ -318,31 +352,34 @@ class Programs:
                 has_out = s < m - 1
 
                 def deeper(carry, s=s, has_out=has_out):
-                    cache, hout, logits, decided, exit_idx = carry
-                    cache, hout, h_cur = self._flush(s, params, cache, hbuf[s - 1], hout,
-                                                     slot_pos, cur, has_out)
+                    cache, acache, hout, logits, decided, exit_idx = carry
+                    cache, acache, hout, h_cur = self._flush(s, params, cache, acache,
+                                                             hbuf[s - 1], hout, slot_pos, cur,
+                                                             has_out)
                     lg = stk.head(params, h_cur)
                     take = ~decided
                     logits = jnp.where(take[:, None], lg, logits)
                     exit_idx = jnp.where(take, s, exit_idx)
                     decided = decided | (top1_prob(lg) >= ctl.thresholds[s]) | (s == m - 1)
-                    return cache, hout, logits, decided, exit_idx
+                    return cache, acache, hout, logits, decided, exit_idx
 
-                carry = (caches[s], hbuf[s] if has_out else None, logits, decided, exit_idx)
+                carry = (caches[s], acaches[s], hbuf[s] if has_out else None, logits, decided,
+                         exit_idx)
                 carry = jax.lax.cond(jnp.all(decided), lambda c: c, deeper, carry)
-                caches[s], hout, logits, decided, exit_idx = carry
+                caches[s], acaches[s], hout, logits, decided, exit_idx = carry
                 if has_out:
                     hbuf[s] = hout
         tok = select(k_sel, logits, ctl.sampling, self.greedy)
-        st = st.replace(caches=tuple(caches), hbuf=tuple(hbuf), key=key,
+        st = st.replace(caches=tuple(caches), acaches=tuple(acaches), hbuf=tuple(hbuf), key=key,
                         stats=self._exit_stats(st.stats, exit_idx, active))
         upd = _commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl)
         return st.replace(last=tok, pos=st.pos + 1, **upd)
 
-    def _flush(self, s, params, cache, hin, hout, slot_pos, cur, has_out):
+    def _flush(self, s, params, cache, acache, hin, hout, slot_pos, cur, has_out):
         """Run segment s over its pending slots [cache.index, cur]; returns the current
-        token's hidden state after the segment. Pending slots are tokens that exited below
-        this segment: their K/V here are computed now (lazily), exactly as the full model."""
+        token's state for segment s's logits (through its exit adapter, if any). Pending slots
+        are tokens that exited below this segment: their K/V here (and in the segment's
+        adapter) are computed now (lazily), exactly as the full model."""
         stk, w = self.stack, self.ee_chunk
 
         def single(_):
@@ -350,11 +387,12 @@ class Programs:
             p = jax.lax.dynamic_slice_in_dim(slot_pos, cur, 1, axis=1)
             out, c = stk.run(s, params, h, p, None, cache)
             ho = jax.lax.dynamic_update_slice_in_dim(hout, out, cur, axis=1) if has_out else None
-            return c, ho, out[:, 0]
+            oa, ac = stk.adapt(s, params, out, p, None, acache)
+            return c, ac, ho, oa[:, 0]
 
         def chunked(_):
             def body(carry):
-                c, ho, h_cur = carry
+                c, ac, ho, h_cur = carry
                 start = c.index
                 h = jax.lax.dynamic_slice_in_dim(hin, start, w, axis=1)
                 p = jax.lax.dynamic_slice_in_dim(slot_pos, start, w, axis=1)
@@ -362,13 +400,17 @@ class Programs:
                 out, c = stk.run(s, params, h, jnp.maximum(p, 0), valid, c)
                 if has_out:
                     ho = jax.lax.dynamic_update_slice_in_dim(ho, out, start, axis=1)
-                here = jax.lax.dynamic_index_in_dim(out, jnp.clip(cur - start, 0, w - 1),
+                oa, ac = stk.adapt(s, params, out, jnp.maximum(p, 0), valid, ac)
+                here = jax.lax.dynamic_index_in_dim(oa, jnp.clip(cur - start, 0, w - 1),
                                                     axis=1, keepdims=False)
                 h_cur = jnp.where(cur < start + w, here, h_cur)
-                return c.replace(index=jnp.minimum(start + w, cur + 1)), ho, h_cur
+                end = jnp.minimum(start + w, cur + 1)
+                return (c.replace(index=end), None if ac is None else ac.replace(index=end),
+                        ho, h_cur)
 
             h0 = jnp.zeros((hin.shape[0], hin.shape[2]), hin.dtype)
-            return jax.lax.while_loop(lambda c: c[0].index <= cur, body, (cache, hout, h0))
+            return jax.lax.while_loop(lambda c: c[0].index <= cur, body,
+                                      (cache, acache, hout, h0))
 
         return jax.lax.cond(cache.index == cur, single, chunked, None)
 
@@ -380,6 +422,7 @@ class Programs:
         key, k_draft, k_acc = jax.random.split(st.key, 3)
         active = ~st.done
         lo, hi = st.caches
+        alo = st.acaches[0]  # the draft's exit adapter (None: the draft is the bare exit)
         b = st.last.shape[0]
         rows = jnp.arange(b)
         cur = lo.index  # [B]
@@ -388,31 +431,35 @@ class Programs:
         d, v = stk.config.hidden_size, stk.config.vocab_size
 
         def draft_body(c):
-            j, cache, tok, hb, drafts, qs, k = c
+            j, cache, acache, tok, hb, drafts, qs, k = c
             h, cache = stk.run(0, params, stk.embed(params, tok[:, None]),
                                (st.pos + j)[:, None], None, cache)
             hb = jax.lax.dynamic_update_slice_in_dim(hb, h, j, axis=1)
-            lg = stk.head(params, h[:, 0])
+            ha, acache = stk.adapt(0, params, h, (st.pos + j)[:, None], None, acache)
+            lg = stk.head(params, ha[:, 0])
             k, sk = jax.random.split(k)
             tok = select(sk, lg, ctl.sampling, greedy)
             drafts = jax.lax.dynamic_update_slice_in_dim(drafts, tok[:, None], j, axis=1)
             if not greedy:
                 qs = jax.lax.dynamic_update_slice_in_dim(
                     qs, probs_of(lg, ctl.sampling)[:, None], j, axis=1)
-            return j + 1, cache, tok, hb, drafts, qs, k
+            return j + 1, cache, acache, tok, hb, drafts, qs, k
 
         # Rows draft until the longest window is full; a row's drafts past its own window are
         # never verified, and their K/V lie past its length (masked, then overwritten).
-        init = (jnp.zeros((), jnp.int32), lo, st.last, jnp.zeros((b, wd + 1, d), stk.dtype),
-                jnp.zeros((b, wd), jnp.int32),
+        init = (jnp.zeros((), jnp.int32), lo, alo, st.last,
+                jnp.zeros((b, wd + 1, d), stk.dtype), jnp.zeros((b, wd), jnp.int32),
                 None if greedy else jnp.zeros((b, wd, v), jnp.float32), k_draft)
-        _, lo, _, hb, drafts, qs, _ = jax.lax.while_loop(lambda c: c[0] < n_max, draft_body,
-                                                         init)
+        _, lo, alo, _, hb, drafts, qs, _ = jax.lax.while_loop(lambda c: c[0] < n_max,
+                                                              draft_body, init)
         # Verify: layers [0, k) for each row's last draft d_n (at its own slot cur + n), then
         # layers [k, L) for the last committed token + n drafts at once (padding masked).
         d_n = jnp.take_along_axis(drafts, (n - 1)[:, None], axis=1)
         h, lo = stk.run(0, params, stk.embed(params, d_n), (st.pos + n)[:, None], None,
                         lo.replace(index=cur + n))
+        if alo is not None:  # the adapter's K/V of d_n too, so its cache keeps pace
+            _, alo = stk.adapt(0, params, h, (st.pos + n)[:, None], None,
+                               alo.replace(index=cur + n))
         hb = hb.at[rows, n].set(h[:, 0])
         idx = jnp.arange(wd + 1)
         valid = idx[None, :] <= n[:, None]
@@ -444,6 +491,7 @@ class Programs:
         grown = jnp.clip(jnp.where(all_in, st.draft_len + 2, st.draft_len - 1), 1, wd)
         step = jnp.where(active, count, 0)
         st = st.replace(caches=(lo.replace(index=cur + step), hi.replace(index=cur + step)),
+                        acaches=(None if alo is None else alo.replace(index=cur + step), None),
                         key=key, stats=stats,
                         draft_len=jnp.where(active, grown, st.draft_len))
         upd = _commit(st, y, count, ctl)

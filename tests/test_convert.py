@@ -13,7 +13,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ASSETS, tiny_config
+from helpers import ASSETS, random_params, tiny_config
 
 from sorted_jax.convert import main
 from sorted_jax.io.model_io import load_model_dir, load_params
@@ -508,6 +508,37 @@ def test_safetensors_writer_readable_by_safetensors(tmp_path):
     np.testing.assert_array_equal(y.float().numpy(), a)
     with pytest.raises(ValueError, match="C-contiguous"):
         write_shards(tmp_path, {"a": a.T}, 10**9)
+
+
+def test_export_layout_frees_each_stored_array_as_it_goes():
+    """HF's tensors come out C-contiguous, in HF's order, equal to the views (cast if asked);
+    once the caller lets go of its params the views are the only holders of the stored arrays,
+    so each one copied (transposed or cast) is freed, and only those written as they are
+    stay."""
+    import weakref
+
+    from sorted_jax.io.hf_export import in_hf_layout, submodel_tensors
+    from sorted_jax.io.model_io import flatten
+
+    config = tiny_config(kv=2, layers=3)
+    for dtype, kept in ((None, {"embed_tokens/embedding", "norm/scale",
+                                "layers/input_layernorm/scale",
+                                "layers/post_attention_layernorm/scale"}),
+                        (np.dtype(np.float16), set())):
+        params = random_params(config, seed=0)
+        stored = {"/".join(p): weakref.ref(leaf) for p, leaf in flatten(params).items()}
+        views, sub_config = submodel_tensors(params, config, exit_layer=2)
+        del params
+        assert sub_config.num_hidden_layers == 2
+        assert list(views) == expected_hf_names(sub_config)
+        want = {name: np.array(w, dtype=dtype) for name, w in views.items()}
+        out = in_hf_layout(views, dtype)
+        assert views == {} and list(out) == list(want)
+        for name, w in out.items():
+            assert w.flags.c_contiguous and w.dtype == want[name].dtype, name
+            np.testing.assert_array_equal(w, want[name])
+        assert {p for p, ref in stored.items() if ref() is not None} == kept
+        del out, want
 
 
 def test_import_does_not_pull_torch():

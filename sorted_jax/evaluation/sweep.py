@@ -86,7 +86,7 @@ class SweepOptions:
 
     config: str  # the fine-tuning config file
     out: str  # sweep dir (runs/, eval/, logs/, tables)
-    recipes: tuple[Recipe, ...] = (Recipe("uniform", ()),)
+    recipes: tuple[Recipe, ...] = (Recipe("uniform", RECIPES["uniform"][0]),)
     seeds: tuple[int, ...] = (0,)
     pretrain_config: str = ""  # train base weights with it first; every run starts there
     ict: bool = True  # the SFT+ICT baseline

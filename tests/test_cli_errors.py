@@ -9,6 +9,7 @@ from helpers import REPO, TRAIN_SMALL, tiny_model_dir
 from sorted_jax import convert, evaluate, generate, ict, sweep, train
 from sorted_jax.core import errors
 from sorted_jax.data.tokenizers import ByteTokenizer
+from sorted_jax.evaluation.sweep import Runner
 from sorted_jax.io import safetensors_shards
 from sorted_jax.model.config import ConfigError
 from sorted_jax.objective.soft import ExitError
@@ -139,6 +140,6 @@ def test_sweep(tmp_path, capsys, monkeypatch):
     def run(self, name, argv):
         raise TypeError("a bug deep inside")
 
-    monkeypatch.setattr(sweep.Runner, "__call__", run)
+    monkeypatch.setattr(Runner, "__call__", run)
     with pytest.raises(TypeError, match="a bug deep inside"):
         sweep.main(["--config", cfg, "--out", str(tmp_path / "s2"), "--recipe", "uniform"])

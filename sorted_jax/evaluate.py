@@ -1,4 +1,4 @@
-"""Per-exit quality of one or several checkpoints, side by side; TriviaQA EM; latency; dumps.
+"""`python -m sorted_jax.evaluate`: per-exit quality of checkpoints side by side; `pair`.
 
     python -m sorted_jax.evaluate --ckpt /tmp/soft_tiny --ckpt /tmp/sft_tiny \\
         --ckpt /tmp/sft_ict --data builtin --out /tmp/eval [--latency] [--triviaqa FILE.json]
@@ -6,204 +6,29 @@
         --dump-generations gens.jsonl --num-generations 20
     python -m sorted_jax.evaluate pair --gens gens.jsonl --a soft:4 --b sft:8 --out pairs.jsonl
 
-`--ckpt` is a model dir, a training workdir (`artifacts.inspect` reads any) or an SFT+ICT dir
-(`python -m sorted_jax.ict`), whose exits are then scored with their own heads. Per exit n
-(first n layers + final norm + lm_head) on the held-out records of `--data` (`--split`,
-default eval) with the training template: token cross-entropy, perplexity and top-1 token
-accuracy on the response tokens, computed by `SoftSteps.eval_step` (the training eval's own
-jitted step) and summed over the whole set before dividing, as training's eval does.
-
-Outputs in `--out`:
-
-    exit_metrics.md     Markdown table, one row per exit, columns checkpoint x metric
-    exit_metrics.json   the same numbers, plus settings; TriviaQA predictions per exit
-    exit_quality.png    loss / token accuracy (/ TriviaQA EM) vs exit, one line per checkpoint
-    speed_quality.png   with --latency: loss vs measured decode ms/token, one point per exit
-
-`--out` (and `--dump-generations`) are checked before anything is read: new or empty, never an
-input, and an earlier evaluate output is replaced (atomically) only with `--overwrite`.
-
-`--latency` times greedy decoding at each exit (`Decoder`, mode fixed): after a warm-up,
-(time of N new tokens - time of 1) / (N - 1), the best of a few repeats, batch 1, so prefill
-and compilation are excluded. `--dump-generations` writes one JSON line per (instruction,
-exit, checkpoint) with {instruction, input, response} as a PandaLM-style judge reads them;
-`pair` turns two of those columns into the judge's {instruction, input, response1, response2}.
-
-Defaults (template, max_len, exits, data seed, held-out records of a JSON file, compute dtype)
-come from the first checkpoint's `train_config.json` (or `ict.json`) when it has one.
+The flags become an `EvalOptions`; `evaluation.evaluator` says what is measured and which
+files it writes. `pair` joins two columns (LABEL:EXIT) of a `--dump-generations` file into a
+pairwise judge's {instruction, input, response1, response2} (`evaluation.pairs`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import optax
-
-from sorted_jax.core.errors import EvalError, run_cli
-from sorted_jax.data import (
-    TEMPLATE_NAMES,
-    TEMPLATES,
-    EvalIterator,
-    Tokenizer,
-    open_split_records,
-    tokenize_records,
-)
-from sorted_jax.evaluation import pairs, per_exit, reports, triviaqa
-from sorted_jax.io import artifacts, destinations
-from sorted_jax.model.config import LlamaConfig
-from sorted_jax.model.modeling import DTYPES, make_model
-from sorted_jax.objective import heads, soft
-from sorted_jax.parallel import sharding
-from sorted_jax.training.run_spec import RunSettings, data_stats, data_stats_line
-from sorted_jax.training.train_step import SoftSteps, sum_exit_sums
-
-METRICS_MD, METRICS_JSON = "exit_metrics.md", "exit_metrics.json"
-QUALITY_PNG, SPEED_PNG = "exit_quality.png", "speed_quality.png"
-COMMAND = "sorted_jax.evaluate"
-
-
-def _is_eval_dir(path: Path) -> bool:
-    """A dir of evaluate's reports (also those written before markers existed)."""
-    names = {p.name for p in path.iterdir()}
-    return METRICS_JSON in names and names <= {METRICS_MD, METRICS_JSON, QUALITY_PNG, SPEED_PNG,
-                                               destinations.MARKER}
-
-
-# A `--dump-generations` file: its first line is one of its JSON records.
-_is_generation_dump = destinations.jsonl_with_keys("label", "exit", "response")
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    """One `--ckpt`: what its path holds and its tokenizer at once; weights on `load()`.
-
-    Several checkpoints are validated together before any weights are read, and evaluated one
-    after the other, so only one model's weights are in host memory at a time.
-    """
-
-    label: str
-    art: artifacts.Artifact
-    tokenizer: Tokenizer
-    params: dict | None = None
-    heads: heads.IctHeads | None = None
-    # Decoders of the loaded weights at any exit, shared by latency, generations and TriviaQA.
-    models: per_exit.ExitModels | None = None
-
-    @property
-    def path(self) -> Path:
-        return self.art.path
-
-    @property
-    def config(self) -> LlamaConfig:
-        return self.art.config
-
-    @property
-    def settings(self) -> RunSettings:
-        return self.art.settings
-
-    @property
-    def is_ict(self) -> bool:
-        return self.art.is_ict
-
-    def default_exits(self) -> tuple[int, ...]:
-        return self.art.default_exits()
-
-    def load(self) -> Checkpoint:
-        if self.params is None:
-            self.params = self.art.load_params()
-            self.heads = self.art.load_heads()
-            self.models = per_exit.ExitModels(self.params, self.config, self.heads)
-        return self
-
-    def unload(self) -> None:
-        self.params, self.heads, self.models = None, None, None
-
-
-def load_checkpoint(path: str | Path, label: str, tokenizer_spec: str | None = None,
-                    load_weights: bool = True) -> Checkpoint:
-    """What a model dir, training workdir or SFT+ICT dir holds, its tokenizer (and with
-    `load_weights` the weights and ICT heads)."""
-    art = artifacts.inspect(path, f"checkpoint {label!r}")
-    ckpt = Checkpoint(label, art, art.tokenizer(tokenizer_spec))
-    return ckpt.load() if load_weights else ckpt
-
-
-def resolve_exits_for(ckpt: Checkpoint, exits: str | None) -> tuple[int, ...]:
-    if exits is None:
-        out = ckpt.default_exits()
-    else:
-        try:
-            out = soft.resolve_exits(exits, ckpt.config.num_hidden_layers)
-        except soft.ExitError as e:
-            raise e.prefixed(f"--exits {exits} for checkpoint {ckpt.label!r} ({ckpt.path}, "
-                             f"{ckpt.config.num_hidden_layers} layers): ") from None
-    if ckpt.art.head_exits is not None:
-        missing = [e for e in out if e not in ckpt.art.head_exits]
-        if missing:
-            raise EvalError(f"checkpoint {ckpt.label!r} is SFT+ICT with heads for exits "
-                            f"{list(ckpt.art.head_exits)} only; no head for exits {missing}")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# per-exit loss / accuracy
-
-
-def _sums_fn(ckpt: Checkpoint, model: Any, steps: SoftSteps, exits: Sequence[int], mesh: Any):
-    """batch -> per-exit sums: SoftSteps' eval step, or the ICT heads' for an SFT+ICT dir."""
-    params = jax.device_put(ckpt.params, steps.params_shardings)
-    if ckpt.heads is None:
-        return lambda batch: steps.eval_step(params, batch)
-    heads_eval = heads.HeadsEval(model, exits, mesh)
-    sel = ckpt.heads.select(exits)
-    tree = jax.device_put({k: jnp.asarray(v) for k, v in sel.tree().items()},
-                          heads.heads_shardings(mesh, sharding.DEFAULT_RULES, sel))
-    return lambda batch: heads_eval.eval_step(params, tree, batch)
-
-
-def exit_quality(ckpt: Checkpoint, records: Sequence, exits: Sequence[int], *, template: str,
-                 max_len: int, batch_size: int, mesh: Any, dtype: Any = jnp.float32,
-                 buckets: Sequence[int] | None = None) -> dict[str, Any]:
-    """{"exits": {n: {loss, perplexity, accuracy}}, "examples", "tokens"} on `records`."""
-    ckpt.load()
-    ds = tokenize_records(records, ckpt.tokenizer, max_len, template)
-    if len(ds) == 0:
-        raise EvalError(f"no record fits --max-len {max_len} (every prompt is too long)")
-    model = make_model(ckpt.config, dtype=dtype, attention_impl="auto")
-    dp = sharding.data_parallel_size(mesh)
-    batch_size = -(-batch_size // dp) * dp
-    it = EvalIterator(ds, batch_size, buckets=buckets)
-    steps = SoftSteps(model, exits, optax.identity(), mesh)
-    total = sum_exit_sums(_sums_fn(ckpt, model, steps, exits, mesh), it, steps.batch_shardings)
-    m = {k: float(v) for k, v in jax.device_get(soft.exit_metrics(total, exits)).items()}
-    per = {}
-    for e in exits:
-        loss = m[f"loss/exit_{e}"]
-        per[e] = {"loss": loss, "perplexity": reports.perplexity(loss),
-                  "accuracy": m[f"accuracy/exit_{e}"]}
-    return {"exits": per, "tokens": int(m["tokens"]), **data_stats(ds, len(records))}
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
+from sorted_jax.core.errors import run_cli
+from sorted_jax.data import TEMPLATE_NAMES, TEMPLATES
+from sorted_jax.evaluation import pairs
+from sorted_jax.evaluation.evaluator import EvalOptions, evaluate
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # A flag left out is absent from the namespace, so `EvalOptions` holds every default.
     p = argparse.ArgumentParser(
         prog="python -m sorted_jax.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
         description="Per-exit loss / perplexity / token accuracy of checkpoints side by side "
                     "(also: TriviaQA EM, decode latency, generation dumps).",
         epilog="Pair two columns of a generation dump for a pairwise judge:\n"
@@ -211,237 +36,76 @@ def build_parser() -> argparse.ArgumentParser:
                "--out P.jsonl")
     p.add_argument("--ckpt", action="append", required=True,
                    help="model dir, training workdir or SFT+ICT dir; repeat to compare")
-    p.add_argument("--label", action="append", default=None,
+    p.add_argument("--label", action="append",
                    help="name of each --ckpt in the table (default: the dir name)")
     p.add_argument("--data", required=True, help="builtin, tfds:NAME or a JSON/JSONL file")
-    p.add_argument("--split", default="eval", help="split of builtin/tfds data (default eval)")
-    p.add_argument("--holdout", type=int, default=None,
+    p.add_argument("--split", help="split of builtin/tfds data (default eval)")
+    p.add_argument("--holdout", type=int,
                    help="JSON data: records the run held out (default: its data.eval_holdout "
                         "when --data is its training data); --split eval = those")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N records")
-    p.add_argument("--exits", default=None,
-                   help="exit layers, e.g. 2,4,6,8 or all (default: the run's exits)")
-    p.add_argument("--template", default=None, choices=sorted(TEMPLATE_NAMES),
+    p.add_argument("--limit", type=int, help="use only the first N records")
+    p.add_argument("--exits", help="exit layers, e.g. 2,4,6,8 or all (default: the run's exits)")
+    p.add_argument("--template", choices=sorted(TEMPLATE_NAMES),
                    help="prompt template (default: the training run's, else alpaca)")
-    p.add_argument("--tokenizer", default=None,
+    p.add_argument("--tokenizer",
                    help="tokenizer spec for every checkpoint (default: each checkpoint's own)")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-len", type=int,
                    help="tokens per sequence (default: the training run's, else 512 or the "
                         "model's context if shorter)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype (default: the training run's, else float32)")
-    p.add_argument("--mesh", default="1,-1,1", help="mesh shape data,fsdp,tensor")
-    p.add_argument("--out", default="eval_out", help="output dir")
+    p.add_argument("--mesh", help="mesh shape data,fsdp,tensor")
+    p.add_argument("--out", help="output dir")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier output of evaluate at --out / --dump-generations")
     p.add_argument("--latency", action="store_true",
                    help="measure decode ms/token per exit and plot speed vs quality")
-    p.add_argument("--latency-tokens", type=int, default=64,
+    p.add_argument("--latency-tokens", type=int,
                    help="new tokens per timed generation (--latency)")
-    p.add_argument("--dump-generations", default=None, metavar="FILE.jsonl",
+    p.add_argument("--dump-generations", metavar="FILE.jsonl",
                    help="write responses per (instruction, exit, checkpoint)")
-    p.add_argument("--num-generations", type=int, default=20,
+    p.add_argument("--num-generations", type=int,
                    help="instructions for --dump-generations (the first N records)")
-    p.add_argument("--max-new-tokens", type=int, default=64,
-                   help="generation length for --dump-generations")
-    p.add_argument("--gen-batch-size", type=int, default=8)
-    p.add_argument("--triviaqa", default=None, metavar="FILE.json",
+    p.add_argument("--max-new-tokens", type=int, help="generation length for --dump-generations")
+    p.add_argument("--gen-batch-size", type=int)
+    p.add_argument("--triviaqa", metavar="FILE.json",
                    help="official-format TriviaQA file: closed-book EM per exit")
-    p.add_argument("--triviaqa-limit", type=int, default=0, help="first N questions only")
-    p.add_argument("--triviaqa-max-new-tokens", type=int, default=24)
-    p.add_argument("--triviaqa-template", default="raw", choices=["raw", *sorted(TEMPLATES)],
+    p.add_argument("--triviaqa-limit", type=int, help="first N questions only")
+    p.add_argument("--triviaqa-max-new-tokens", type=int)
+    p.add_argument("--triviaqa-template", choices=["raw", *sorted(TEMPLATES)],
                    help="raw = 'Question: ...\\nAnswer:' alone; else wrapped as an instruction")
     return p
 
 
-def _labels(paths: Sequence[str], labels: Sequence[str] | None) -> list[str]:
-    if labels:
-        if len(labels) != len(paths):
-            raise EvalError(f"{len(labels)} --label for {len(paths)} --ckpt: give one per "
-                            "checkpoint, in the same order")
-        out = list(labels)
-    else:
-        out = [Path(p).absolute().name or str(p) for p in paths]
-        for i, name in enumerate(out):
-            if out.count(name) > 1:
-                out[i] = f"{name}#{i + 1}"
-    if len(set(out)) != len(out):
-        raise EvalError(f"labels repeat: {out}")
-    bad = [x for x in out if ":" in x]
-    if bad:
-        raise EvalError(f"labels may not contain ':' (the pair helper uses LABEL:EXIT): {bad}")
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSetup:
-    """Everything `run` resolves once, from the flags and the first checkpoint's settings."""
-
-    template: str
-    max_len: int
-    dtype_name: str
-    seed: int
-    holdout: int
-    buckets: list[int] | None
-    exits_of: dict[str, tuple[int, ...]]
-
-    @property
-    def dtype(self) -> Any:
-        return DTYPES[self.dtype_name]
-
-
-def resolve_setup(args: argparse.Namespace, ckpts: Sequence[Checkpoint]) -> EvalSetup:
-    """Flags first, else what the first checkpoint's run recorded, else the defaults."""
-    first = ckpts[0].settings
-    max_len = args.max_len or first.max_len or min(
-        [512, *(c.config.max_position_embeddings for c in ckpts)])
-    for c in ckpts:
-        if max_len > c.config.max_position_embeddings:
-            raise EvalError(f"--max-len {max_len} exceeds checkpoint {c.label!r}'s "
-                            f"max_position_embeddings={c.config.max_position_embeddings}")
-    holdout = args.holdout if args.holdout is not None else (
-        first.eval_holdout if args.data == first.data else 0)
-    # the first checkpoint's exits, for every checkpoint
-    exits_arg = args.exits or ",".join(map(str, ckpts[0].default_exits()))
-    buckets = first.buckets
-    if buckets and max(buckets) < max_len:
-        buckets = None
-    return EvalSetup(
-        template=args.template or first.template or "alpaca", max_len=max_len,
-        dtype_name=args.dtype or first.dtype or "float32", seed=first.data_seed,
-        holdout=holdout, buckets=buckets,
-        exits_of={c.label: resolve_exits_for(c, exits_arg) for c in ckpts})
-
-
-def _evaluate_one(c: Checkpoint, args: argparse.Namespace, setup: EvalSetup, records: Sequence,
-                  items: Sequence | None, mesh: Any, gens_file: Any) -> dict[str, Any]:
-    """Everything `run` reports for one checkpoint; its weights are dropped at the end."""
-    t0 = time.time()
-    c.load()
-    print(f"loaded {c.label}: {c.path} ({c.config.num_hidden_layers} layers"
-          + (", SFT+ICT heads" if c.is_ict else "") + f", {time.time() - t0:.1f}s)", flush=True)
-    exits, dtype = setup.exits_of[c.label], setup.dtype
-    q = exit_quality(c, records, exits, template=setup.template, max_len=setup.max_len,
-                     batch_size=args.batch_size, mesh=mesh, dtype=dtype, buckets=setup.buckets)
-    res: dict[str, Any] = {"label": c.label, "path": str(c.path),
-                           "num_layers": c.config.num_hidden_layers,
-                           "ict_heads": c.is_ict, "examples": q["examples"],
-                           "tokens": q["tokens"], "exits": q["exits"],
-                           **{k: q[k] for k in ("records", "dropped", "truncated",
-                                                "first_dropped")}}
-    line = data_stats_line(q, f"--max-len {setup.max_len}")
-    if line:
-        print(f"{c.label}: {line}", flush=True)
-    print(f"{c.label}: " + " ".join(f"e{e} {v['loss']:.4f}" for e, v in q["exits"].items())
-          + f" ({q['examples']} examples, {time.time() - t0:.1f}s)", flush=True)
-    if items is not None:
-        tq = per_exit.triviaqa_em(c.models, c.tokenizer, exits, items,
-                                  max_new_tokens=args.triviaqa_max_new_tokens,
-                                  batch_size=args.gen_batch_size, dtype=dtype,
-                                  template=args.triviaqa_template)
-        res["triviaqa"] = {str(e): v for e, v in tq.items()}
-        for e, v in tq.items():
-            res["exits"][e]["triviaqa_em"] = v["em"]
-    if args.latency:
-        prompt = per_exit.prompt_ids(c.tokenizer, records[0], setup.template)
-        for e, ms in per_exit.measure_latency(c.models, exits, prompt,
-                                              new_tokens=args.latency_tokens,
-                                              dtype=dtype).items():
-            res["exits"][e]["ms_per_token"] = ms
-    if gens_file is not None:
-        line = {"label": c.label, "num_layers": c.config.num_hidden_layers,
-                "checkpoint": str(c.path), "ict_head": c.is_ict}
-        res["generations"] = per_exit.dump_generations(
-            c.models, c.tokenizer, exits, records[:args.num_generations], gens_file,
-            template=setup.template, max_new_tokens=args.max_new_tokens,
-            batch_size=args.gen_batch_size, dtype=dtype, line=line)
-    c.unload()
-    return res
-
-
-def _check_flags(args: argparse.Namespace) -> list[str]:
-    labels = _labels(args.ckpt, args.label)
-    for flag in ("batch_size", "max_new_tokens", "gen_batch_size", "latency_tokens"):
-        if getattr(args, flag) < 1:
-            raise EvalError(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.triviaqa and not Path(args.triviaqa).is_file():
-        raise EvalError(f"--triviaqa file {args.triviaqa!r} not found")
-    return labels
-
-
-def _claim_outputs(args: argparse.Namespace
-                   ) -> tuple[destinations.Destination, destinations.Destination | None]:
-    """--out (and --dump-generations), checked before anything is read."""
-    inputs = [*args.ckpt, args.data, args.triviaqa, args.tokenizer]
-    out = destinations.claim_dir(args.out, flag="--out", command=COMMAND, inputs=inputs,
-                                 overwrite=args.overwrite, recognise=_is_eval_dir)
-    gens = None if not args.dump_generations else destinations.claim_file(
-        args.dump_generations, flag="--dump-generations", command=COMMAND,
-        inputs=[*inputs, args.out], overwrite=args.overwrite, recognise=_is_generation_dump)
-    return out, gens
-
-
-def _evaluate_all(args: argparse.Namespace, ckpts: Sequence[Checkpoint], setup: EvalSetup,
-                  records: Sequence, items: Sequence | None,
-                  gens: destinations.Destination | None) -> list[dict[str, Any]]:
-    mesh = sharding.parse_mesh(args.mesh)
-    if gens is None:
-        return [_evaluate_one(c, args, setup, records, items, mesh, None) for c in ckpts]
-    with destinations.atomic_file(gens) as gens_file:
-        return [_evaluate_one(c, args, setup, records, items, mesh, gens_file) for c in ckpts]
-
-
-def _write_reports(args: argparse.Namespace, setup: EvalSetup, results: Sequence[dict],
-                   out_dir: Path) -> dict[str, Any]:
-    """The reports into `out_dir` (the temp sibling of --out, renamed once all are written)."""
-    held = f", {setup.holdout} held out" if setup.holdout else ""
-    title = (f"Per-exit held-out metrics on {args.data} ({args.split}{held}; "
-             f"{results[0]['examples']} examples, template {setup.template}, max_len "
-             f"{setup.max_len}; loss = nats/token on response tokens, acc = top-1 token "
-             "accuracy)")
-    table = reports.metrics_table(results, title)
-    (out_dir / METRICS_MD).write_text(table)
-    summary = {"data": args.data, "split": args.split, "holdout": setup.holdout,
-               "data_seed": setup.seed, "limit": args.limit, "template": setup.template,
-               "max_len": setup.max_len, "dtype": setup.dtype_name, "triviaqa": args.triviaqa,
-               "checkpoints": [{**r, "exits": {str(e): v for e, v in r["exits"].items()}}
-                               for r in results]}
-    (out_dir / METRICS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-    reports.plot_quality(results, out_dir / QUALITY_PNG)
-    if args.latency:
-        reports.plot_speed(results, out_dir / SPEED_PNG)
-    if args.dump_generations:
-        n = sum(r["generations"] for r in results)
-        print(f"wrote {n} generations (instruction x exit x checkpoint) to "
-              f"{args.dump_generations}", flush=True)
-    print("\n" + table, flush=True)
-    return summary
+def build_pair_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sorted_jax.evaluate pair",
+        description="Judge input {instruction, input, response1, response2} (PandaLM style) "
+                    "for 'exit a of model X vs exit b of model Y' from a --dump-generations "
+                    "file.")
+    p.add_argument("--gens", required=True, help="JSONL from --dump-generations")
+    p.add_argument("--a", required=True, help="LABEL:EXIT of response1, e.g. soft:4")
+    p.add_argument("--b", required=True, help="LABEL:EXIT of response2, e.g. sft:8")
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of evaluate pair at --out")
+    return p
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    labels = _check_flags(args)
-    out, gens = _claim_outputs(args)
-    ckpts = [load_checkpoint(path, label, args.tokenizer, load_weights=False)
-             for path, label in zip(args.ckpt, labels, strict=True)]
-    setup = resolve_setup(args, ckpts)
-    records = open_split_records(args.data, args.split, holdout=setup.holdout, seed=setup.seed,
-                                 limit=args.limit)
-    items = None
-    if args.triviaqa:
-        items = triviaqa.load_triviaqa(args.triviaqa, limit=args.triviaqa_limit or None)
-    results = _evaluate_all(args, ckpts, setup, records, items, gens)
-    with destinations.atomic_dir(out) as tmp:
-        summary = _write_reports(args, setup, results, tmp)
-    names = [METRICS_MD, METRICS_JSON, QUALITY_PNG] + ([SPEED_PNG] if args.latency else [])
-    print(f"wrote {', '.join(str(out.path / n) for n in names)}", flush=True)
-    return summary
+    return evaluate(EvalOptions(**vars(args)))
+
+
+def run_pair(args: argparse.Namespace) -> None:
+    pairs.write_pairs(args.gens, args.a, args.b, args.out, overwrite=args.overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "pair":
-        return pairs.main(argv[1:])
+        args = build_pair_parser().parse_args(argv[1:])
+        return run_cli("sorted_jax.evaluate pair", run_pair, args)
     return run_cli("sorted_jax.evaluate", run, build_parser().parse_args(argv))
 
 

@@ -14,9 +14,13 @@ import pytest
 from helpers import FAST, TINY_CONFIG_FILE, random_params
 
 from sorted_jax import convert, evaluate, generate, train
+from sorted_jax.core.errors import ConversionError
 from sorted_jax.data import chat_prompt_ids, load_tokenizer
 from sorted_jax.decoding import Decoder
 from sorted_jax.io import artifacts, model_io
+from sorted_jax.io.conversion import hf_to_orbax
+from sorted_jax.io.hf_checkpoint import read_hf_checkpoint
+from sorted_jax.io.hf_export import export_hf
 from sorted_jax.model.config import LlamaConfig
 
 EOS = [5, 7, 9]
@@ -45,11 +49,11 @@ def forced_params(nxt: dict[int, int]) -> dict:
 def test_generation_config_eos_list_stops_decoding_at_each(tmp_path):
     # chains: 10 -> 11 -> 5 | 12 -> 13 -> 14 -> 7 | 15 -> 9; each EOS would continue to 20
     nxt = {10: 11, 11: 5, 12: 13, 13: 14, 14: 7, 15: 9, 5: 20, 7: 20, 9: 20, 20: 21}
-    hf = convert.export_hf(forced_params(nxt), FORCED, tmp_path / "hf", progress=False)
+    hf = export_hf(forced_params(nxt), FORCED, tmp_path / "hf", progress=False)
     (hf / "generation_config.json").write_text(json.dumps({"bos_token_id": 1,
                                                            "eos_token_id": EOS}))
     assert json.loads((hf / "config.json").read_text())["eos_token_id"] == 5  # one id there
-    out = convert.hf_to_orbax(hf, tmp_path / "model", progress=False)
+    out = hf_to_orbax(hf, tmp_path / "model", progress=False)
     params, config, _ = model_io.load_params(out)
     assert config.eos_token_id == EOS
     dec = Decoder(params, config, compiler_options=FAST)
@@ -59,8 +63,8 @@ def test_generation_config_eos_list_stops_decoding_at_each(tmp_path):
     assert dec.generate(prompts[:1], max_new_tokens=4, eos_id=[]).tokens == [[11, 5, 20, 21]]
     # a bad list is a clear error
     (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": ["x"]}))
-    with pytest.raises(convert.ConversionError, match="eos_token_id must be a token id"):
-        convert.read_hf_checkpoint(hf, progress=False)
+    with pytest.raises(ConversionError, match="eos_token_id must be a token id"):
+        read_hf_checkpoint(hf, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,8 +98,8 @@ def trained(tmp_path_factory, assets_dir):
     its generation_config.json and SmolLM2's tokenizer, converted, then trained 3 packed steps
     with template=chat."""
     root = tmp_path_factory.mktemp("chat_e2e")
-    hf = convert.export_hf(random_params(SMOL, seed=1), SMOL, root / "hf", progress=False,
-                           tokenizer=assets_dir / "smollm2_tokenizer")
+    hf = export_hf(random_params(SMOL, seed=1), SMOL, root / "hf", progress=False,
+                   tokenizer=assets_dir / "smollm2_tokenizer")
     (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": SMOL_EOS}))
     assert convert.main(["hf-to-orbax", "--hf", str(hf), "--out", str(root / "base"),
                          "--no-progress"]) == 0

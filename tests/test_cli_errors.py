@@ -9,6 +9,8 @@ from helpers import REPO, TRAIN_SMALL, tiny_model_dir
 from sorted_jax import convert, evaluate, generate, ict, sweep, train
 from sorted_jax.core import errors
 from sorted_jax.data.tokenizers import ByteTokenizer
+from sorted_jax.evaluation.sweep import Runner
+from sorted_jax.io import safetensors_shards
 from sorted_jax.model.config import ConfigError
 from sorted_jax.objective.soft import ExitError
 from sorted_jax.parallel.sharding import MeshError
@@ -120,10 +122,10 @@ def test_convert_errors(tmp_path, capsys, monkeypatch):
     _one_error_line(capsys.readouterr().err, "sorted_jax.convert hf-to-orbax")
     model = tiny_model_dir(tmp_path / "model")
 
-    def write_safetensors(*a, **k):
+    def write_shard(*a, **k):
         raise TypeError("a bug deep inside")
 
-    monkeypatch.setattr(convert, "write_safetensors", write_safetensors)
+    monkeypatch.setattr(safetensors_shards, "write_shard", write_shard)
     with pytest.raises(TypeError, match="a bug deep inside"):
         convert.main(["orbax-to-hf", "--ckpt", str(model), "--out", str(tmp_path / "hf"),
                       "--no-progress"])
@@ -138,6 +140,6 @@ def test_sweep(tmp_path, capsys, monkeypatch):
     def run(self, name, argv):
         raise TypeError("a bug deep inside")
 
-    monkeypatch.setattr(sweep.Runner, "__call__", run)
+    monkeypatch.setattr(Runner, "__call__", run)
     with pytest.raises(TypeError, match="a bug deep inside"):
         sweep.main(["--config", cfg, "--out", str(tmp_path / "s2"), "--recipe", "uniform"])

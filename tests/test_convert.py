@@ -13,10 +13,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ASSETS, tiny_config
+from helpers import ASSETS, random_params, tiny_config
 
-from sorted_jax.convert import main, parse_size, read_safetensors_header, write_safetensors
+from sorted_jax.convert import main
 from sorted_jax.io.model_io import load_model_dir, load_params
+from sorted_jax.io.safetensors_shards import parse_size, write_shards
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.model.hf_mapping import expected_hf_names
 from sorted_jax.model.modeling import make_model, slice_layers
@@ -80,6 +81,13 @@ def st_tensors(hf_dir: Path) -> dict[str, np.ndarray]:
     for f in sorted(hf_dir.glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def st_tensors_in(f: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(f, framework="numpy") as h:
+        return list(h.keys())
 
 
 def ids_for(config: LlamaConfig, seed: int = 0) -> np.ndarray:
@@ -155,7 +163,7 @@ def test_sharded_export_and_bf16(tmp_path, hf_llama_factory):
     index = json.loads((tmp_path / "hf2" / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in (tmp_path / "hf2").glob("model-*.safetensors"))
     assert len(shards) > 2 and set(index["weight_map"].values()) == set(shards)
-    assert all(f.stat().st_size <= 30_000 + 4096 or len(read_safetensors_header(f)) == 1
+    assert all(f.stat().st_size <= 30_000 + 4096 or len(st_tensors_in(f)) == 1
                for f in (tmp_path / "hf2").glob("model-*.safetensors"))
     out = st_tensors(tmp_path / "hf2")
     for name, w in model.state_dict().items():
@@ -471,24 +479,70 @@ def test_parse_size():
 
 
 def test_safetensors_writer_readable_by_safetensors(tmp_path):
+    """Shards as HF writes them: one file, or shards + index; bf16 stays bf16; a strided view
+    (which the library would write scrambled) is refused."""
     import ml_dtypes
     from safetensors import safe_open
 
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     b = np.linspace(-1, 1, 7, dtype=np.float32)
-    write_safetensors(tmp_path / "x.safetensors", [("a", a.T), ("b", b)])
-    write_safetensors(tmp_path / "y.safetensors", [("a", a.T)], dtype=ml_dtypes.bfloat16)
-    with safe_open(tmp_path / "x.safetensors", framework="np") as f:
+    one = tmp_path / "one"
+    one.mkdir()
+    tensors = {"a": np.ascontiguousarray(a.T), "b": b}
+    assert write_shards(one, tensors, 10**9) == {"a": "model.safetensors",
+                                                  "b": "model.safetensors"}
+    assert tensors == {}  # consumed as written
+    with safe_open(one / "model.safetensors", framework="np") as f:
         np.testing.assert_array_equal(f.get_tensor("a"), a.T)
         np.testing.assert_array_equal(f.get_tensor("b"), b)
         assert f.metadata() == {"format": "pt"}
-    y = safetensors_torch.load_file(tmp_path / "y.safetensors")["a"]
+    two = tmp_path / "two"
+    two.mkdir()
+    weight_map = write_shards(two, {"a": a.astype(ml_dtypes.bfloat16), "b": b}, 40)
+    assert weight_map == {"a": "model-00001-of-00002.safetensors",
+                          "b": "model-00002-of-00002.safetensors"}
+    index = json.loads((two / "model.safetensors.index.json").read_text())
+    assert index == {"metadata": {"total_size": 12 * 2 + 7 * 4}, "weight_map": weight_map}
+    y = safetensors_torch.load_file(two / "model-00001-of-00002.safetensors")["a"]
     assert y.dtype == torch.bfloat16
-    np.testing.assert_array_equal(y.float().numpy(), a.T)
+    np.testing.assert_array_equal(y.float().numpy(), a)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        write_shards(tmp_path, {"a": a.T}, 10**9)
+
+
+def test_export_layout_frees_each_stored_array_as_it_goes():
+    """HF's tensors come out C-contiguous, in HF's order, equal to the views (cast if asked);
+    once the caller lets go of its params the views are the only holders of the stored arrays,
+    so each one copied (transposed or cast) is freed, and only those written as they are
+    stay."""
+    import weakref
+
+    from sorted_jax.io.hf_export import in_hf_layout, submodel_tensors
+    from sorted_jax.io.model_io import flatten
+
+    config = tiny_config(kv=2, layers=3)
+    for dtype, kept in ((None, {"embed_tokens/embedding", "norm/scale",
+                                "layers/input_layernorm/scale",
+                                "layers/post_attention_layernorm/scale"}),
+                        (np.dtype(np.float16), set())):
+        params = random_params(config, seed=0)
+        stored = {"/".join(p): weakref.ref(leaf) for p, leaf in flatten(params).items()}
+        views, sub_config = submodel_tensors(params, config, exit_layer=2)
+        del params
+        assert sub_config.num_hidden_layers == 2
+        assert list(views) == expected_hf_names(sub_config)
+        want = {name: np.array(w, dtype=dtype) for name, w in views.items()}
+        out = in_hf_layout(views, dtype)
+        assert views == {} and list(out) == list(want)
+        for name, w in out.items():
+            assert w.flags.c_contiguous and w.dtype == want[name].dtype, name
+            np.testing.assert_array_equal(w, want[name])
+        assert {p for p, ref in stored.items() if ref() is not None} == kept
+        del out, want
 
 
 def test_import_does_not_pull_torch():
-    code = ("import sys, sorted_jax.convert, sorted_jax.io.model_io; "
+    code = ("import sys, sorted_jax.convert, sorted_jax.io.model_io, sorted_jax.io.hf_export; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -26,7 +26,7 @@ from sorted_jax.data import (
     tokenize_records,
 )
 from sorted_jax.data.tokenizers import ByteTokenizer, save_tokenizer_files
-from sorted_jax.evaluation import reports
+from sorted_jax.evaluation import evaluator, reports
 from sorted_jax.io import model_io
 from sorted_jax.model.modeling import make_model, rms_norm
 from sorted_jax.parallel.sharding import make_mesh
@@ -67,7 +67,7 @@ def two_ckpt_run(dirs):
                         "--label", "sft", "--label", "sft_ict", "--exits", "1,2,4",
                         "--out", str(out), *COMMON])
     assert rc == 0
-    return out, json.loads((out / evaluate.METRICS_JSON).read_text())
+    return out, json.loads((out / evaluator.METRICS_JSON).read_text())
 
 
 def _eval_batches():
@@ -132,7 +132,7 @@ def test_metrics_equal_naive_recomputation(dirs, two_ckpt_run):
 
 def test_table_json_and_plot_hold_every_exit(two_ckpt_run):
     out, summary = two_ckpt_run
-    md = (out / evaluate.METRICS_MD).read_text()
+    md = (out / evaluator.METRICS_MD).read_text()
     header = [x for x in md.splitlines() if x.startswith("| exit")][0]
     for col in ("sft loss", "sft ppl", "sft acc", "sft_ict loss", "sft_ict ppl", "sft_ict acc"):
         assert f" {col} |" in header
@@ -142,9 +142,9 @@ def test_table_json_and_plot_hold_every_exit(two_ckpt_run):
     assert f"{loss1:.4f}" in rows[0]
     for ck in summary["checkpoints"]:
         assert sorted(map(int, ck["exits"])) == list(EXITS)
-    png = (out / evaluate.QUALITY_PNG).read_bytes()
+    png = (out / evaluator.QUALITY_PNG).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert not (out / evaluate.SPEED_PNG).exists()  # only with --latency
+    assert not (out / evaluator.SPEED_PNG).exists()  # only with --latency
 
 
 def test_table_leaves_missing_cells_blank():
@@ -172,7 +172,7 @@ def test_latency_generations_triviaqa_and_pairs(dirs, tmp_path):
                         "--triviaqa", str(tmp_path / "tqa.json"),
                         "--triviaqa-max-new-tokens", "4"])
     assert rc == 0
-    summary = json.loads((out / evaluate.METRICS_JSON).read_text())
+    summary = json.loads((out / evaluator.METRICS_JSON).read_text())
     ck = summary["checkpoints"][0]
     for e in ("2", "4"):
         assert ck["exits"][e]["ms_per_token"] > 0
@@ -182,9 +182,9 @@ def test_latency_generations_triviaqa_and_pairs(dirs, tmp_path):
         preds = res["predictions"]
         assert preds[0]["question_id"] == "tc_33" and "skipped" not in preds[0]
         assert preds[1]["skipped"] and not preds[1]["correct"]
-    assert "m ms/tok" in (out / evaluate.METRICS_MD).read_text()
-    assert "m TQA EM" in (out / evaluate.METRICS_MD).read_text()
-    assert (out / evaluate.SPEED_PNG).read_bytes()[:4] == b"\x89PNG"
+    assert "m ms/tok" in (out / evaluator.METRICS_MD).read_text()
+    assert "m TQA EM" in (out / evaluator.METRICS_MD).read_text()
+    assert (out / evaluator.SPEED_PNG).read_bytes()[:4] == b"\x89PNG"
 
     lines = [json.loads(x) for x in gens.read_text().splitlines()]
     assert len(lines) == 3 * 2
@@ -337,7 +337,7 @@ def test_defaults_from_the_training_run(dirs, tmp_path):
            "data": {"train": "data.json", "template": "plain", "seed": 3, "buckets": "40",
                     "eval_holdout": 2, "tokenizer": "builtin"}}
     (d / "train_config.json").write_text(json.dumps(cfg))
-    ck = evaluate.load_checkpoint(d, "run", load_weights=False)
+    ck = evaluator.load_checkpoint(d, "run", load_weights=False)
     assert ck.params is None and not ck.is_ict
     assert ck.default_exits() == (1, 3)
     s = ck.settings
@@ -345,9 +345,9 @@ def test_defaults_from_the_training_run(dirs, tmp_path):
             s.lr) == ("plain", 40, [40], 2, 3, 0.003)
     cfg["eval_exits"] = ""  # an SFT run without eval exits: the SoFT default set
     (d / "train_config.json").write_text(json.dumps(cfg))
-    ck = evaluate.load_checkpoint(d, "run", load_weights=False)
+    ck = evaluator.load_checkpoint(d, "run", load_weights=False)
     assert ck.default_exits() == (1, 2, 3, 4)  # soft.default_exits(4)
-    ict_ck = evaluate.load_checkpoint(root / "ict", "i", load_weights=False)
+    ict_ck = evaluator.load_checkpoint(root / "ict", "i", load_weights=False)
     assert ict_ck.default_exits() == (1, 2, 4) and ict_ck.settings.template == "plain"
 
     # a JSON file with a held-out part: eval = the records training held out, train = the rest

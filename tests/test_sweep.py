@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sorted_jax import sweep
+from sorted_jax.evaluation.sweep import PARETO_PNG, TABLE_JSON, TABLE_MD, summarise, table
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
@@ -26,7 +27,7 @@ def test_sweep_on_a_tiny_budget_writes_table_json_and_plot(tmp_path, capsys):
             "--set", "exits=1,2", "--ict-steps", "1",
             *[x for s in TINY_MODEL for x in ("--pretrain-set", s)]]
     assert sweep.main(argv) == 0, capsys.readouterr().err
-    summary = json.loads((out / sweep.TABLE_JSON).read_text())
+    summary = json.loads((out / TABLE_JSON).read_text())
     assert summary["exits"] == [1, 2] and summary["seeds"] == [1]
     assert set(summary["rows"]) == {"sft", "sft+ict", "uniform", "w"}
     # every number comes from evaluate's own output, checked independently here
@@ -43,9 +44,9 @@ def test_sweep_on_a_tiny_budget_writes_table_json_and_plot(tmp_path, capsys):
     settings = json.loads((out / "runs" / "seed1" / "w" / "train_config.json").read_text())
     assert settings["exit_weights"] == "last:0.7" and settings["seed"] == 1
     assert settings["init_from"] == str(out / "pretrain")
-    table = (out / sweep.TABLE_MD).read_text()
-    assert "| w |" in table and "| sft+ict |" in table and "last vs SFT" in table
-    assert (out / sweep.PARETO_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / TABLE_MD).read_text()
+    assert "| w |" in md and "| sft+ict |" in md and "last vs SFT" in md
+    assert (out / PARETO_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second call reuses every finished run (no child command is started again)
     logs = {p: p.stat().st_mtime for p in (out / "logs").iterdir()}
     assert sweep.main(argv) == 0
@@ -71,13 +72,13 @@ def test_bad_recipes_are_clear_errors(tmp_path, capsys):
 def test_summary_over_seeds():
     per_seed = {0: {"sft": {1: 3.0, 2: 2.0}, "r": {1: 2.0, 2: 2.2}},
                 2: {"sft": {1: 3.2, 2: 2.0}, "r": {1: 2.4, 2: 2.4}}}
-    s = sweep.summarise(per_seed)
+    s = summarise(per_seed)
     assert s["exits"] == [1, 2] and s["seeds"] == [0, 2]
     r = s["rows"]["r"]
     assert r["loss"][2] == pytest.approx((2.3, 0.1414213), rel=1e-5)
     assert r["mean_intermediate"] == pytest.approx((2.2, 0.2828427), rel=1e-5)
     assert r["last_vs_sft"] == pytest.approx((0.15, 0.0707107), rel=1e-5)
     assert s["rows"]["sft"]["last_vs_sft"] == pytest.approx((0.0, 0.0))
-    table = sweep.table(s, {"r": "a recipe"})
+    md = table(s, {"r": "a recipe"})
     assert ("| r | 2.2000 +- 0.2828 | 2.3000 +- 0.1414 | +15.00% +- 7.07 | 2.2000 | a recipe |"
-            in table)
+            in md)

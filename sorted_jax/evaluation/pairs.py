@@ -1,6 +1,4 @@
-"""`python -m sorted_jax.evaluate pair`: judge inputs from a `--dump-generations` file.
-
-    python -m sorted_jax.evaluate pair --gens gens.jsonl --a soft:4 --b sft:8 --out pairs.jsonl
+"""Judge inputs from a `--dump-generations` file (`python -m sorted_jax.evaluate pair`).
 
 Each line of a dump is one (instruction, exit, checkpoint) response; `make_pairs` joins two of
 those columns (`LABEL:EXIT`) on the instruction id into the PandaLM-style judge input
@@ -9,13 +7,12 @@ those columns (`LABEL:EXIT`) on the instruction id into the PandaLM-style judge 
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sorted_jax.core.errors import EvalError, run_cli
+from sorted_jax.core.errors import EvalError
 from sorted_jax.data.records import iter_jsonl
 from sorted_jax.io import destinations
 
@@ -71,31 +68,16 @@ def make_pairs(rows: Sequence[Mapping[str, Any]], a: tuple[str, int], b: tuple[s
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m sorted_jax.evaluate pair",
-        description="Judge input {instruction, input, response1, response2} (PandaLM style) "
-                    "for 'exit a of model X vs exit b of model Y' from a --dump-generations "
-                    "file.")
-    p.add_argument("--gens", required=True, help="JSONL from --dump-generations")
-    p.add_argument("--a", required=True, help="LABEL:EXIT of response1, e.g. soft:4")
-    p.add_argument("--b", required=True, help="LABEL:EXIT of response2, e.g. sft:8")
-    p.add_argument("--out", required=True, help="output JSONL")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier output of evaluate pair at --out")
-    return run_cli("sorted_jax.evaluate pair", write_pairs, p.parse_args(argv))
-
-
 # A file `write_pairs` wrote: its first line is one judge input.
 _is_pairs_file = destinations.jsonl_with_keys("response1", "response2")
 
 
-def write_pairs(args: argparse.Namespace) -> None:
-    dest = destinations.claim_file(args.out, flag="--out", command="sorted_jax.evaluate pair",
-                                   inputs=[args.gens], overwrite=args.overwrite,
-                                   recognise=_is_pairs_file)
-    pairs = make_pairs(read_generations(args.gens), _column(args.a, "--a"),
-                       _column(args.b, "--b"))
+def write_pairs(gens: str, a: str, b: str, out: str, *, overwrite: bool = False) -> None:
+    """The judge inputs for columns `a` and `b` (LABEL:EXIT) of the dump `gens`, into `out`:
+    a new file, or with `overwrite` one this wrote before (never the dump itself)."""
+    dest = destinations.claim_file(out, flag="--out", command="sorted_jax.evaluate pair",
+                                   inputs=[gens], overwrite=overwrite, recognise=_is_pairs_file)
+    pairs = make_pairs(read_generations(gens), _column(a, "--a"), _column(b, "--b"))
     with destinations.atomic_file(dest) as f:
         f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs))
-    print(f"wrote {len(pairs)} pairs ({args.a} vs {args.b}) to {args.out}")
+    print(f"wrote {len(pairs)} pairs ({a} vs {b}) to {out}")

@@ -95,26 +95,30 @@ def test_fixed_depth_reads_the_exit_through_its_adapter(params, prompts, depth):
         assert plain.tokens != got.tokens
 
 
-def test_adapter_submodel_equals_hf_generate_of_its_export(params, prompts):
+def test_adapter_submodel_equals_hf_generate_of_its_export(params, prompts, tmp_path):
+    """`export_hf(..., exit_layer=k)` writes exit k with its adapter as a plain k+1-layer HF
+    model; HF's own greedy `generate` on that dir equals our fixed-depth decoding."""
     torch = pytest.importorskip("torch")
     import transformers
 
-    from sorted_jax.model.hf_mapping import params_to_hf
+    from sorted_jax.io.hf_export import export_hf
 
     depth = 2
-    sub, cfg = exit_adapters.submodel_params(params, CFG, depth)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf_dict())).eval()
-    hf.load_state_dict({k: torch.from_numpy(np.asarray(v).copy())
-                        for k, v in params_to_hf(sub, cfg, include_tied_head=True).items()},
-                       strict=False)
+    out = export_hf(jax.tree.map(np.asarray, params), CFG, tmp_path / "exit2", exit_layer=depth,
+                    progress=False)
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.config.num_hidden_layers == depth + 1
     ours = decoder(params).generate(prompts, mode="fixed", exit_layer=depth,
                                     max_new_tokens=MAX_NEW, max_len=MAX_LEN)
     for p, t in zip(prompts, ours.tokens, strict=True):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=int),
+            got = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=int),
                               max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=2,
                               pad_token_id=0)
-        assert out[0, len(p):].tolist() == t
+        assert got[0, len(p):].tolist() == t
+    # The full depth exports the trunk alone: the adapters are not part of the full model.
+    full = export_hf(jax.tree.map(np.asarray, params), CFG, tmp_path / "full", progress=False)
+    assert transformers.AutoConfig.from_pretrained(full).num_hidden_layers == 4
 
 
 @pytest.mark.parametrize("draft,batch", [(1, 3), (2, 1), (2, 8)])

@@ -2,8 +2,8 @@
 
 The dir holds `config.json`, `generation_config.json`, the weights in HF's (sharded)
 safetensors layout (`safetensors_shards`) and, when given, the tokenizer files. The sub-model
-of depth k is the first k layers with the shared final norm and head: any HF-compatible
-server runs it as is.
+of depth k is the first k layers with the shared final norm and head (and, where exit k has
+an exit adapter, that adapter as layer k + 1): any HF-compatible server runs it as is.
 
 Memory: HF's tensors are transposes of our stacked arrays, and the safetensors library writes
 a shard from buffers that all exist at once, so copies are needed. Made in file order, they
@@ -35,6 +35,7 @@ from sorted_jax.io.model_io import (
     resolve_dtype,
 )
 from sorted_jax.model.config import LlamaConfig
+from sorted_jax.model.exit_adapters import submodel_params
 from sorted_jax.model.hf_mapping import iter_hf_tensors
 from sorted_jax.model.modeling import slice_layers
 
@@ -75,6 +76,9 @@ def submodel_tensors(params: Mapping[str, Any], config: LlamaConfig,
     check_exit_layer(k, config)
     params = _numpy_tree(params)
     check_params(params, config)
+    if config.exit_adapters:
+        params, sub_config = submodel_params(params, config, k)
+        return dict(iter_hf_tensors(params, sub_config)), sub_config
     if k < config.num_hidden_layers:
         params = slice_layers(params, 0, k)
     sub_config = config.submodel(k)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sorted_jax.model.config import ConfigError, LlamaConfig
 from sorted_jax.model.modeling import (
@@ -104,9 +105,12 @@ def submodel_params(params: dict, config: LlamaConfig, depth: int) -> tuple[dict
     out = {k: v for k, v in params.items() if k != KEY}
     a = adapter_index(config, depth)
     layers = jax.tree.map(lambda w: w[:depth], params["layers"])
-    if a is not None:
-        layers = jax.tree.map(lambda w, x: jnp.concatenate([w, x[a:a + 1]], axis=0), layers,
-                              params[KEY])
+    if a is not None:  # numpy stays numpy (conversion holds host arrays, not device ones)
+        def join(w, x):
+            xp = np if isinstance(w, np.ndarray) else jnp
+            return xp.concatenate([w, x[a:a + 1]], axis=0)
+
+        layers = jax.tree.map(join, layers, params[KEY])
     out["layers"] = layers
     n = depth + (a is not None)
     return out, config.replace(num_hidden_layers=n, exit_adapters=())

@@ -100,7 +100,7 @@ def test_bad_config_fails_before_compiling(tmp_path, capsys, monkeypatch, extra,
     def no_compile(*args, **kwargs):
         raise AssertionError("validation should have failed before building the train step")
 
-    monkeypatch.setattr(train, "SoftSteps", no_compile)
+    monkeypatch.setattr("sorted_jax.training.trainer.SoftSteps", no_compile)
     wd = tmp_path / "run"
     assert train.main(argv(wd, *extra)) == 2
     err = capsys.readouterr().err

@@ -108,8 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size, lr=args.lr, dtype=args.dtype, holdout=args.holdout,
         split=args.split, epochs=args.epochs, num_steps=args.num_steps,
         warmup_steps=args.warmup_steps, seed=args.seed, log_every=args.log_every)
-    meta = train_ict_dir(dest, art, recipe, exits, tokenizer, sharding.parse_mesh(args.mesh),
-                         log=lambda m: print(m, flush=True))
+    meta = train_ict_dir(dest, art, recipe, exits, tokenizer, sharding.parse_mesh(args.mesh))
     first, last = meta["history"][0], meta["history"][-1]
     print(f"wrote {args.out}: heads for exits {list(exits)}; train loss "
           f"{first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "

@@ -99,7 +99,8 @@ def train_heads(params: Any, config: LlamaConfig, dataset: Any, exits: Sequence[
                 lr: float = 1e-3, warmup_steps: int = 0, seed: int = 0,
                 buckets: Sequence[int] | None = None, dtype: Any = jnp.float32,
                 mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES,
-                log_every: int = 10, log: Any = None) -> tuple[IctHeads, list[dict]]:
+                log_every: int = 10, log: Callable[[str], None] | None = None
+                ) -> tuple[IctHeads, list[dict]]:
     """Train per-exit heads on `dataset` (a `TokenizedDataset`); returns (heads, history).
 
     history: one dict per logged step {"step", "loss", "loss/exit_n", "accuracy/exit_n"}
@@ -138,6 +139,11 @@ def train_heads(params: Any, config: LlamaConfig, dataset: Any, exits: Sequence[
 
 # ---------------------------------------------------------------------------------------------
 # an SFT model in, an ICT dir out
+
+
+def print_now(text: str) -> None:
+    """A progress line on stdout, flushed (the command's output is often piped to a log)."""
+    print(text, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +189,7 @@ class IctRecipe:
 
 def train_ict_dir(dest: destinations.Destination, art: Artifact, recipe: IctRecipe,
                   exits: Sequence[int], tokenizer: Tokenizer, mesh: Mesh,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print_now) -> dict[str, Any]:
     """Train heads for `exits` on the SFT model `art` and write the ICT dir `dest` (checked
     before anything is read); returns what `ict.json` records besides the exits (its
     "history": the logged steps' train losses)."""

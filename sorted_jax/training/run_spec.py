@@ -176,6 +176,11 @@ def check_static(c: ml_collections.ConfigDict) -> None:
              f"unknown model.preset {c.model.preset!r}; known: {', '.join(PRESETS)}")
 
 
+def mu_dtype_of(c: ml_collections.ConfigDict) -> Any:
+    """Adam's first-moment dtype (`optim.mu_dtype`; None = that of the fp32 master weights)."""
+    return DTYPES[c.optim.mu_dtype] if c.optim.mu_dtype else None
+
+
 def _arch_diff(a: LlamaConfig, b: LlamaConfig) -> list[str]:
     return [f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in ARCH_FIELDS
             if getattr(a, f) != getattr(b, f)]
@@ -395,8 +400,3 @@ def resolve(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSpec:
         buckets=None if buckets is None else tuple(buckets),
         mesh_shape=tuple(int(x) for x in c.mesh.shape), rules=rules_from_config(c.mesh.rules),
         resume_note=resume_note)
-
-
-def mu_dtype_of(c: ml_collections.ConfigDict) -> Any:
-    """Adam's first-moment dtype (`optim.mu_dtype`; None = that of the fp32 master weights)."""
-    return DTYPES[c.optim.mu_dtype] if c.optim.mu_dtype else None

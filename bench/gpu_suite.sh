@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU suite (issue 15): every accelerator figure the README needs, in one short run, so that
-# rare GPU time is not spent on setting up. At most ~8 minutes on one H200 (--budget).
+# The GPU suite (issue 15): every accelerator figure docs/benchmarks.md needs, in one short run,
+# so that rare GPU time is not spent on setting up. At most ~8 minutes on one H200 (--budget).
 #
 #   bench/gpu_suite.sh --out=DIR             # on the GPU machine (there: --out="$OUT")
 #   bench/gpu_suite.sh --out=DIR --dry-run   # the same steps on CPU at tiny sizes (< 2 min)

@@ -8,7 +8,7 @@ held-out records, ~4.9k held-out target tokens). Trains from random init for 600
 minutes on 2 CPU cores. SFT reports the held-out loss at every exit too (eval_exits), so the two
 exit tables compare directly. Measured over seeds 0-4 (SFT minus SoFT held-out loss): exits 2/4/6
 are better under SoFT on every seed (by 0.95-1.31, 0.54-0.96 and 0.25-0.81 nats); exit 8 on 4
-of 5 seeds (+0.09 to +0.30 nats, but -0.07 on seed 2; mean +0.11). See the README.
+of 5 seeds (+0.09 to +0.30 nats, but -0.07 on seed 2; mean +0.11). See docs/training.md.
 """
 
 from sorted_jax.training.train_config import default_config

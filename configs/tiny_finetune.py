@@ -10,7 +10,7 @@ The situation users are in: a pretrained model (stage 1 trained only its last ex
 on an instruction set it has not seen (`builtin:instruct`: first letter, count the letters,
 repeat twice), SoFT at exits 2, 4, 6, 8 vs SFT, at a fine-tuning learning rate. The recipe knobs
 (exit_weights, exit_curriculum, distill_weight) trade the last exit's loss against the
-sub-models'; the README's "Choosing a recipe" has the measured table.
+sub-models'; docs/training.md, "Choosing a recipe", has the measured table.
 """
 
 from sorted_jax.training.train_config import default_config

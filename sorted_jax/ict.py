@@ -1,5 +1,6 @@
 """`python -m sorted_jax.ict`: SFT+ICT, the paper's baseline: freeze an SFT model, train one
-extra head per exit (the heads themselves are `sorted_jax.objective.heads`).
+extra head per exit (the heads are `sorted_jax.objective.heads`, their training
+`sorted_jax.training.ict_trainer`).
 
     python -m sorted_jax.ict --ckpt /tmp/sft_tiny --data builtin --out /tmp/sft_ict
     python -m sorted_jax.evaluate --ckpt /tmp/soft_tiny --ckpt /tmp/sft_tiny \\
@@ -18,19 +19,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sorted_jax.core.errors import IctError, run_cli
-from sorted_jax.data import TEMPLATE_NAMES, open_split_records, tokenize_records
+from sorted_jax.data import TEMPLATE_NAMES
 from sorted_jax.io import artifacts, destinations, model_io
-from sorted_jax.model.modeling import DTYPES
 from sorted_jax.objective import heads, soft
-from sorted_jax.objective.heads import save_ict_dir, train_heads
 from sorted_jax.parallel import sharding
-from sorted_jax.training.run_spec import data_stats, data_stats_line
+from sorted_jax.training.ict_trainer import IctRecipe, train_ict_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,50 +101,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if art.is_ict:
         raise IctError(f"{args.ckpt} already has ICT heads; give the plain SFT model")
     tokenizer = art.tokenizer(args.tokenizer)
-    s, config = art.settings, art.config
     exits = art.default_exits() if args.exits is None else soft.resolve_exits(
-        args.exits, config.num_hidden_layers)
-    data = args.data or s.data
-    if not data:
-        raise IctError("--data is required (the checkpoint has no train_config.json naming its "
-                       "data)")
-    template = args.template or s.template or "alpaca"
-    max_len = args.max_len or s.max_len or 512
-    batch_size = args.batch_size or s.batch_size or 32
-    lr = args.lr or s.lr or 2e-5
-    dtype_name = args.dtype or s.dtype or "float32"
-    holdout = args.holdout if args.holdout is not None else (
-        s.eval_holdout if data == s.data else 0)
-    records = open_split_records(data, args.split, holdout=holdout, seed=s.data_seed)
-    dataset = tokenize_records(records, tokenizer, max_len, template)
-    if len(dataset) == 0:
-        raise IctError(f"no record of {data!r} fits max_len={max_len}")
-    stats = data_stats(dataset, len(records))
-    line = data_stats_line(stats, f"max_len={max_len}")
-    if line:
-        print(f"ICT data: {line}", flush=True)
-    mesh = sharding.parse_mesh(args.mesh)
-    params = art.load_params()
-    length = f"{args.num_steps} steps" if args.num_steps else f"{args.epochs:g} epoch(s)"
-    print(f"ICT: {args.ckpt} ({config.num_hidden_layers} layers), exits {list(exits)}, "
-          f"{len(dataset)} examples of {data!r}, batch {batch_size}, lr {lr}, {length}",
-          flush=True)
-    t0 = time.time()
-    ict_heads, history = train_heads(
-        params, config, dataset, exits, batch_size=batch_size, epochs=args.epochs,
-        num_steps=args.num_steps, lr=lr, warmup_steps=args.warmup_steps, seed=args.seed,
-        buckets=s.buckets, dtype=DTYPES[dtype_name], mesh=mesh, log_every=args.log_every,
-        log=lambda m: print(m, flush=True))
-    meta = {
-        "source": str(Path(args.ckpt).absolute()), "data": data, "split": args.split,
-        "holdout": holdout, "data_seed": s.data_seed, "template": template,
-        "max_len": max_len, "batch_size": batch_size, "lr": lr, "epochs": args.epochs,
-        "num_steps": history[-1]["step"], "seed": args.seed, "dtype": dtype_name,
-        "buckets": s.buckets, "wall_time_s": time.time() - t0, "data_stats": stats,
-        "history": history,
-    }
-    save_ict_dir(dest, params, config, ict_heads, getattr(tokenizer, "spec", None), meta)
-    first, last = history[0], history[-1]
+        args.exits, art.config.num_hidden_layers)
+    recipe = IctRecipe.from_settings(
+        art.settings, data=args.data, template=args.template, max_len=args.max_len,
+        batch_size=args.batch_size, lr=args.lr, dtype=args.dtype, holdout=args.holdout,
+        split=args.split, epochs=args.epochs, num_steps=args.num_steps,
+        warmup_steps=args.warmup_steps, seed=args.seed, log_every=args.log_every)
+    meta = train_ict_dir(dest, art, recipe, exits, tokenizer, sharding.parse_mesh(args.mesh))
+    first, last = meta["history"][0], meta["history"][-1]
     print(f"wrote {args.out}: heads for exits {list(exits)}; train loss "
           f"{first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
           f"(step {last['step']})", flush=True)

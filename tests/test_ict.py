@@ -1,6 +1,6 @@
-"""SFT+ICT (`sorted_jax.objective.heads`, `python -m sorted_jax.ict`): only the per-exit heads train
-(trunk bitwise unchanged), their loss falls, the saved artifact reloads, and heads equal to the
-shared head reproduce SoftSteps' eval."""
+"""SFT+ICT (`objective.heads`, `training.ict_trainer`, `python -m sorted_jax.ict`): only the
+per-exit heads train (trunk bitwise unchanged), their loss falls, the saved artifact reloads,
+and heads equal to the shared head reproduce SoftSteps' eval."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from sorted_jax.data.tokenizers import ByteTokenizer
 from sorted_jax.io import model_io
 from sorted_jax.model.modeling import make_model
 from sorted_jax.objective import soft
+from sorted_jax.training.ict_trainer import IctTrainer
 from sorted_jax.training.train_step import SoftSteps, to_global_batch
 
 CFG = BYTE_4L
@@ -81,7 +82,7 @@ def test_train_heads_only_heads_change_and_loss_falls(dataset):
     mesh = one_device_mesh()
     model = make_model(CFG)
     tx = optax.adam(3e-2)
-    trainer = ict_heads.IctTrainer(model, EXITS, tx, mesh)
+    trainer = IctTrainer(model, EXITS, tx, mesh)
     init = ict_heads.init_heads(params, CFG, EXITS)
     p_dev, heads, opt = trainer.place(params, init)
     batch = to_global_batch(next(iter(EvalIterator(dataset, 8))), trainer.batch_shardings)

@@ -11,9 +11,10 @@ import chex
 import pytest
 from helpers import FAST, GQA_4L, TINY_CONFIG_FILE, TRAIN_SMALL, random_params
 
-from sorted_jax import train
 from sorted_jax.decoding import DecodeOptions, Decoder, programs
+from sorted_jax.training.run_spec import parse_args
 from sorted_jax.training.train_step import SoftSteps
+from sorted_jax.training.trainer import Trainer
 
 
 @pytest.fixture
@@ -32,11 +33,11 @@ def count_traces(monkeypatch):
 def test_train_and_eval_steps_trace_once_per_run(tmp_path, count_traces):
     count_traces(SoftSteps, "_train_step", 1)
     count_traces(SoftSteps, "_eval_step", 1)
-    config, _ = train.parse_args([
+    config, _ = parse_args([
         "train", f"--config={TINY_CONFIG_FILE}", "--workdir=unused", *TRAIN_SMALL,
         "--config.num_steps=6", "--config.eval_every=2", "--config.log_every=1",
         "--config.checkpoint_every=3", "--config.tensorboard=False"])
-    trainer = train.Trainer(config, tmp_path / "run")
+    trainer = Trainer(config, tmp_path / "run")
     result = trainer.train()
     assert result["step"] == 6 and result["eval"] is not None  # 6 steps, 4 evaluations
 

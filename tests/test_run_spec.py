@@ -14,7 +14,7 @@ from helpers import REPO
 from sorted_jax.core.errors import TrainConfigError
 from sorted_jax.data import save_tokenizer_files
 from sorted_jax.model.config import preset
-from sorted_jax.training import run_spec
+from sorted_jax.training import run_settings, run_spec
 
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
 SOFT_7B = (12, 16, 20, 24, 28, 32)  # the paper's exit sets (Sec. 4)
@@ -88,7 +88,7 @@ def test_recorded_settings_read_back(tmp_path):
             "--config.data.buckets=40,48", "--config.data.eval_holdout=0"]
     spec = run_spec.resolve(*run_spec.parse_args(argv))
     spec.write_files()
-    s = run_spec.read_run_settings(spec.workdir)
+    s = run_settings.read_run_settings(spec.workdir)
     assert (s.data, s.template, s.max_len, s.batch_size, s.dtype, s.buckets, s.train_exits,
             s.eval_exits, s.tokenizer) == ("builtin", "plain", 48, 32, "float32", [40, 48],
                                            "2,4,6,8", "2,4,6,8", "builtin")
@@ -97,8 +97,8 @@ def test_recorded_settings_read_back(tmp_path):
     assert meta["exits"] == [2, 4, 6, 8] and meta["train_config"]["max_len"] == 48
     assert spec.changed_fields(meta["train_config"]) == []
     assert spec.changed_fields({**meta["train_config"], "seed": 9}) == ["seed"]
-    ict = run_spec.read_run_settings(tmp_path, {"data": "d.json", "holdout": 3, "buckets": [8]})
+    ict = run_settings.read_run_settings(tmp_path, {"data": "d.json", "holdout": 3, "buckets": [8]})
     assert (ict.data, ict.eval_holdout, ict.buckets, ict.train_exits) == ("d.json", 3, [8], None)
     (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / run_spec.TRAIN_CONFIG_FILE).write_text(json.dumps([1, 2]))
-    assert run_spec.read_run_settings(tmp_path / "broken") == run_spec.RunSettings()
+    (tmp_path / "broken" / run_settings.TRAIN_CONFIG_FILE).write_text(json.dumps([1, 2]))
+    assert run_settings.read_run_settings(tmp_path / "broken") == run_settings.RunSettings()

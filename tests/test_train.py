@@ -15,10 +15,13 @@ import pytest
 from helpers import TINY_CONFIG_FILE, TRAIN_SMALL, TRAIN_SMALL_CONFIG
 
 from sorted_jax import train
+from sorted_jax.core.errors import TrainConfigError
 from sorted_jax.data import save_tokenizer_files
 from sorted_jax.io import model_io
 from sorted_jax.model.modeling import init_params, make_model
 from sorted_jax.training import checkpoint, metrics_log
+from sorted_jax.training.run_spec import parse_args
+from sorted_jax.training.trainer import Trainer
 
 TINY = str(TINY_CONFIG_FILE)
 SMALL = TRAIN_SMALL
@@ -30,7 +33,7 @@ def argv(workdir, *extra):
 
 
 def small_config(*extra):
-    config, _ = train.parse_args(argv("unused", *extra))
+    config, _ = parse_args(argv("unused", *extra))
     return config
 
 
@@ -97,7 +100,7 @@ def test_bad_config_fails_before_compiling(tmp_path, capsys, monkeypatch, extra,
     def no_compile(*args, **kwargs):
         raise AssertionError("validation should have failed before building the train step")
 
-    monkeypatch.setattr(train, "SoftSteps", no_compile)
+    monkeypatch.setattr("sorted_jax.training.trainer.SoftSteps", no_compile)
     wd = tmp_path / "run"
     assert train.main(argv(wd, *extra)) == 2
     err = capsys.readouterr().err
@@ -144,7 +147,7 @@ def test_init_from_model_dir_loads_weights(tmp_path):
                       "--config.model.num_attention_heads=0",
                       "--config.model.num_key_value_heads=0", "--config.num_steps=2")
     config = small_config(*from_model_dir)
-    trainer = train.Trainer(config, tmp_path / "run")
+    trainer = Trainer(config, tmp_path / "run")
     assert trainer.model_config == SMALL_CONFIG
     assert trainer.start_step == 0 and int(trainer.state.step) == 0
     loaded = jax.tree.map(np.asarray, trainer.state.params)
@@ -152,7 +155,7 @@ def test_init_from_model_dir_loads_weights(tmp_path):
     trainer.checkpointer.close()
 
     # on an fsdp x tensor mesh the weights are read straight into their shards
-    sharded = train.Trainer(small_config(*from_model_dir, "--config.mesh.shape=1,4,2"),
+    sharded = Trainer(small_config(*from_model_dir, "--config.mesh.shape=1,4,2"),
                             tmp_path / "run_fsdp")
     emb = sharded.state.params["embed_tokens"]["embedding"]
     assert emb.sharding.spec == sharded.steps.params_shardings["embed_tokens"]["embedding"].spec
@@ -163,9 +166,9 @@ def test_init_from_model_dir_loads_weights(tmp_path):
     # an explicit preset must agree with the weights
     config = small_config(f"--config.init_from={model_dir}", "--config.model.hidden_size=64",
                           "--config.model.intermediate_size=128")
-    with pytest.raises(train.TrainConfigError, match=r"does not match model.preset='tiny'.*"
+    with pytest.raises(TrainConfigError, match=r"does not match model.preset='tiny'.*"
                                                      r"hidden_size: 64 vs 32"):
-        train.Trainer(config, tmp_path / "run2")
+        Trainer(config, tmp_path / "run2")
 
 
 def test_non_finite_stop_names_the_quantity_and_a_healthy_checkpoint(tmp_path, capsys):

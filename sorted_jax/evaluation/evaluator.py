@@ -53,7 +53,8 @@ from sorted_jax.model.config import LlamaConfig
 from sorted_jax.model.modeling import DTYPES, make_model
 from sorted_jax.objective import heads, soft
 from sorted_jax.parallel import sharding
-from sorted_jax.training.run_spec import RunSettings, data_stats, data_stats_line
+from sorted_jax.training.run_data import data_stats, data_stats_line
+from sorted_jax.training.run_settings import RunSettings
 from sorted_jax.training.train_step import SoftSteps, sum_exit_sums
 
 METRICS_MD, METRICS_JSON = "exit_metrics.md", "exit_metrics.json"

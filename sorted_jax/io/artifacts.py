@@ -12,7 +12,7 @@ Kinds (the layouts themselves are `model_io`'s and `heads`'):
     workdir      config.json + checkpoints/<step>/ + tokenizer/   `train`
     ICT dir      a model dir + ict_heads/ + ict.json               `ict`
 
-`settings` is what the run recorded (`run_spec.RunSettings`): the training config of a
+`settings` is what the run recorded (`run_settings.RunSettings`): the training config of a
 workdir, `ict.json` of an ICT dir, nothing for a converted model dir.
 """
 
@@ -27,7 +27,7 @@ from sorted_jax.data import Tokenizer, load_tokenizer
 from sorted_jax.io import model_io
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.objective import heads, soft
-from sorted_jax.training.run_spec import RunSettings, read_run_settings
+from sorted_jax.training.run_settings import RunSettings, read_run_settings
 
 MODEL_DIR, WORKDIR = "model dir", "workdir"
 

@@ -13,16 +13,15 @@ SFT model, plus the heads beside it:
     DIR/ict_heads/    Orbax pytree {"norm_scale": [K, D], "lm_head_kernel": [K, D, V]}
     DIR/ict.json      {"exits": [...], "source", "template", "max_len", "data", losses, ...}
 
-`exit_model` gives (params, config) of the sub-model "first n layers + head n" for decoding.
-The command that trains them is `python -m sorted_jax.ict`.
+`exit_model` gives (params, config) of the sub-model "first n layers + head n" for decoding;
+`HeadsEval` scores them. Training them is `sorted_jax.training.ict_trainer` (the command:
+`python -m sorted_jax.ict`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,22 +29,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding
 
 from sorted_jax.core.errors import IctError
-from sorted_jax.data import DataIterator, save_tokenizer_files
+from sorted_jax.data import save_tokenizer_files
 from sorted_jax.io import destinations, model_io
 from sorted_jax.model.config import LlamaConfig
-from sorted_jax.model.modeling import Llama, abstract_params, head_weights, make_model
+from sorted_jax.model.modeling import Llama, head_weights
 from sorted_jax.objective import soft
 from sorted_jax.parallel import sharding
-from sorted_jax.training.train_step import make_optimizer, to_global_batch
 
-__all__ = ["HEADS_DIR", "ICT_FILE", "HeadsEval", "IctError", "IctHeads", "IctTrainer",
-           "check_heads", "exit_model", "has_heads", "head_exits", "heads_loss_sums",
-           "heads_shardings", "init_heads", "load_heads", "read_meta", "save_ict_dir",
-           "train_heads"]
+__all__ = ["HEADS_DIR", "ICT_FILE", "HeadsEval", "IctError", "IctHeads", "check_heads",
+           "exit_model", "frozen_hidden", "has_heads", "head_exits", "heads_loss_sums",
+           "heads_shardings", "init_heads", "load_heads", "read_meta", "save_ict_dir"]
 
 HEADS_DIR = "ict_heads"
 ICT_FILE = "ict.json"
@@ -183,7 +179,7 @@ def save_ict_dir(out_dir: str | Path | destinations.Destination, params: Mapping
 
 
 # ---------------------------------------------------------------------------------------------
-# the per-exit-head loss (training and evaluation share it)
+# the per-exit-head loss (training and evaluation share it) and evaluation
 
 
 def heads_loss_sums(hidden: Array, exits: Sequence[int], heads: Mapping[str, Array],
@@ -210,7 +206,8 @@ def heads_loss_sums(hidden: Array, exits: Sequence[int], heads: Mapping[str, Arr
                                 tokens=sums.tokens)
 
 
-def _hidden(model: Llama, params: Any, batch: Mapping[str, Array]) -> Array:
+def frozen_hidden(model: Llama, params: Any, batch: Mapping[str, Array]) -> Array:
+    """The `[L, B, T, D]` hidden states of every layer, with no gradient into the trunk."""
     out = model.apply({"params": params}, batch["input_ids"],
                       attention_mask=batch.get("attention_mask"),
                       segment_ids=batch.get("segment_ids"),
@@ -224,10 +221,6 @@ def heads_shardings(mesh: Mesh, rules: sharding.Rules, heads: IctHeads) -> dict:
             for k, v in heads.tree().items()}
 
 
-def params_shardings(model: Llama, mesh: Mesh, rules: sharding.Rules) -> Any:
-    return sharding.tree_shardings(abstract_params(model), mesh, rules)
-
-
 class HeadsEval:
     """Jitted per-exit sums with per-exit heads: `eval_step(params, heads_tree, batch)`."""
 
@@ -238,7 +231,7 @@ class HeadsEval:
         self._eval = jax.jit(self._eval_step)
 
     def _eval_step(self, params, heads, batch):
-        hidden = _hidden(self.model, params, batch)
+        hidden = frozen_hidden(self.model, params, batch)
         return heads_loss_sums(hidden, self.exits, heads, batch["targets"], batch["loss_mask"],
                                eps=self.model.config.rms_norm_eps,
                                rows_per_chunk=self.rows_per_chunk)[1]
@@ -247,96 +240,3 @@ class HeadsEval:
                   ) -> soft.ExitSums:
         with sharding.activation_sharding(self.mesh, self.rules):
             return self._eval(params, heads, batch)
-
-
-# ---------------------------------------------------------------------------------------------
-# training
-
-
-class IctTrainer:
-    """Adam on the heads only; the trunk params are an input of the step, never an output."""
-
-    def __init__(self, model: Llama, exits: Sequence[int], tx: optax.GradientTransformation,
-                 mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES,
-                 rows_per_chunk: int = 4096):
-        self.model, self.exits, self.tx = model, tuple(exits), tx
-        self.mesh, self.rules, self.rows_per_chunk = mesh, rules, rows_per_chunk
-        self.batch_shardings = sharding.batch_sharding(mesh, rules)
-        self.params_shardings = params_shardings(model, mesh, rules)
-        self._step = jax.jit(self._train_step, donate_argnums=(1, 2))
-        self._init_opt = jax.jit(tx.init)
-        self._eval_loss = jax.jit(
-            lambda params, heads, batch: self._loss(heads, _hidden(model, params, batch),
-                                                    batch)[0])
-
-    def place(self, params: Any, heads: IctHeads) -> tuple[Any, dict, Any]:
-        """(params, heads tree, optimizer state) on the mesh."""
-        params = jax.device_put(params, self.params_shardings)
-        tree = jax.device_put({k: jnp.asarray(v, jnp.float32) for k, v in heads.tree().items()},
-                              heads_shardings(self.mesh, self.rules, heads))
-        return params, tree, self._init_opt(tree)
-
-    def _loss(self, heads, hidden, batch):
-        total, sums = heads_loss_sums(hidden, self.exits, heads, batch["targets"],
-                                      batch["loss_mask"], eps=self.model.config.rms_norm_eps,
-                                      rows_per_chunk=self.rows_per_chunk)
-        return total / (jnp.maximum(sums.tokens, 1.0) * len(self.exits)), sums
-
-    def _train_step(self, params, heads, opt_state, batch):
-        hidden = _hidden(self.model, params, batch)  # the frozen trunk: no gradient
-        (loss, sums), grads = jax.value_and_grad(self._loss, has_aux=True)(heads, hidden, batch)
-        updates, opt_state = self.tx.update(grads, opt_state, heads)
-        heads = optax.apply_updates(heads, updates)
-        return heads, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                                  **soft.exit_metrics(sums, self.exits)}
-
-    def train_step(self, params, heads, opt_state, batch):
-        with sharding.activation_sharding(self.mesh, self.rules):
-            return self._step(params, heads, opt_state, batch)
-
-    def loss(self, params, heads, batch) -> float:
-        """The heads' mean per-exit loss on one batch (no update)."""
-        with sharding.activation_sharding(self.mesh, self.rules):
-            return float(self._eval_loss(params, heads, batch))
-
-
-def train_heads(params: Any, config: LlamaConfig, dataset: Any, exits: Sequence[int], *,
-                batch_size: int = 32, epochs: float = 1.0, num_steps: int = 0,
-                lr: float = 1e-3, warmup_steps: int = 0, seed: int = 0,
-                buckets: Sequence[int] | None = None, dtype: Any = jnp.float32,
-                mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES,
-                log_every: int = 10, log: Any = None) -> tuple[IctHeads, list[dict]]:
-    """Train per-exit heads on `dataset` (a `TokenizedDataset`); returns (heads, history).
-
-    history: one dict per logged step {"step", "loss", "loss/exit_n", "accuracy/exit_n"}
-    (train-batch values, averaged over the logging window).
-    """
-    exits = soft.resolve_exits(list(exits), config.num_hidden_layers)
-    mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
-    sharding.check_batch_size(batch_size, mesh, rules)
-    it = DataIterator(dataset, batch_size, seed=seed, shuffle=True, buckets=buckets)
-    total = int(num_steps) if num_steps > 0 else max(1, math.ceil(epochs * it.steps_per_epoch))
-    tx, _ = make_optimizer(lr=lr, total_steps=total, warmup_steps=warmup_steps,
-                           schedule="cosine", end_lr_ratio=0.1, weight_decay=0.0)
-    model = make_model(config, dtype=dtype, attention_impl="auto")
-    trainer = IctTrainer(model, exits, tx, mesh, rules)
-    params_dev, heads, opt_state = trainer.place(params, init_heads(params, config, exits))
-    history: list[dict] = []
-    window: list[dict] = []
-    t0 = time.time()
-    for step in range(1, total + 1):
-        batch = to_global_batch(next(it), trainer.batch_shardings)
-        heads, opt_state, metrics = trainer.train_step(params_dev, heads, opt_state, batch)
-        window.append(metrics)
-        if step % log_every == 0 or step == total or step == 1:
-            host = [jax.device_get(m) for m in window]
-            mean = {k: float(np.mean([h[k] for h in host])) for k in host[0] if k != "tokens"}
-            history.append({"step": step, **mean})
-            window = []
-            if log is not None:
-                log(f"ict step {step}/{total}: loss {mean['loss']:.4f} | "
-                    + " ".join(f"e{e} {mean[f'loss/exit_{e}']:.3f}" for e in exits)
-                    + f" ({time.time() - t0:.0f}s)")
-    host = jax.device_get(heads)
-    return IctHeads(exits, np.asarray(host["norm_scale"]),
-                    np.asarray(host["lm_head_kernel"])), history

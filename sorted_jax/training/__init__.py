@@ -1,1 +1,2 @@
-"""Training: the run spec and config schema, the Trainer, its step, loop, hooks and checkpoints."""
+"""Training: the run spec and config schema, the Trainer, its step, loop, hooks and checkpoints;
+the training of SFT+ICT heads."""

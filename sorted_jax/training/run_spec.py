@@ -1,17 +1,14 @@
 """A training run, resolved: the command line parsed, the config validated and resolved into one
-frozen, device-free `RunSpec`; and a run's recorded settings read back (`RunSettings`).
+frozen, device-free `RunSpec`.
 
     config, workdir = parse_args(sys.argv)   # the schema is `train_config.default_config`
     spec = resolve(config, workdir)          # every check that needs no device; nothing compiled
 
-`resolve` checks every field, picks the model config (the run's own when resuming, else
-`init_from`'s, else the preset with its overrides), the exit set and its weights, the eval
-exits, the tokenizer and the step to resume from. What needs devices (the mesh, batch sizes per
-process) or data (steps per epoch) is the trainer's. `load_data` reads the records.
-
-`RunSettings` is what a finished run recorded beside its weights, read by one reader for both
-kinds of run: a training workdir's `train_config.json` (the full config of its latest launch)
-and an SFT+ICT dir's `ict.json`. A field is None when the run did not record it.
+`resolve` checks every field, claims the workdir, picks the model config (the run's own when
+resuming, else `init_from`'s, else the preset with its overrides), the exit set and its weights,
+the eval exits, the tokenizer and the step to resume from. What needs devices (the mesh, batch
+sizes per process) or data (steps per epoch) is the trainer's; the data is `run_data`'s, and
+what a finished run recorded is read back by `run_settings`.
 """
 
 from __future__ import annotations
@@ -33,14 +30,9 @@ from sorted_jax.core.errors import TrainConfigError
 from sorted_jax.data import (
     TEMPLATE_NAMES,
     DataError,
-    SourceError,
-    TokenizedDataset,
     Tokenizer,
-    holdout_split,
-    open_records,
     save_tokenizer_files,
     spec_kind,
-    tokenize_records,
 )
 from sorted_jax.data.chat import require_chat_template
 from sorted_jax.data.templates import CHAT
@@ -51,9 +43,8 @@ from sorted_jax.model.modeling import DTYPES
 from sorted_jax.objective import soft
 from sorted_jax.parallel.sharding import Rules, rules_from_config
 from sorted_jax.training import checkpoint_integrity
+from sorted_jax.training.run_settings import TRAIN_CONFIG_FILE
 
-TRAIN_CONFIG_FILE = "train_config.json"
-DATA_STATS_FILE = "data_stats.json"  # records read, dropped, truncated, per split
 COMMAND = "sorted_jax.train"
 TOKENIZER_DIR = "tokenizer"
 MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -183,6 +174,11 @@ def check_static(c: ml_collections.ConfigDict) -> None:
     if c.model.preset:
         need(c.model.preset in PRESETS,
              f"unknown model.preset {c.model.preset!r}; known: {', '.join(PRESETS)}")
+
+
+def mu_dtype_of(c: ml_collections.ConfigDict) -> Any:
+    """Adam's first-moment dtype (`optim.mu_dtype`; None = that of the fp32 master weights)."""
+    return DTYPES[c.optim.mu_dtype] if c.optim.mu_dtype else None
 
 
 def _arch_diff(a: LlamaConfig, b: LlamaConfig) -> list[str]:
@@ -404,156 +400,3 @@ def resolve(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSpec:
         buckets=None if buckets is None else tuple(buckets),
         mesh_shape=tuple(int(x) for x in c.mesh.shape), rules=rules_from_config(c.mesh.rules),
         resume_note=resume_note)
-
-
-# ---------------------------------------------------------------------------------------------
-# data
-
-
-def _read_records(spec: str, split: str, c: ml_collections.ConfigDict, what: str) -> list:
-    try:
-        return open_records(spec, split, data_dir=c.data.tfds_data_dir or None,
-                            seed=c.data.seed)
-    except SourceError as e:
-        raise e.prefixed(f"{what}=") from e
-
-
-@dataclasses.dataclass(frozen=True)
-class RunData:
-    train: TokenizedDataset
-    eval: TokenizedDataset | None
-    train_records: int
-    eval_records: int
-
-
-def load_data(c: ml_collections.ConfigDict, tokenizer: Tokenizer) -> RunData:
-    """The run's train and eval records, tokenized (eval: held out of the train records,
-    another source, or the train source's own eval split)."""
-    records = _read_records(c.data.train, c.data.train_split, c, "data.train")
-    if c.data.max_records:
-        records = records[:c.data.max_records]
-    eval_records = None
-    if c.data.eval_holdout > 0:
-        try:
-            records, eval_records = holdout_split(records, c.data.eval_holdout, c.data.seed)
-        except DataError as e:
-            raise e.prefixed("data.eval_holdout: ") from None
-    elif c.data.eval == "none":
-        eval_records = None
-    elif c.data.eval:
-        eval_records = _read_records(c.data.eval, c.data.eval_split, c, "data.eval")
-    elif spec_kind(c.data.train) != "file":  # builtin and TFDS sources have an eval split
-        eval_records = _read_records(c.data.train, c.data.eval_split, c, "data.eval")
-    try:
-        train = tokenize_records(records, tokenizer, c.max_len, c.data.template)
-    except DataError as e:
-        raise e.prefixed(f"data.train={c.data.train!r}: ") from None
-    if len(train) == 0:
-        raise TrainConfigError(f"data.train={c.data.train!r}: no record fits max_len="
-                               f"{c.max_len} (every prompt is too long)")
-    ev = None
-    if eval_records:
-        try:
-            ev = tokenize_records(eval_records, tokenizer, c.max_len, c.data.template)
-        except DataError as e:
-            raise e.prefixed(f"data.eval={c.data.eval or c.data.train!r}: ") from None
-        ev = ev if len(ev) else None
-    return RunData(train, ev, len(records), len(eval_records or []))
-
-
-def data_stats(ds: TokenizedDataset, records: int) -> dict[str, Any]:
-    """What became of a split's records: kept, dropped (the prompt alone is longer than
-    max_len: no response token fits), truncated (the response was cut at max_len)."""
-    return {"records": int(records), "examples": len(ds), "dropped": int(ds.num_dropped),
-            "truncated": int(ds.num_truncated), "first_dropped": ds.first_dropped}
-
-
-def data_stats_line(stats: dict[str, Any], max_len: str) -> str | None:
-    """The one line train, evaluate and ict print when records were dropped or truncated
-    (None when none were); `max_len` as the command names it, e.g. "max_len=512"."""
-    if not (stats["dropped"] or stats["truncated"]):
-        return None
-    first = f"; first dropped: {stats['first_dropped']}" if stats["first_dropped"] else ""
-    return (f"{stats['records']} records, {stats['dropped']} dropped (prompt longer than "
-            f"{max_len}), {stats['truncated']} truncated{first}")
-
-
-# ---------------------------------------------------------------------------------------------
-# what a run recorded
-
-
-def _int_list(value: Any) -> list[int] | None:
-    """[128, 256] from "128,256" or a list; None for "" / None / anything unreadable."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, list | tuple):
-        return [int(x) for x in value]
-    try:
-        return [int(x) for x in str(value).replace(" ", "").split(",") if x]
-    except ValueError:
-        return None
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSettings:
-    """What a training (or SFT+ICT) run recorded; None = not recorded."""
-
-    data: str | None = None  # the training data spec
-    template: str | None = None
-    max_len: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    dtype: str | None = None  # compute dtype
-    eval_holdout: int = 0  # records of a JSON file held out as the eval set
-    data_seed: int = 0
-    buckets: list[int] | None = None
-    train_exits: str | None = None  # the exit-set spec trained (SoFT / SFT runs)
-    eval_exits: str | None = None
-    tokenizer: str | None = None  # the tokenizer spec the run was given
-
-    @classmethod
-    def from_train_config(cls, c: Mapping[str, Any]) -> RunSettings:
-        """From a `train_config.json` dict (a config's `to_json_best_effort`)."""
-        data = c.get("data", {})
-        optim = c.get("optim", {})
-        return cls(
-            data=data.get("train"), template=data.get("template"), max_len=c.get("max_len"),
-            batch_size=c.get("batch_size"), lr=optim.get("lr"), dtype=c.get("dtype"),
-            eval_holdout=int(data.get("eval_holdout", 0) or 0),
-            data_seed=int(data.get("seed", 0) or 0), buckets=_int_list(data.get("buckets")),
-            train_exits=c.get("exits"), eval_exits=c.get("eval_exits"),
-            tokenizer=data.get("tokenizer"))
-
-    @classmethod
-    def from_ict_meta(cls, m: Mapping[str, Any]) -> RunSettings:
-        """From an SFT+ICT dir's `ict.json` (its heads' exits are `heads.head_exits`)."""
-        return cls(
-            data=m.get("data"), template=m.get("template"), max_len=m.get("max_len"),
-            batch_size=m.get("batch_size"), lr=m.get("lr"), dtype=m.get("dtype"),
-            eval_holdout=int(m.get("holdout", 0) or 0), data_seed=int(m.get("data_seed", 0) or 0),
-            buckets=_int_list(m.get("buckets")))
-
-
-def read_run_settings(path: str | Path, ict_meta: Mapping[str, Any] | None = None
-                      ) -> RunSettings:
-    """The settings recorded in `path`: its `ict.json` (`ict_meta`, already read) when it is an
-    SFT+ICT dir, else its `train_config.json`; empty settings when it has neither (a converted
-    model dir) or the file is not a JSON object."""
-    if ict_meta:
-        return RunSettings.from_ict_meta(ict_meta)
-    f = Path(path) / TRAIN_CONFIG_FILE
-    if not f.is_file():
-        return RunSettings()
-    try:
-        c = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return RunSettings()
-    if not isinstance(c, Mapping) or not all(
-            isinstance(c.get(k, {}), Mapping) for k in ("data", "optim")):
-        return RunSettings()
-    return RunSettings.from_train_config(c)
-
-
-def mu_dtype_of(c: ml_collections.ConfigDict) -> Any:
-    """Adam's first-moment dtype (`optim.mu_dtype`; None = that of the fp32 master weights)."""
-    return DTYPES[c.optim.mu_dtype] if c.optim.mu_dtype else None

@@ -1,0 +1,443 @@
+"""The training run behind `python -m sorted_jax.train`: `Trainer(config, workdir).train()`.
+
+A `Trainer` is everything a run needs, validated and built in `__init__`: the resolved spec
+(`run_spec.resolve`: every check that needs no device), then the mesh and batch sizes, the
+tokenizer and data (`run_data`), then the jitted steps (`train_step.SoftSteps`) and the train
+state (restored from the workdir, loaded from init_from, or freshly initialised). Nothing is
+compiled before the config, the workdir and the data have been checked.
+
+Its loop is `train_steps()`, a generator of `train_loop.StepInfo`s; logging, evaluation and
+checkpoints are `train_loop.Hooks` that run every N steps. A step's metrics reach the host one
+step late, so the host never waits for the device except where a hook reads the state.
+
+Health: a step's loss and gradient norm are computed at the previous step's weights, so they
+decide the health of the checkpoint at that step (`checkpoint_integrity`); a non-finite one stops
+the run (`NonFiniteLossError`) naming the last good checkpoint, without saving the bad state.
+A background save that failed stops the run at the next step boundary (`CheckpointError`).
+`run_status.json` records how each launch ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.experimental import multihost_utils
+
+from sorted_jax.core import errors
+from sorted_jax.core.errors import NonFiniteLossError, TrainConfigError
+from sorted_jax.data import DataError, DataIterator, EvalIterator, PackedIterator, load_tokenizer
+from sorted_jax.evaluation import reports
+from sorted_jax.io import model_io
+from sorted_jax.model import modeling
+from sorted_jax.model.modeling import DTYPES
+from sorted_jax.objective import soft
+from sorted_jax.parallel.sharding import MeshError, check_batch_size, make_mesh
+from sorted_jax.training import checkpoint_integrity, metrics_log, run_spec, run_status
+from sorted_jax.training.checkpoint import Checkpointer, CheckpointError
+from sorted_jax.training.run_data import load_data
+from sorted_jax.training.run_spec import RunSpec, mu_dtype_of
+from sorted_jax.training.train_loop import Hooks, StepInfo, StopSignals, Window
+from sorted_jax.training.train_step import (
+    SoftSteps,
+    TrainState,
+    make_optimizer,
+    sum_exit_sums,
+    to_global_batch,
+)
+
+__all__ = ["Trainer"]
+
+
+def _host(tree: Any) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+_QUANTITIES = {"loss": "the loss", "grad_norm": "the gradient norm"}
+
+
+def _non_finite_names(metrics: Mapping[str, float]) -> list[str]:
+    """Which of the loss and the gradient norm are NaN / inf."""
+    return [name for k, name in _QUANTITIES.items()
+            if k in metrics and not math.isfinite(metrics[k])]
+
+
+class Trainer:
+    """Everything a run needs, validated and built in `__init__` (in the order the module
+    docstring gives); `train()` runs the loop and returns the final metrics."""
+
+    def __init__(self, config: ml_collections.ConfigDict | RunSpec,
+                 workdir: str | Path | None = None):
+        spec = config if isinstance(config, RunSpec) else run_spec.resolve(config, workdir)
+        self.spec, self.cfg, self.workdir = spec, spec.config, spec.workdir
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.is_main = self.process_index == 0
+        self.resume_step, self.resume_note = spec.resume_step, spec.resume_note
+        self.model_config, self.model_source = spec.model_config, spec.model_source
+        self.exits, self.exit_weights = spec.exits, spec.exit_weights
+        self.eval_exits, self.tokenizer_spec = spec.eval_exits, spec.tokenizer_spec
+        self._setup_mesh()
+        self._setup_data()
+        self._setup_steps()
+        self._progress: metrics_log.Progress | None = None
+        if self.is_main:
+            spec.write_files()
+            for line in self.data.write_stats(self.workdir, self.cfg.max_len):
+                self.note(line)
+        self._set_aside_newer_steps()
+        self.checkpointer = Checkpointer(self.workdir, keep=self.cfg.keep_checkpoints,
+                                         async_save=self.cfg.async_checkpointing)
+        self.state, self.start_step = self._initial_state()
+        self.step = self.start_step
+        # the newest checkpoint whose weights no step has been computed on yet (its health)
+        self._unchecked: int | None = self.resume_step
+        self.logger = metrics_log.MetricsLogger(
+            self.workdir, tensorboard=self.cfg.tensorboard,
+            resumed_from=self.resume_step) if self.is_main else None
+        self._stop = StopSignals(self.process_count)
+        self.interrupted: str | None = None
+        self._last_eval: tuple[int, dict[str, float]] | None = None
+        self._last_train: dict[str, Any] = {}
+        self._eval_points: dict[int, Mapping[str, Any]] | None = None  # step -> eval metrics
+
+    # -- setup -------------------------------------------------------------------------------
+    def _setup_mesh(self) -> None:
+        """The mesh, and batch sizes that fit it and the process count."""
+        c, n = self.cfg, self.process_count
+        self.mesh = make_mesh(self.spec.mesh_shape)
+        self.rules = self.spec.rules
+        check_batch_size(c.batch_size, self.mesh, self.rules, c.grad_accum)
+        if c.batch_size % n:
+            raise TrainConfigError(f"batch_size={c.batch_size} is not divisible by the {n} "
+                                   "processes")
+        self.eval_batch_size = self.spec.eval_batch_size
+        try:
+            check_batch_size(self.eval_batch_size, self.mesh, self.rules)
+        except MeshError as e:
+            raise e.prefixed("eval_batch_size: ") from None
+        if self.eval_batch_size % n:
+            raise TrainConfigError(f"eval batch size {self.eval_batch_size} is not divisible by "
+                                   f"the {n} processes")
+
+    def _setup_data(self) -> None:
+        """Tokenizer, records and this process's iterators; the run's length in steps."""
+        c, spec = self.cfg, self.spec
+        self.tokenizer = load_tokenizer(spec.tokenizer_spec)
+        spec.check_tokenizer(self.tokenizer)
+        self.data = load_data(c, self.tokenizer)
+        where = dict(process_index=self.process_index, process_count=self.process_count)
+        buckets = None if spec.buckets is None else list(spec.buckets)
+        try:
+            if c.data.packing:
+                self.train_iter = PackedIterator(self.data.train, c.batch_size, seed=c.seed,
+                                                 shuffle=c.data.shuffle,
+                                                 source=f"data.train={c.data.train!r}", **where)
+            else:
+                self.train_iter = DataIterator(self.data.train, c.batch_size, seed=c.seed,
+                                               shuffle=c.data.shuffle, buckets=buckets, **where)
+            self.eval_iter = None if self.data.eval is None else EvalIterator(
+                self.data.eval, self.eval_batch_size, buckets=buckets, **where)
+        except DataError as e:
+            raise e.prefixed("data: ") from None
+        self.steps_per_epoch = self.train_iter.steps_per_epoch
+        self.total_steps = spec.total_steps(self.steps_per_epoch)
+
+    def _setup_steps(self) -> None:
+        """The model, the optimizer and the jitted train / eval steps (traced, not compiled)."""
+        c, o = self.cfg, self.cfg.optim
+        self.model = modeling.make_model(
+            self.model_config, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
+            attention_impl=c.attention_impl, remat_policy=c.remat_policy)
+        tx, schedule = make_optimizer(
+            lr=o.lr, total_steps=self.total_steps,
+            warmup_steps=self.spec.warmup_steps(self.total_steps), schedule=o.schedule,
+            end_lr_ratio=o.end_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+            eps=o.eps, clip_norm=o.clip_norm or None, mu_dtype=mu_dtype_of(c))
+        hold, ramp = self.spec.exit_curriculum_steps(self.total_steps)
+        self.steps = SoftSteps(self.model, self.exits, tx, self.mesh, self.rules,
+                               exit_weights=list(self.exit_weights), grad_accum=c.grad_accum,
+                               rows_per_chunk=c.loss_rows_per_chunk, schedule=schedule,
+                               exit_hold_steps=hold, exit_ramp_steps=ramp,
+                               distill_weight=float(c.distill_weight))
+        self.eval_steps = self.steps if self.eval_exits == self.exits else SoftSteps(
+            self.model, self.eval_exits, tx, self.mesh, self.rules,
+            rows_per_chunk=c.loss_rows_per_chunk)
+        self._count_tokens = jax.jit(lambda m: jnp.sum(m.astype(jnp.int32)))
+        self._params_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
+
+    def _set_aside_newer_steps(self) -> None:
+        """Resuming from an older step than the newest on disk (a damaged or diverged newer
+        one, or resume_step): move the newer ones aside so this run writes them afresh."""
+        if self.resume_step is None:
+            return
+        if self.resume_note:
+            self.note(f"warning: {self.resume_note}")
+        if self.is_main:
+            checkpoint_integrity.set_aside_after(self.workdir, self.resume_step)
+        if self.process_count > 1:
+            multihost_utils.sync_global_devices("sorted_jax: newer checkpoints set aside")
+
+    def note(self, text: str) -> None:
+        """A line above the progress bar (process 0 only)."""
+        if self.is_main:
+            if self._progress is not None:
+                self._progress.write(text)
+            else:
+                print(text, flush=True)
+
+    def _initial_state(self) -> tuple[TrainState, int]:
+        c = self.cfg
+        if self.resume_step is not None:
+            state, data_state, meta = self.checkpointer.restore(
+                self.resume_step, nn.unbox(self.steps.abstract_state),
+                self.steps.state_shardings)
+            try:
+                self.train_iter.load_state_dict(data_state)
+            except (KeyError, DataError) as e:
+                raise CheckpointError(f"the data position saved at step {self.resume_step} does "
+                                      f"not fit this run's data: {e}") from None
+            changed = self.spec.changed_fields(meta.get("train_config", {}))
+            if changed:
+                self.note(f"warning: resuming with changed config fields {changed} (the "
+                          "checkpoint was written with different values)")
+            self.note(f"resuming {self.workdir} from step {self.resume_step} (data epoch "
+                     f"{self.train_iter.epoch}, example {self.train_iter.index})"
+                     + ("; init_from ignored" if c.init_from else ""))
+            return state, self.resume_step
+        if c.init_from:
+            # Straight into the state's shardings: each process reads only its shards, so no
+            # host ever holds a full copy of the model (7B fp32 is 27 GB per process otherwise).
+            params, _, _ = model_io.load_params(c.init_from, dtype=c.param_dtype,
+                                                shardings=self.steps.params_shardings)
+            self.note(f"loaded weights from {c.init_from} (fresh optimizer, step 0)")
+            return self.steps.state_from_params(params), 0
+        return self.steps.init_state(jax.random.PRNGKey(c.seed)), 0
+
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate(self, params: Any) -> dict[str, float] | None:
+        """Per-exit loss/accuracy on the held-out set: ExitSums summed, divided once."""
+        if self.eval_iter is None:
+            return None
+        total = sum_exit_sums(lambda batch: self.eval_steps.eval_step(params, batch),
+                              self.eval_iter, self.eval_steps.batch_shardings,
+                              self.cfg.eval_batches)
+        return _host(soft.exit_metrics(total, self.eval_exits))
+
+    def _eval_and_log(self, step: int) -> dict[str, float] | None:
+        t0 = time.time()
+        metrics = self.evaluate(self.state.params)
+        if metrics is None:
+            return None
+        metrics["eval_time_s"] = time.time() - t0
+        self._last_eval = (step, metrics)
+        self.note(f"eval @ {step}: " + metrics_log.compact_exits(metrics)
+                  + f" ({metrics['eval_time_s']:.1f}s)")
+        if self.logger:
+            self.logger.write(step, "eval", metrics)
+            self.logger.flush()
+            self._plot_history()[step] = metrics
+            reports.plot_exit_losses(sorted(self._plot_history().items()),
+                                         self.workdir / metrics_log.EXIT_PLOT_FILE)
+        return metrics
+
+    def _plot_history(self) -> dict[int, Mapping[str, Any]]:
+        """Eval points of this workdir by step: earlier launches' read from metrics.jsonl once
+        (a later line wins a step), this launch's added as they come."""
+        if self._eval_points is None:
+            rows = metrics_log.read_metrics(self.workdir, "eval")
+            self._eval_points = {r["step"]: r for r in rows}
+        return self._eval_points
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _non_finite(self, what: str) -> None:
+        with contextlib.suppress(CheckpointError):  # a save in flight may be the last good one
+            self.checkpointer.wait()
+        where = self.checkpointer.last_good_text()
+        raise NonFiniteLossError(f"{what}; stopped without saving this state. {where} "
+                                 "Lower optim.lr (or set optim.clip_norm), then resume from it "
+                                 "with --config.resume_step=N or start a new workdir.")
+
+    def _save(self, step: int) -> None:
+        if not bool(self._params_finite(self.state.params)):
+            self._non_finite(f"the parameters became non-finite at step {step}")
+        if self.checkpointer.save(step, self.state, self.train_iter.state_dict(),
+                                  self.spec.checkpoint_meta(step, self.total_steps,
+                                                            self.process_count)):
+            self._unchecked = step
+            self.note(f"checkpoint: step {step}")
+
+    def _fetch(self, step: int, metrics: Any, tokens: Any) -> StepInfo:
+        """Step `step`'s metrics on the host. They are the loss and gradient norm *at the
+        weights of step - 1*: they decide that checkpoint's health."""
+        metrics, tokens = jax.device_get((metrics, tokens))  # one transfer for both
+        host = _host(metrics)
+        bad = _non_finite_names(host)
+        detail = f"loss={host.get('loss')}, grad_norm={host.get('grad_norm')}"
+        if self._unchecked == step - 1:
+            self.checkpointer.record_health(
+                step - 1, checkpoint_integrity.DIVERGED if bad else checkpoint_integrity.GOOD,
+                f"{detail} at these weights (step {step})")
+            self._unchecked = None
+        if bad:
+            self._non_finite(f"{' and '.join(bad)} became non-finite at step {step} ({detail}, "
+                             f"computed at the weights of step {step - 1})")
+        return StepInfo(step, host, int(tokens))
+
+    def _should_stop(self) -> bool:
+        # Multi-process runs agree on stopping at log boundaries (a collective each step
+        # would stall the device pipeline).
+        if self.process_count > 1 and self.step % self.cfg.log_every:
+            return False
+        if self._stop.requested():
+            self.interrupted = self._stop.name
+        return self.interrupted is not None
+
+    def train_steps(self, hooks: Hooks) -> Iterator[StepInfo]:
+        """Train steps until `total_steps` (or a stop signal), each yielded once finished.
+
+        A step's metrics are fetched one step late, so the host never waits for the device,
+        except where `hooks` has a hook due that reads the train state (evaluation, a
+        checkpoint): that step is yielded before the next one is dispatched. `self.step` and
+        `self.state` are always the latest dispatched step's.
+        """
+        pending = None
+        while self.step < self.total_steps and not self._should_stop():
+            self.checkpointer.poll()  # a failed background save stops the run here
+            batch = to_global_batch(next(self.train_iter), self.steps.batch_shardings)
+            self.state, metrics = self.steps.train_step(self.state, batch)
+            self.step += 1
+            current = (self.step, metrics, self._count_tokens(batch["attention_mask"]))
+            if pending is not None:
+                yield self._fetch(*pending)
+            pending = current
+            if hooks.need_state(self.step, self.total_steps):
+                yield self._fetch(*pending)
+                pending = None
+        if pending is not None:
+            yield self._fetch(*pending)
+
+    def _log_train(self, info: StepInfo, window: Window) -> None:
+        mean = window.mean()
+        if mean is None:
+            return
+        mean["epoch"] = info.step / self.steps_per_epoch
+        self._last_train = mean
+        if self.logger:
+            self.logger.write(info.step, "train", mean)
+        self._progress.show(mean, mean["tokens_per_s"])
+        window.reset()
+
+    def hooks(self) -> Hooks:
+        """Progress, logging every log_every steps (and at the end), evaluation every
+        eval_every, checkpoints every checkpoint_every; the last two pause the throughput."""
+        c, window, hooks = self.cfg, Window(), Hooks()
+        hooks.add(window.add, every=1)
+        hooks.add(lambda info: self._progress.update(), every=1)
+        hooks.add(lambda info: self._log_train(info, window), every=c.log_every, at_end=True)
+        hooks.add(lambda info: self._eval_and_log(info.step), every=c.eval_every,
+                  needs_state=True, pauses=window)
+        hooks.add(lambda info: self._save(info.step), every=c.checkpoint_every,
+                  needs_state=True, pauses=window)
+        return hooks
+
+    def _status(self, status: str, reason: str = "") -> None:
+        if self.is_main:
+            with contextlib.suppress(OSError):  # a full disk: the error itself says more
+                run_status.write(self.workdir, status, self.step, self.total_steps, reason)
+
+    def train(self) -> dict[str, Any]:
+        self._stop.install()
+        self._progress = metrics_log.Progress(self.total_steps, self.start_step, self.is_main)
+        launch_t0 = time.time()
+        self._status(run_status.RUNNING)
+        try:
+            try:
+                result = self._loop()
+            except OSError as e:  # a full disk under metrics.jsonl, a manifest, ...
+                raise CheckpointError(
+                    f"could not write to {self.workdir} at step {self.step} ({e}); the run "
+                    f"stopped. {self.checkpointer.last_good_text()} Fix the cause (e.g. free "
+                    "disk space) and re-run the same command to resume.") from None
+        except BaseException as e:
+            self._status(run_status.FAILED, f"{type(e).__name__}: {errors.one_line(e)[:500]}")
+            raise
+        else:
+            self._status(run_status.PREEMPTED if self.interrupted else run_status.FINISHED,
+                         self.interrupted or "")
+        finally:
+            self._progress.close()
+            self._stop.uninstall()
+            self.checkpointer.close()
+            if self.logger:
+                self.logger.close()
+        result["wall_time_s"] = time.time() - launch_t0
+        if self.is_main:
+            (self.workdir / metrics_log.FINAL_METRICS_FILE).write_text(
+                json.dumps(result, indent=2) + "\n")
+        return result
+
+    def _loop(self) -> dict[str, Any]:
+        n_eval = 0 if self.data.eval is None else len(self.data.eval)
+        self.note(f"model: {self.model_source}, {self.model_config.num_hidden_layers} layers, "
+                  f"{self.model_config.num_params() / 1e6:.2f}M params; exits {self.exits} "
+                  f"(eval {self.eval_exits}); {len(self.data.train)} train examples "
+                  f"({self.steps_per_epoch} steps/epoch), {n_eval} eval; steps {self.step} -> "
+                  f"{self.total_steps}; mesh {dict(self.mesh.shape)}; "
+                  f"{self.process_count} process(es)")
+        if self.cfg.eval_at_start and self.step == 0:
+            self._eval_and_log(0)
+        hooks = self.hooks()
+        for info in self.train_steps(hooks):
+            hooks.run(info, self.total_steps)
+        self._save(self.step)
+        self.checkpointer.wait()
+        return self._finish(self.step)
+
+    def _finish(self, step: int) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "step": step, "total_steps": self.total_steps, "exits": list(self.exits),
+            "eval_exits": list(self.eval_exits),
+            "num_layers": self.model_config.num_hidden_layers, "interrupted": self.interrupted,
+        }
+        if self.interrupted:
+            self.note(f"stopped by {self.interrupted} at step {step}; checkpoint saved in "
+                      f"{self.checkpointer.directory}. Re-run the same command to resume.")
+            result["train"] = self._last_train
+            return result
+        final_eval = None
+        if self._last_eval is not None and self._last_eval[0] == step:
+            final_eval = self._last_eval[1]
+        elif self.eval_iter is not None:
+            final_eval = self._eval_and_log(step)
+        last_train = self._last_train
+        if not last_train and self.is_main:  # nothing trained in this launch (resumed at end)
+            rows = metrics_log.read_metrics(self.workdir, "train")
+            last_train = rows[-1] if rows else {}
+        result["eval"] = final_eval
+        result["train"] = {k: v for k, v in last_train.items() if k not in ("step", "split")}
+        if self.is_main:
+            self._write_report(step, final_eval, last_train)
+        return result
+
+    def _write_report(self, step: int, final_eval: Mapping[str, Any] | None,
+                      last_train: Mapping[str, Any]) -> None:
+        table = reports.exit_table(
+            final_eval, last_train, num_layers=self.model_config.num_hidden_layers,
+            title=f"Per-exit metrics at step {step} (exits {','.join(map(str, self.exits))}; "
+                  "eval = held-out split)")
+        (self.workdir / metrics_log.EXIT_TABLE_FILE).write_text(table)
+        if final_eval is None:  # otherwise the eval at this step has just plotted
+            reports.plot_exit_losses(sorted(self._plot_history().items()),
+                                     self.workdir / metrics_log.EXIT_PLOT_FILE)
+        self._progress.close()
+        print("\n" + table, flush=True)

@@ -39,6 +39,7 @@ from sorted_jax.data.templates import CHAT
 from sorted_jax.io import destinations, model_io
 from sorted_jax.model import modeling
 from sorted_jax.model.config import PRESETS, LlamaConfig, preset
+from sorted_jax.model.exit_adapters import INITS
 from sorted_jax.model.modeling import DTYPES
 from sorted_jax.objective import soft
 from sorted_jax.parallel.sharding import Rules, rules_from_config
@@ -128,6 +129,9 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
 # validation and resolution (no devices, nothing compiled)
 
 
+EXIT_ADAPTER_KINDS = ("none", "layer")
+
+
 def check_static(c: ml_collections.ConfigDict) -> None:
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -151,6 +155,24 @@ def check_static(c: ml_collections.ConfigDict) -> None:
          "exit_curriculum.hold and .ramp are fractions of the run's steps in [0, 1] with "
          f"hold + ramp <= 1, got hold={c.exit_curriculum.hold}, ramp={c.exit_curriculum.ramp}")
     need(c.distill_weight >= 0, f"distill_weight must be >= 0, got {c.distill_weight}")
+    need(math.isfinite(c.anchor_weight) and c.anchor_weight >= 0,
+         f"anchor_weight must be >= 0 (0 = off), got {c.anchor_weight}")
+    need(c.exit_adapters in EXIT_ADAPTER_KINDS,
+         f"exit_adapters must be one of {EXIT_ADAPTER_KINDS}, got {c.exit_adapters!r}")
+    need(c.exit_adapter_init in INITS,
+         f"exit_adapter_init must be one of {INITS}, got {c.exit_adapter_init!r}")
+    if c.anchor_weight > 0:
+        teacher = str(c.anchor_teacher).strip()
+        need(teacher != "", "anchor_teacher is empty: give 'base' (init_from's weights) or the "
+             "path of a model dir / training workdir")
+        need(teacher != "base" or bool(c.init_from),
+             "anchor_teacher='base' anchors to init_from's weights, but init_from is empty: set "
+             "init_from, or anchor_teacher to a model dir / training workdir")
+        need(teacher == "base" or Path(teacher).exists(),
+             f"anchor_teacher={teacher!r} does not exist (a model dir or a training workdir)")
+    if c.exit_adapters != "none":
+        need(bool(c.init_from), f"exit_adapters={c.exit_adapters!r} trains adapters on a frozen "
+             "trunk: set init_from to the trunk (a base model or a finished SFT run)")
     need(c.optim.mu_dtype == "" or c.optim.mu_dtype in DTYPES,
          f"optim.mu_dtype must be '' or one of {sorted(DTYPES)}, got {c.optim.mu_dtype!r}")
     need(c.attention_impl in modeling.ATTENTION_IMPLEMENTATIONS,
@@ -388,6 +410,12 @@ def resolve(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSpec:
     weights_spec = text if text[:1].isalpha() else parse_floats(text, "exit_weights")
     exits, weights = soft.resolve_exit_set(c.exits, weights_spec, big_l)
     eval_exits = soft.resolve_exits(c.eval_exits, big_l) if c.eval_exits.strip() else exits
+    if c.exit_adapters != "none" and resume_step is None:
+        adapted = tuple(e for e in exits if e < big_l)
+        if not adapted:
+            raise TrainConfigError(f"exit_adapters={c.exit_adapters!r} needs exits below the last "
+                                   f"layer ({big_l}), got exits={list(exits)}")
+        mc = mc.replace(exit_adapters=adapted)
     if c.max_len > mc.max_position_embeddings:
         raise TrainConfigError(f"max_len={c.max_len} exceeds the model's "
                                f"max_position_embeddings={mc.max_position_embeddings}")

@@ -54,6 +54,22 @@ def default_config() -> ml_collections.ConfigDict:
     # > 0: also distil every exit toward the last exit's (detached) distribution with this
     # weight (KL per token, added to the loss; reported as kl_to_last/exit_N).
     c.distill_weight = 0.0
+    # Keeping the full model where SFT takes it (docs/training.md, "Choosing a recipe"):
+    # > 0: anchored SoFT, also adds anchor_weight x KL(teacher || last exit) per token, a frozen
+    # teacher's distribution on the same tokens (reported as kl_to_teacher/exit_N).
+    c.anchor_weight = 0.0
+    # The teacher: "base" (init_from's weights, as loaded at step 0) or a model dir / workdir
+    # (e.g. a finished SFT run). Its vocab must be the model's; it is held frozen beside the
+    # model (memory: one more copy of its weights in param_dtype).
+    c.anchor_teacher = "base"
+    # "none": SoFT trains the whole model. "layer": the trunk (init_from, a base or an SFT
+    # model) is frozen and every exit below the last gets its own decoder layer before the
+    # shared final norm + head; only those train (use distill_weight for the KL toward the
+    # frozen full model). The last exit is then the trunk's own output, bit for bit.
+    c.exit_adapters = "none"
+    # Where an exit adapter starts: "next" = a copy of the layer right after its exit, "last"
+    # = a copy of the last layer.
+    c.exit_adapter_init = "next"
 
     c.seed = 0  # parameter init and the data shuffle order
     c.dtype = "bfloat16"  # compute dtype

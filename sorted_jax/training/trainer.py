@@ -39,10 +39,10 @@ from sorted_jax.data import DataError, DataIterator, EvalIterator, PackedIterato
 from sorted_jax.evaluation import reports
 from sorted_jax.io import model_io
 from sorted_jax.model import modeling
-from sorted_jax.model.modeling import DTYPES
+from sorted_jax.model.modeling import DTYPES, EXIT_ADAPTERS
 from sorted_jax.objective import soft
 from sorted_jax.parallel.sharding import MeshError, check_batch_size, make_mesh
-from sorted_jax.training import checkpoint_integrity, metrics_log, run_spec, run_status
+from sorted_jax.training import checkpoint_integrity, frozen, metrics_log, run_spec, run_status
 from sorted_jax.training.checkpoint import Checkpointer, CheckpointError
 from sorted_jax.training.run_data import load_data
 from sorted_jax.training.run_spec import RunSpec, mu_dtype_of
@@ -97,6 +97,10 @@ class Trainer:
         self.checkpointer = Checkpointer(self.workdir, keep=self.cfg.keep_checkpoints,
                                          async_save=self.cfg.async_checkpointing)
         self.state, self.start_step = self._initial_state()
+        if self.steps.teacher is not None:
+            self.steps.set_teacher(frozen.load_teacher(self.cfg, self.steps.teacher_shardings))
+            self.note(f"anchored to teacher {frozen.teacher_source(self.cfg)} (weight "
+                      f"{self.cfg.anchor_weight} on exit {self.exits[-1]})")
         self.step = self.start_step
         # the newest checkpoint whose weights no step has been computed on yet (its health)
         self._unchecked: int | None = self.resume_step
@@ -167,7 +171,10 @@ class Trainer:
                                exit_weights=list(self.exit_weights), grad_accum=c.grad_accum,
                                rows_per_chunk=c.loss_rows_per_chunk, schedule=schedule,
                                exit_hold_steps=hold, exit_ramp_steps=ramp,
-                               distill_weight=float(c.distill_weight))
+                               distill_weight=float(c.distill_weight),
+                               trainable_keys=(EXIT_ADAPTERS,) if c.exit_adapters != "none"
+                               else None, teacher=frozen.teacher_model(c, self.model_config),
+                               anchor_weights=frozen.anchor_weights(c, self.exits))
         self.eval_steps = self.steps if self.eval_exits == self.exits else SoftSteps(
             self.model, self.eval_exits, tx, self.mesh, self.rules,
             rows_per_chunk=c.loss_rows_per_chunk)
@@ -214,6 +221,12 @@ class Trainer:
                      f"{self.train_iter.epoch}, example {self.train_iter.index})"
                      + ("; init_from ignored" if c.init_from else ""))
             return state, self.resume_step
+        if c.exit_adapters != "none":
+            params = frozen.load_trunk_with_adapters(c, self.model_config,
+                                                     self.steps.params_shardings)
+            self.note(f"frozen trunk {c.init_from}, exit adapters at "
+                      f"{list(self.model_config.exit_adapters)} (init: {c.exit_adapter_init})")
+            return self.steps.state_from_params(params), 0
         if c.init_from:
             # Straight into the state's shardings: each process reads only its shards, so no
             # host ever holds a full copy of the model (7B fp32 is 27 GB per process otherwise).

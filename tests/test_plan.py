@@ -101,3 +101,34 @@ def test_train_cli_plan_for_more_devices_than_this_process_has():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fsdp=2" in out.stdout and "2 device(s)" in out.stdout
     assert "does NOT fit" in out.stdout and "remat_policy=full" in out.stdout
+
+
+def test_anchored_and_adapter_plans_count_the_teacher_and_only_the_adapters_state():
+    """The teacher is a step argument (in XLA's argument bytes, its own row in the table); a
+    frozen trunk has no optimizer state: Adam's two moments cover the adapters only."""
+    cfg = preset("tiny").replace(vocab_size=264)
+    exits = (2, 4, 6, 8)
+    mesh = sharding.make_mesh((2, 2, 2), jax.devices()[:8]) if len(jax.devices()) >= 8 else None
+    if mesh is None:
+        pytest.skip("needs 8 (fake) devices")
+    tx, _ = train_step.make_optimizer(lr=1e-4, total_steps=100)
+
+    def steps(config, **kw):
+        return train_step.SoftSteps(modeling.make_model(config, dtype=jnp.bfloat16), exits=exits,
+                                    tx=tx, mesh=mesh, **kw)
+
+    base = plan.plan_steps(steps(cfg), (8, 64))
+    teacher = modeling.make_model(cfg, dtype=jnp.bfloat16)
+    anchored = plan.plan_steps(steps(cfg, teacher=teacher, anchor_weights=[0, 0, 0, 1.0]),
+                               (8, 64))
+    assert anchored.teacher_bytes == pytest.approx(base.params_bytes, rel=1e-6)
+    assert "frozen teacher / device" in anchored.table()
+    grown = anchored.compiled_argument_bytes - base.compiled_argument_bytes
+    assert grown == pytest.approx(anchored.teacher_bytes, rel=0.10)
+
+    adapted_cfg = cfg.replace(exit_adapters=(2, 4, 6))
+    adapters = plan.plan_steps(steps(adapted_cfg, trainable_keys=("exit_adapters",)), (8, 64))
+    layer = (cfg.num_params() - cfg.vocab_size * cfg.hidden_size * 2 - cfg.hidden_size) / 8
+    expected_opt = 2 * 4 * 3 * layer / 4  # 2 fp32 moments of 3 adapter layers, over fsdp x tp
+    assert adapters.opt_state_bytes == pytest.approx(expected_opt, rel=0.05)
+    assert adapters.opt_state_bytes < 0.5 * base.opt_state_bytes

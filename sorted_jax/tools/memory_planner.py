@@ -39,6 +39,7 @@ class MemoryPlan:
     compiled_temp_bytes: float  # per device: gradients, activations, loss chunks
     compiled_output_bytes: float
     device_memory_bytes: float | None = None
+    teacher_bytes: float = 0.0  # per device: an anchored run's frozen teacher (in the arguments)
 
     @property
     def total_bytes(self) -> float:
@@ -56,6 +57,8 @@ class MemoryPlan:
             ("mesh", ", ".join(f"{k}={v}" for k, v in self.mesh.items())),
             ("params / device", f"{self.params_bytes / GiB:.2f} GiB"),
             ("optimizer state / device", f"{self.opt_state_bytes / GiB:.2f} GiB"),
+            *([("frozen teacher / device", f"{self.teacher_bytes / GiB:.2f} GiB")]
+              if self.teacher_bytes else []),
             ("step arguments (state + batch) / device",
              f"{self.compiled_argument_bytes / GiB:.2f} GiB"),
             ("step temporaries (grads, activations) / device",
@@ -92,10 +95,12 @@ def plan_steps(steps: Any, batch_shape: tuple[int, int],
     abstract, shardings = steps.abstract_state, steps.state_shardings
     params = _sharded_bytes(abstract.params, shardings.params)
     opt = _sharded_bytes(abstract.opt_state, shardings.opt_state)
+    teacher = 0.0 if steps.teacher is None else _sharded_bytes(
+        steps.abstract_teacher, steps.teacher_shardings)
     mem = steps.lower_train_step(batch_shape).compile().memory_analysis()
     return MemoryPlan(
         devices=steps.mesh.devices.size, mesh=dict(steps.mesh.shape),
-        params_bytes=params, opt_state_bytes=opt,
+        params_bytes=params, opt_state_bytes=opt, teacher_bytes=teacher,
         compiled_argument_bytes=float(mem.argument_size_in_bytes),
         compiled_temp_bytes=float(mem.temp_size_in_bytes),
         compiled_output_bytes=float(mem.output_size_in_bytes),

@@ -21,11 +21,11 @@ import ml_collections
 from sorted_jax.core.errors import TrainConfigError
 from sorted_jax.io import model_io
 from sorted_jax.model import modeling
-from sorted_jax.model.modeling import DTYPES
+from sorted_jax.model.modeling import DTYPES, EXIT_ADAPTERS
 from sorted_jax.objective import soft
 from sorted_jax.parallel import sharding
 from sorted_jax.tools import memory_planner as planner
-from sorted_jax.training import run_spec
+from sorted_jax.training import frozen, run_spec
 from sorted_jax.training.train_step import SoftSteps, make_optimizer
 
 
@@ -38,6 +38,8 @@ def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) 
             raise TrainConfigError("--plan needs model.preset or init_from for the model shape")
         mc = model_io.load_config(c.init_from)
     exits = soft.resolve_exits(c.exits, mc.num_hidden_layers)
+    if c.exit_adapters != "none":
+        mc = mc.replace(exit_adapters=tuple(e for e in exits if e < mc.num_hidden_layers))
     mesh = sharding.make_mesh(tuple(c.mesh.shape))
     rules = sharding.rules_from_config(c.mesh.rules)
     sharding.check_batch_size(c.batch_size, mesh, rules, c.grad_accum)
@@ -46,7 +48,10 @@ def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) 
     tx, _ = make_optimizer(lr=c.optim.lr, total_steps=1000, mu_dtype=run_spec.mu_dtype_of(c),
                            clip_norm=c.optim.clip_norm or None)
     steps = SoftSteps(model, exits, tx, mesh, rules, grad_accum=c.grad_accum,
-                      rows_per_chunk=c.loss_rows_per_chunk)
+                      rows_per_chunk=c.loss_rows_per_chunk,
+                      trainable_keys=(EXIT_ADAPTERS,) if c.exit_adapters != "none" else None,
+                      teacher=frozen.teacher_model(c, mc),
+                      anchor_weights=frozen.anchor_weights(c, tuple(exits)))
     gib = None
     if device_memory:
         key = device_memory.lower()

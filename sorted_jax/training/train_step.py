@@ -167,8 +167,10 @@ class SoftSteps:
                                                        self.rules)
         self.params_shardings = self.state_shardings.params
         self.batch_shardings = sharding.batch_sharding(self.mesh, self.rules)
+        self.abstract_teacher = (None if self.teacher is None
+                                 else abstract_params(self.teacher))
         self.teacher_shardings = None if self.teacher is None else sharding.tree_shardings(
-            abstract_params(self.teacher), self.mesh, self.rules)
+            self.abstract_teacher, self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self._init = jax.jit(self._init_unboxed, out_shardings=self.state_shardings)
         self._train = jax.jit(self._train_step,
@@ -235,7 +237,7 @@ class SoftSteps:
         unbox = lambda tree: jax.tree.map(  # noqa: E731
             lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x, tree,
             is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-        teacher = None if self.teacher is None else unbox(abstract_params(self.teacher))
+        teacher = None if self.teacher is None else unbox(self.abstract_teacher)
         with sharding.activation_sharding(self.mesh, self.rules):
             return self._train.lower(unbox(self.abstract_state), batch, teacher)
 

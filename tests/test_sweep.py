@@ -20,7 +20,7 @@ def test_sweep_on_a_tiny_budget_writes_table_json_and_plot(tmp_path, capsys):
     argv = ["--config", str(REPO / "configs" / "tiny_finetune.py"), "--out", str(out),
             "--pretrain-config", str(REPO / "configs" / "tiny_pretrain.py"),
             "--seeds", "1", "--recipe", "uniform", "--recipe", "w=exit_weights=last:0.7",
-            "--eval-limit", "16",
+            "--recipe", "anchor", "--recipe", "adapters", "--eval-limit", "16",
             *[x for s in ("num_steps=2", "eval_exits=1,2", "eval_batches=1", "eval_every=0",
                           "data.max_records=64", "batch_size=8", "tensorboard=False",
                           "eval_at_start=False") for x in ("--set", s)],
@@ -29,7 +29,7 @@ def test_sweep_on_a_tiny_budget_writes_table_json_and_plot(tmp_path, capsys):
     assert sweep.main(argv) == 0, capsys.readouterr().err
     summary = json.loads((out / TABLE_JSON).read_text())
     assert summary["exits"] == [1, 2] and summary["seeds"] == [1]
-    assert set(summary["rows"]) == {"sft", "sft+ict", "uniform", "w"}
+    assert set(summary["rows"]) == {"sft", "sft+ict", "uniform", "w", "anchor", "adapters"}
     # every number comes from evaluate's own output, checked independently here
     ev = json.loads((out / "eval" / "seed1" / "exit_metrics.json").read_text())
     assert {row["label"] for row in ev["checkpoints"]} == set(summary["rows"])
@@ -44,6 +44,13 @@ def test_sweep_on_a_tiny_budget_writes_table_json_and_plot(tmp_path, capsys):
     settings = json.loads((out / "runs" / "seed1" / "w" / "train_config.json").read_text())
     assert settings["exit_weights"] == "last:0.7" and settings["seed"] == 1
     assert settings["init_from"] == str(out / "pretrain")
+    anchor = json.loads((out / "runs" / "seed1" / "anchor" / "train_config.json").read_text())
+    assert anchor["anchor_weight"] == 1.0 and anchor["init_from"] == str(out / "pretrain")
+    # the adapters start from this seed's SFT run, whose last exit they leave exactly as it is
+    adapters = json.loads((out / "runs" / "seed1" / "adapters" / "train_config.json").read_text())
+    assert adapters["init_from"] == str(out / "runs" / "seed1" / "sft")
+    assert adapters["exit_adapters"] == "layer" and adapters["exits"] == "1,2"
+    assert rows["adapters"]["per_seed"]["1"]["2"] == rows["sft"]["per_seed"]["1"]["2"]
     md = (out / TABLE_MD).read_text()
     assert "| w |" in md and "| sft+ict |" in md and "last vs SFT" in md
     assert (out / PARETO_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,6 +24,9 @@ from sorted_jax.core.errors import SweepError
 from sorted_jax.evaluation import reports
 from sorted_jax.io import destinations
 
+# In a recipe's overrides, the seed's SFT run (recipes that use it run after it).
+SFT_RUN = "{sft}"
+
 # name -> (config overrides, what it trades)
 RECIPES: dict[str, tuple[tuple[str, ...], str]] = {
     "uniform": ((), "the paper: mean of the exits' losses"),
@@ -38,6 +41,10 @@ RECIPES: dict[str, tuple[tuple[str, ...], str]] = {
                       "depth weights + 0.1 x KL toward the last exit"),
     "last-ramp": (("exit_weights=last:0.5", "exit_curriculum.hold=0.1",
                    "exit_curriculum.ramp=0.4"), "last:0.5 reached through the SFT ramp"),
+    "anchor": (("anchor_weight=1.0",),
+               "uniform + 1.0 x KL(base model || last exit): the last exit held to the base"),
+    "adapters": ((f"init_from={SFT_RUN}", "exit_adapters=layer", "distill_weight=1.0"),
+                 "the SFT run frozen + one decoder layer per exit (CE + KL to the SFT model)"),
 }
 
 SFT, ICT = "sft", "sft+ict"
@@ -71,8 +78,13 @@ class Recipe:
                              f"--config., e.g. exit_weights=depth), got {bad or 'none'}")
         return cls(name, overrides)
 
-    def flags(self) -> list[str]:
-        return [f"--config.{o}" for o in self.overrides]
+    def flags(self, sft: Path | None = None) -> list[str]:
+        return [f"--config.{o.replace(SFT_RUN, str(sft))}" for o in self.overrides]
+
+    @property
+    def after_sft(self) -> bool:
+        """Starts from the seed's SFT run (an override names `{sft}`)."""
+        return any(SFT_RUN in o for o in self.overrides)
 
     @property
     def trades(self) -> str:
@@ -99,6 +111,9 @@ class SweepOptions:
         names = [r.name for r in self.recipes]
         if len(set(names)) != len(names):
             raise SweepError(f"recipe names repeat: {names}")
+        if all(r.after_sft for r in self.recipes):
+            raise SweepError(f"every recipe ({names}) starts from the SFT run: add one that "
+                             "trains from the base (e.g. uniform) for the exit set")
         if not self.seeds:
             raise SweepError("--seeds is empty")
         for path in (self.config, self.pretrain_config):
@@ -253,15 +268,22 @@ def _run_seed(runner: Runner, opts: SweepOptions, seed: int, common: list[str], 
     seed_dir = out / "runs" / f"seed{seed}"
     flags = [*common, f"--config.seed={seed}"]
     labels: dict[str, Path] = {}
-    for recipe in opts.recipes:
+    for recipe in (r for r in opts.recipes if not r.after_sft):
         wd = seed_dir / recipe.name
         _train(runner, f"{recipe.name}_seed{seed}", opts.config, wd, [*flags, *recipe.flags()])
         labels[recipe.name] = wd
         trades[recipe.name] = recipe.trades
-    exits = ",".join(str(e) for e in _settings(labels[opts.recipes[0].name])["exits"])
+    first = next(r for r in opts.recipes if not r.after_sft)
+    exits = ",".join(str(e) for e in _settings(labels[first.name])["exits"])
     sft = seed_dir / SFT
     _train(runner, f"sft_seed{seed}", opts.config, sft,
            [*flags, "--config.exits=last", f"--config.eval_exits={exits}"])
+    for recipe in (r for r in opts.recipes if r.after_sft):  # on the SFT run's weights
+        wd = seed_dir / recipe.name
+        _train(runner, f"{recipe.name}_seed{seed}", opts.config, wd,
+               [*flags, *recipe.flags(sft)])
+        labels[recipe.name] = wd
+        trades[recipe.name] = recipe.trades
     labels = {SFT: sft, **labels}
     if opts.ict:
         ict_dir = seed_dir / "sft_ict"

@@ -30,7 +30,8 @@ from sorted_jax.decoding.sampling import (
     top1_prob,
 )
 from sorted_jax.model.config import LlamaConfig
-from sorted_jax.model.modeling import KVCache, make_model, run_layer_range, write_slots
+from sorted_jax.model.kv_cache import KVCache, write_slots
+from sorted_jax.model.modeling import make_model, run_layer_range
 
 Array = jax.Array
 

@@ -18,7 +18,8 @@ HF. `--template chat` uses the tokenizer's own chat template (`--system` adds a 
 Decoding stops at any of the model's EOS ids (config.json / generation_config.json may list
 several) and at the tokenizer's EOS.
 
-The decoding engine is `sorted_jax.decoding` (`Decoder`, `DecodeOptions`).
+The decoding engine is `sorted_jax.decoding` (`Decoder`, `DecodeOptions`); reading the prompts,
+the flags' options, batching and the result lines are `sorted_jax.decoding.batch_job`.
 """
 
 from __future__ import annotations
@@ -26,28 +27,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from sorted_jax.core.args import parse_numbers
-from sorted_jax.core.errors import DataError, MissingFileError, UsageError, run_cli
+from sorted_jax.core.errors import UsageError, run_cli
 from sorted_jax.data import PROMPT_TEMPLATES, Tokenizer, prompt_ids
-from sorted_jax.data.records import iter_jsonl
-from sorted_jax.decoding import (
-    MODES,
-    PAPER_THRESHOLDS,
-    DecodeOptions,
-    Decoder,
-    DecodeStats,
-    EarlyExitStats,
-    GenerationResult,
-    SpeculativeStats,
-    stop_ids,
-)
+from sorted_jax.decoding import MODES, PAPER_THRESHOLDS, Decoder, stop_ids
+from sorted_jax.decoding import batch_job as job
 from sorted_jax.io import artifacts, destinations
 from sorted_jax.model.modeling import DTYPES
 
@@ -113,29 +101,6 @@ def _claim_out(args: argparse.Namespace) -> destinations.Destination | None:
                                    overwrite=args.overwrite, recognise=_is_generate_output)
 
 
-def _read_records(path: str) -> list[dict[str, Any]]:
-    f = Path(path)
-    if not f.is_file():
-        raise MissingFileError(f"--prompts file {path} does not exist")
-    records = []
-    for n, rec in iter_jsonl(f):
-        if isinstance(rec, str):
-            rec = {"prompt": rec}
-        keys = {"prompt", "instruction", "messages", "conversations"}
-        if not isinstance(rec, dict) or not (keys & set(rec)):
-            raise DataError(f"{path}:{n}: expected an object with 'instruction' (and optional "
-                             "'input'), 'prompt' or (chat template) 'messages'")
-        bad = [k for k in ("prompt", "instruction", "input") if k in rec
-               and not isinstance(rec[k], str)]
-        if bad:
-            raise DataError(f"{path}:{n}: field {bad[0]!r} is a {type(rec[bad[0]]).__name__}, "
-                            "expected a string")
-        records.append(rec)
-    if not records:
-        raise DataError(f"--prompts file {path} holds no records")
-    return records
-
-
 def _template(args: argparse.Namespace, art: artifacts.Artifact) -> str:
     """--template, else the checkpoint's training template, else none (a converted model)."""
     template = args.template or art.settings.template or "none"
@@ -156,98 +121,34 @@ def _load(args: argparse.Namespace) -> tuple[dict, Any, Tokenizer, Any, str]:
             template)
 
 
-def _options(args: argparse.Namespace) -> DecodeOptions:
-    """The request the flags describe (flags of another mode are refused)."""
-    if args.exit_layer is not None and args.mode != "fixed":
-        raise UsageError("--exit-layer applies to --mode fixed (use --exits for early-exit, "
-                         "--draft-layer for speculative)")
-    if args.draft_layer is not None and args.mode != "speculative":
-        raise UsageError("--draft-layer applies to --mode speculative")
-    if (args.exits or args.thresholds) and args.mode != "early-exit":
-        raise UsageError("--exits / --thresholds apply to --mode early-exit")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return DecodeOptions(
-        mode=args.mode, exit_layer=args.exit_layer,
-        exits=parse_numbers(args.exits, int, "--exits must be layer numbers"),
-        thresholds=parse_numbers(args.thresholds, float, "thresholds must be numbers"),
-        draft_layer=args.draft_layer, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-
-
-def _summary(stats: DecodeStats, seconds: float) -> str:
-    parts = [f"{stats.tokens} tokens in {seconds:.2f}s "
-             f"({stats.tokens / max(seconds, 1e-9):.1f} tok/s incl. compile)"]
-    if isinstance(stats, EarlyExitStats):
-        parts.append(f"avg exit layer {stats.avg_exit_layer:.2f}")
-        parts.append("exits " + " ".join(f"{k}:{v}" for k, v in stats.exit_histogram.items()))
-    if isinstance(stats, SpeculativeStats):
-        parts.append(f"acceptance {stats.acceptance_rate:.3f} "
-                     f"({stats.accepted}/{stats.drafted} drafts)")
-        parts.append(f"full-model passes {stats.full_passes}")
-    return "; ".join(parts)
-
-
-def _result_line(record, tok, toks, args, stops) -> dict[str, Any]:
-    finished = bool(toks) and toks[-1] in stops
-    return {**record, "output": tok.decode(toks), "tokens": toks,
-            "finish_reason": "eos" if finished else "length", "mode": args.mode}
-
-
-def _stream(dec: Decoder, opts: DecodeOptions, ids: list[int], tok: Tokenizer) -> list[int]:
-    """Decode one prompt, writing its text to stdout as it grows; returns the ids."""
-    made: list[int] = []
-    shown = ""
-    for new in dec.stream(ids, opts):
-        made += new
-        text = tok.decode(made)
-        sys.stdout.write(text[len(shown):])
-        sys.stdout.flush()
-        shown = text
-    sys.stdout.write("\n")
-    return made
-
-
-def _batches(dec: Decoder, opts: DecodeOptions, ids: list[list[int]], records: list[dict],
-             tok: Tokenizer, args: argparse.Namespace, out: Any) -> DecodeStats:
-    """Decode every prompt, `--batch-size` at a time, one JSON line each to `out`."""
-    total: DecodeStats | None = None
-    for i in range(0, len(ids), args.batch_size):
-        res: GenerationResult = dec.generate(ids[i:i + args.batch_size], opts)
-        total = res.stats if total is None else total.merge(res.stats)
-        for j, toks in enumerate(res.tokens):
-            out.write(json.dumps(_result_line(records[i + j], tok, toks, args, opts.eos_id))
-                      + "\n")
-        print(f"[{min(i + args.batch_size, len(ids))}/{len(ids)}]", file=sys.stderr)
-    assert total is not None
-    return total
-
-
 def run(args: argparse.Namespace) -> None:
     dest = _claim_out(args)
     params, config, tok, dtype, template = _load(args)
-    opts = _options(args).replace(eos_id=stop_ids(config, tok.eos_id))
+    opts = job.options_from_flags(
+        args.mode, exit_layer=args.exit_layer, exits=args.exits, thresholds=args.thresholds,
+        draft_layer=args.draft_layer, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    opts = opts.replace(eos_id=stop_ids(config, tok.eos_id))
     dec = Decoder(params, config, dtype=dtype, max_draft=args.max_draft, pad_multiple=64)
     dec.route(opts)  # bad layers / thresholds fail before any prompt is read
-    records = [{"prompt": args.prompt}] if args.prompt is not None else _read_records(
-        args.prompts)
+    records = ([{"prompt": args.prompt}] if args.prompt is not None
+               else job.read_prompt_records(args.prompts))
     ids = [prompt_ids(tok, r, template, args.system) for r in records]
-    longest = max(len(i) for i in ids)
-    # one cache length for the whole run, so every batch reuses one compiled program
-    opts = opts.replace(max_len=int(math.ceil(longest / 64) * 64
-                                    + math.ceil(args.max_new_tokens / 64) * 64))
+    opts = opts.replace(max_len=job.cache_length(ids, args.max_new_tokens))
     t0 = time.perf_counter()
     with (destinations.atomic_file(dest) if dest is not None
           else contextlib.nullcontext(None)) as out_f:
         if args.prompt is not None:
-            made = _stream(dec, opts, ids[0], tok)
+            made = job.stream_text(dec, opts, ids[0], tok)
             total = dec.last_stats
             if out_f is not None:
-                out_f.write(json.dumps(_result_line(records[0], tok, made, args, opts.eos_id))
-                            + "\n")
+                out_f.write(json.dumps(job.result_line(records[0], tok, made, opts)) + "\n")
         else:
-            total = _batches(dec, opts, ids, records, tok, args, out_f or sys.stdout)
-    print(_summary(total, time.perf_counter() - t0), file=sys.stderr)
+            total = job.decode_in_batches(dec, opts, ids, records, tok, args.batch_size,
+                                          out_f or sys.stdout)
+    print(job.summary(total, time.perf_counter() - t0), file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,8 @@ from sorted_jax.data import (
 from sorted_jax.data.tokenizers import ByteTokenizer, save_tokenizer_files
 from sorted_jax.evaluation import evaluator, reports
 from sorted_jax.io import model_io
-from sorted_jax.model.modeling import make_model, rms_norm
+from sorted_jax.model.layers import rms_norm
+from sorted_jax.model.modeling import make_model
 from sorted_jax.parallel.sharding import make_mesh
 from sorted_jax.training.train_step import SoftSteps, to_global_batch
 

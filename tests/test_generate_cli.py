@@ -101,3 +101,65 @@ def test_cli_missing_checkpoint(tmp_path, capsys):
 
     assert main(["--ckpt", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The job's pieces (sorted_jax.decoding.batch_job), without a model
+
+
+def test_prompt_records_of_a_file(tmp_path):
+    from sorted_jax.core.errors import DataError, MissingFileError
+    from sorted_jax.decoding.batch_job import read_prompt_records
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('"bare"\n{"instruction": "a", "input": "b"}\n')
+    assert read_prompt_records(str(src)) == [{"prompt": "bare"},
+                                             {"instruction": "a", "input": "b"}]
+    with pytest.raises(MissingFileError, match="does not exist"):
+        read_prompt_records(str(tmp_path / "nope.jsonl"))
+    for text, match in [('{"text": "x"}\n', r"in\.jsonl:1: expected an object"),
+                        ('{"prompt": 3}\n', "field 'prompt' is a int, expected a string"),
+                        ("\n", "holds no records")]:
+        src.write_text(text)
+        with pytest.raises(DataError, match=match):
+            read_prompt_records(str(src))
+
+
+def test_options_from_flags_refuse_another_modes_flags():
+    from sorted_jax.core.errors import UsageError
+    from sorted_jax.decoding.batch_job import options_from_flags
+
+    base = dict(exit_layer=None, exits=None, thresholds=None, draft_layer=None,
+                max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    opts = options_from_flags("early-exit", **{**base, "exits": ["1,3", "4"],
+                                               "thresholds": ["0.9", "0.8"]})
+    assert opts.exits == (1, 3, 4) and opts.thresholds == (0.9, 0.8)
+    for mode, flag, value, match in [
+            ("fixed", "draft_layer", 2, "--draft-layer applies to --mode speculative"),
+            ("speculative", "exits", ["2"], "--exits / --thresholds apply"),
+            ("early-exit", "exit_layer", 2, "--exit-layer applies to --mode fixed")]:
+        with pytest.raises(UsageError, match=match):
+            options_from_flags(mode, **{**base, flag: value})
+    with pytest.raises(UsageError, match="--exits must be layer numbers, got 'x'"):
+        options_from_flags("early-exit", **{**base, "exits": ["x"]})
+
+
+def test_cache_length_result_line_and_summary():
+    from sorted_jax.data.tokenizers import ByteTokenizer
+    from sorted_jax.decoding import DecodeOptions
+    from sorted_jax.decoding.batch_job import cache_length, result_line, summary
+    from sorted_jax.decoding.results import SpeculativeStats
+
+    assert cache_length([[1] * 10, [1] * 65], 64) == 128 + 64
+    opts = DecodeOptions(mode="fixed", eos_id=(9, 2))  # any of them ends a row
+    tok = ByteTokenizer()
+    line = result_line({"prompt": "p"}, tok, [3 + ord("o"), 2], opts)
+    assert line == {"prompt": "p", "output": "o", "tokens": [3 + ord("o"), 2],
+                    "finish_reason": "eos", "mode": "fixed"}
+    assert result_line({}, tok, [3 + ord("o")], opts)["finish_reason"] == "length"
+    stats = SpeculativeStats("speculative", 10, 0.5, draft_layer=2, drafted=8, accepted=6,
+                             acceptance_rate=0.75, committed_drafts=6, full_passes=3,
+                             draft_passes=9, tokens_per_full_pass=10 / 3)
+    text = summary(stats, 2.0)
+    assert text.startswith("10 tokens in 2.00s (5.0 tok/s")
+    assert "acceptance 0.750 (6/8 drafts)" in text and "full-model passes 3" in text

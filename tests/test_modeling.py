@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_hf_llama
 
-from sorted_jax.model import hf_mapping, modeling
+from sorted_jax.model import hf_mapping, kv_cache, modeling
 from sorted_jax.model.config import LlamaConfig
 
 # With head_dim 16 and rope_theta 500000 these put rotary frequencies in all three llama3 bands
@@ -258,7 +258,7 @@ def test_kv_cache_prefill_then_step_equals_full_forward():
     params = modeling.init_params(model, jax.random.PRNGKey(3))
     ids = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 10))
     full = model.apply({"params": params}, jnp.asarray(ids)).hidden
-    cache = modeling.KVCache.init(cfg, batch=2, max_len=16, dtype=jnp.float32)
+    cache = kv_cache.KVCache.init(cfg, batch=2, max_len=16, dtype=jnp.float32)
     pos = np.broadcast_to(np.arange(10), (2, 10))
     hidden = []
     for lo, hi in [(0, 6), (6, 7), (7, 10)]:

@@ -1,6 +1,7 @@
 """The serving scheduler alone, with a fake decoder (no model, no compilation): grouping by
 options, bucketed batch sizes, per-request max tokens and stop strings, a full queue, timeouts
-and shutdown, deterministically (the fake batch waits on an event the test sets)."""
+and shutdown, deterministically (the fake batch waits on an event the test sets). And the
+request bodies the HTTP app reads (`serving.requests`), checked field by field."""
 
 from __future__ import annotations
 
@@ -11,9 +12,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from sorted_jax.core.errors import QueueFullError, RequestTimeoutError, ShuttingDownError
+from sorted_jax.core.errors import (
+    QueueFullError,
+    RequestTimeoutError,
+    ServeError,
+    ShuttingDownError,
+)
+from sorted_jax.data.tokenizers import ByteTokenizer
 from sorted_jax.decoding import DecodeOptions
 from sorted_jax.decoding.results import FixedStats
+from sorted_jax.serving.requests import parse_request
 from sorted_jax.serving.scheduler import Finished, Scheduler, ServeSettings, TextDelta
 
 
@@ -151,3 +159,55 @@ def test_requests_join_a_running_speculative_batch():
         assert len(dec.batches) == 2  # the 9-token request could not join a 6-token batch
     finally:
         sched.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies (sorted_jax.serving.requests: no HTTP framework, no model)
+
+
+def _parse(body, chat=False):
+    config = SimpleNamespace(vocab_size=264, max_position_embeddings=64, num_hidden_layers=4)
+    return parse_request(body, chat, ByteTokenizer(), config, default_exits=(2, 4))
+
+
+def test_parse_request_reads_prompt_options_stop_and_stream():
+    ids, opts, stop, stream = _parse({"prompt": "ab", "max_tokens": 5, "temperature": 0,
+                                      "stop": "\n", "stream": True, "draft_layer": 2})
+    assert ids == [1, 3 + ord("a"), 3 + ord("b")]  # BOS + bytes
+    assert (opts.mode, opts.draft_layer, opts.max_new_tokens, opts.greedy) == (
+        "speculative", 2, 5, True)  # the mode the fields imply
+    assert stop == ["\n"] and stream is True
+    ids, opts, stop, stream = _parse({"prompt": [5, 6], "thresholds": [0.5]})
+    assert ids == [5, 6] and opts.mode == "early-exit" and opts.exits == (2, 4)
+    assert stop == [] and stream is False and opts.max_new_tokens == 16  # the default
+    assert _parse({"prompt": ["ab"]})[0] == _parse({"prompt": "ab"})[0]  # a list of one
+    ids, _, _, _ = _parse({"messages": [{"role": "user", "content": "hi"}]}, chat=True)
+    assert ids[0] == 1 and bytes(t - 3 for t in ids[1:]).decode() == "user: hi\nassistant:"
+
+
+@pytest.mark.parametrize("body, match", [
+    ([], "must be a JSON object"),
+    ({"prompt": "x", "n": 2}, "'n' must be 1"),
+    ({"prompt": ""}, "'prompt' is empty"),
+    ({"prompt": 3}, "'prompt' must be a string or a list of token ids"),
+    ({"prompt": [1, 999]}, "prompt token ids must be in [0, 264)"),
+    ({"prompt": "x", "max_tokens": True}, "'max_tokens' must be an integer, got True"),
+    ({"prompt": "x", "max_tokens": 0}, "'max_tokens' must be >= 1"),
+    ({"prompt": "x", "max_tokens": 63}, "exceeds the model's context of 64"),
+    ({"prompt": "x", "temperature": 3}, "'temperature' must be in [0, 2]"),
+    ({"prompt": "x", "stop": ["a"] * 5}, "at most 4 strings"),
+    ({"prompt": "x", "mode": "fast"}, "'mode' must be one of"),
+    ({"prompt": "x", "thresholds": [2]}, "'thresholds' must lie in [0, 1]"),
+    ({"prompt": "x", "exit_layer": 9}, "exit_layer must be an integer in 1..4"),
+])
+def test_parse_request_names_the_bad_field(body, match):
+    with pytest.raises(ServeError) as e:
+        _parse(body)
+    assert match in str(e.value) and e.value.status == 400
+
+
+def test_parse_request_checks_messages_like_training_data():
+    with pytest.raises(ServeError, match="non-empty list"):
+        _parse({"messages": []}, chat=True)
+    with pytest.raises(ServeError, match="role"):
+        _parse({"messages": [{"role": "bot", "content": "x"}]}, chat=True)

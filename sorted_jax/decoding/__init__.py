@@ -3,7 +3,8 @@
 Modules, lowest first: `sampling` (token selection, speculative acceptance), `options`
 (`DecodeOptions`, one frozen request, and its `Route`), `results` (typed statistics),
 `programs` (`Programs`, the hashable value whose jitted methods run a route), `engine`
-(`Decoder`: prompts in, tokens and statistics out).
+(`Decoder`: prompts in, tokens and statistics out), `batch_job` (a file of prompt records
+decoded to JSON result lines, as `python -m sorted_jax.generate` runs it).
 """
 
 from sorted_jax.decoding.engine import SPEC_COMMITS, BatchRun, Decoder, generate

@@ -31,13 +31,8 @@ from sorted_jax.decoding.sampling import (
 )
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.model.exit_adapters import adapter_index
-from sorted_jax.model.modeling import (
-    EXIT_ADAPTERS,
-    KVCache,
-    make_model,
-    run_layer_range,
-    write_slots,
-)
+from sorted_jax.model.kv_cache import KVCache, write_slots
+from sorted_jax.model.modeling import EXIT_ADAPTERS, make_model, run_layer_range
 
 Array = jax.Array
 

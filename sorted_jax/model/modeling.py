@@ -1,4 +1,4 @@
-"""LLaMA in Flax linen, with the decoder stack under `nn.scan` handing out the exits' states.
+"""The LLaMA model: the decoder stack under `nn.scan`, handing out the exits' hidden states.
 
 SoFT reads the hidden state after each exit layer n (not normed), so the scan carries an
 `[K, B, T, D]` buffer of the K requested exits beside its `[B, T, D]` state, and each layer
@@ -9,15 +9,10 @@ them), not L. SFT (the one exit L) needs no buffer at all: its exit is the scan'
 Weights sit on a leading `layers` axis, so the sub-model of depth k is the same params sliced
 `[:k]` run by a scan of length k (see `slice_layers`), costing k layers of compute.
 
-Layouts follow Hugging Face so its weights load with transposes only: rotate-half rotary,
-q/k/v kernels `[embed, heads, head_dim]`, o_proj `[heads, head_dim, embed]`.
-
-A KV cache (`KVCache`, all layers in one `[L, ...]` buffer) rides in the scan's carry and each
-layer updates its own rows in place, so decoding reuses this exact code (no second model) and a
-decode step writes only the new tokens' keys and values, not the whole cache. Its write index is
-shared by all rows or per row (`[B]`, speculative batches whose rows commit different counts).
-Decoding runs segments `[a, b)` of the stack with `run_layer_range`, a loop that reads layer i
-of the one stacked copy in place (slicing per segment would copy the weights).
+The layers themselves are `sorted_jax.model.layers`; the KV cache (`sorted_jax.model.kv_cache`)
+rides in the scan's carry, so decoding runs this exact code. Decoding runs segments `[a, b)` of
+the stack with `run_layer_range`, a loop that reads layer i of the one stacked copy in place
+(slicing per segment would copy the weights).
 """
 
 from __future__ import annotations
@@ -30,21 +25,27 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import PartitionSpec as P
 
-from sorted_jax.model.config import LlamaConfig, rope_inv_freq
-from sorted_jax.parallel import sharding
+from sorted_jax.model.config import LlamaConfig
+from sorted_jax.model.kv_cache import KVCache, write_slots
+from sorted_jax.model.layers import (
+    ACT_EMBED,
+    ACT_VOCAB,
+    BATCH,
+    LENGTH,
+    MLP,
+    Attention,
+    AttentionInputs,
+    LMHead,
+    RMSNorm,
+    embed_lookup,
+    fp32_logits,
+    normal_init,
+    rotary_cos_sin,
+)
 
 Array = jax.Array
 Dtype = Any
-
-# Logical axis names of activations. Parameters use `embed`, `mlp`, `heads`, `kv_heads`,
-# `head_dim`, `vocab`, `layers`; activations get their own names so the rules table can shard
-# a weight's embed axis over `fsdp` without also sharding the residual stream's features.
-BATCH, LENGTH = "batch", "length"
-ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
-    "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 
@@ -72,6 +73,7 @@ DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
 
 
 def resolve_attention_impl(impl: str, dtype: Dtype) -> str:
+    """`auto` is cuDNN's fused attention on a GPU in half precision (its fast case), else XLA."""
     if impl not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {impl!r}")
@@ -81,260 +83,8 @@ def resolve_attention_impl(impl: str, dtype: Dtype) -> str:
     return impl
 
 
-def _init(std: float, names: tuple[str, ...]) -> Callable[..., Array]:
-    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
-
-
 # ---------------------------------------------------------------------------------------------
-# KV cache
-
-
-@flax.struct.dataclass
-class KVCache:
-    """Keys/values of every layer for `S` slots, plus each slot's token position per row.
-
-    `positions[b, s]` is the position id of the token stored in slot s of row b, or -1 when the
-    slot holds padding or nothing. `index` is the next slot to write: a scalar when all rows
-    write the same slots (rows of different lengths then differ only in their positions), or
-    `[B]` when every row has its own length (per-row speculative decoding: rows commit
-    different numbers of tokens). Rolling back is setting `index` back: attention masks every
-    slot at or past its row's `index` (plus the tokens being written), so rejected K/V are
-    never attended whatever the slots still hold. Per-row writes past the last slot are
-    dropped (a finished row may run on without growing).
-    """
-
-    k: Array  # [L, B, S, K, Dh]
-    v: Array  # [L, B, S, K, Dh]
-    positions: Array  # [B, S] int32
-    index: Array  # [] or [B] int32
-
-    @classmethod
-    def init(cls, config: LlamaConfig, batch: int, max_len: int,
-             dtype: Dtype = jnp.bfloat16, per_row: bool = False) -> KVCache:
-        shape = (config.num_hidden_layers, batch, max_len, config.kv_heads, config.dim_per_head)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   positions=jnp.full((batch, max_len), -1, jnp.int32),
-                   index=jnp.zeros((batch,) if per_row else (), jnp.int32))
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
-
-    def layers(self, start: int, stop: int) -> KVCache:
-        return self.replace(k=self.k[start:stop], v=self.v[start:stop])
-
-
-def write_slots(buf: Array, new: Array, index: Array, layer: Array | int | None = None
-                ) -> Array:
-    """`buf [B, S, ...]` (or layer `layer` of `buf [L, B, S, ...]`, in place) with
-    `new [B, T, ...]` written at slots `index .. index + T - 1`.
-
-    A scalar index is one `dynamic_update_slice` (every row the same slots); a `[B]` index
-    scatters each row at its own offset, dropping writes past the last slot (a clamped
-    dynamic slice would instead shift them onto live slots).
-    """
-    new = new.astype(buf.dtype)
-    lead = () if layer is None else (layer,)
-    if index.ndim == 0:
-        zero = jnp.zeros((), jnp.int32)
-        start = (*lead, zero, index, *([zero] * (new.ndim - 2)))
-        return jax.lax.dynamic_update_slice(buf, new.reshape((1,) * len(lead) + new.shape),
-                                            start)
-    rows = jnp.arange(new.shape[0])[:, None]
-    cols = index[:, None] + jnp.arange(new.shape[1])[None, :]
-    return buf.at[(*lead, rows, cols)].set(new, mode="drop")
-
-
-# ---------------------------------------------------------------------------------------------
-# Building blocks
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 (as HF does), scaled in the compute dtype."""
-
-    eps: float
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                           (x.shape[-1],), self.param_dtype)
-        return rms_norm(x, scale, self.eps, self.dtype)
-
-
-def rms_norm(x: Array, scale: Array, eps: float, dtype: Dtype) -> Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale.astype(dtype) * normed.astype(dtype)
-
-
-def rotary_cos_sin(positions: Array, config: LlamaConfig) -> tuple[Array, Array]:
-    """cos/sin tables `[B, T, head_dim]` in fp32 for HF's rotate-half layout."""
-    inv_freq = jnp.asarray(np.asarray(rope_inv_freq(config), np.float32))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
-    """x `[B, T, H, Dh]`; rotates (x1, x2) halves as HF's `rotate_half` does."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
-
-
-class Projection(nn.Module):
-    """A bias-free einsum projection whose kernel keeps its natural (multi-dim) shape.
-
-    `nn.DenseGeneral` initialises a flat kernel and reshapes it, which breaks logical-axis
-    constraints under a mesh; a kernel created in its final shape carries its names cleanly.
-    """
-
-    shape: tuple[int, ...]
-    equation: str
-    names: tuple[str, ...]
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", _init(0.02, self.names), self.shape, self.param_dtype)
-        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
-
-
-@flax.struct.dataclass
-class AttentionInputs:
-    """What every layer's attention shares: computed once, broadcast through the scan."""
-
-    cos: Array
-    sin: Array
-    mask: Array | None  # [B, 1, T, S] bool, or None for the causal + lengths fast path
-    kv_lengths: Array | None  # [B] int32 (fast path only)
-    cache_index: Array | None  # [] or [B] int32 when decoding with a cache
-
-
-class Attention(nn.Module):
-    config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    implementation: str = "xla"
-
-    @nn.compact
-    def __call__(self, x: Array, inputs: AttentionInputs, cache: tuple[Array, Array] | None,
-                 layer: Array) -> tuple[Array, tuple[Array, Array] | None]:
-        """cache: every layer's (k, v) `[L, B, S, K, Dh]`; this layer writes row `layer`."""
-        cfg = self.config
-        n, k, dh = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
-
-        def proj(name: str, heads: int, head_axis: str) -> Projection:
-            return Projection((cfg.hidden_size, heads, dh), "btd,dhk->bthk",
-                              ("embed", head_axis, "head_dim"), dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=name)
-
-        q = proj("q_proj", n, "heads")(x)
-        kk = proj("k_proj", k, "kv_heads")(x)
-        v = proj("v_proj", k, "kv_heads")(x)
-        q = nn.with_logical_constraint(q, (BATCH, LENGTH, ACT_HEADS, "head_dim"))
-        kk = nn.with_logical_constraint(kk, (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
-        v = nn.with_logical_constraint(v, (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
-        q = checkpoint_name(apply_rotary(q, inputs.cos, inputs.sin), "query_proj")
-        kk = checkpoint_name(apply_rotary(kk, inputs.cos, inputs.sin), "key_proj")
-        v = checkpoint_name(v, "value_proj")
-
-        if cache is not None:
-            # a shared index writes every row's slots at once; a [B] one, each row at its own
-            cache = tuple(write_slots(c, new, inputs.cache_index, layer=layer)
-                          for c, new in zip(cache, (kk, v), strict=True))
-            kk, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False).astype(
-                self.dtype) for c in cache)
-
-        if inputs.mask is None:
-            out = jax.nn.dot_product_attention(
-                q, kk, v, is_causal=True, key_value_seq_lengths=inputs.kv_lengths,
-                implementation=self.implementation)
-        else:
-            out = jax.nn.dot_product_attention(q, kk, v, mask=inputs.mask,
-                                               implementation=self.implementation)
-        out = nn.with_logical_constraint(out, (BATCH, LENGTH, ACT_HEADS, "head_dim"))
-        out = Projection((n, dh, cfg.hidden_size), "bthk,hkd->btd",
-                         ("heads", "head_dim", "embed"), dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="o_proj")(out)
-        return checkpoint_name(out, "attention_out"), cache
-
-
-def embed_lookup(table: Array, ids: Array, dtype: Dtype) -> Array:
-    """`table[ids]` `[B, T, D]`, batch-sharded, with a vocab-sharded table under a mesh.
-
-    GSPMD cannot partition a gather from a table split on vocab (tensor) and embed (fsdp) into
-    a batch-split output: it replicates the global batch's embeddings on every device. Here
-    each vocab shard looks up the ids it holds (others read 0) and one all-reduce over the
-    vocab axis adds the shards, for this device's rows only (Megatron's vocab-parallel
-    embedding); the table is gathered over fsdp first, as every FSDP weight is (without a vocab
-    split GSPMD would otherwise gather the ids of the whole batch to every device instead).
-    """
-    vocab_axes = sharding.axes_in_context("vocab", table.shape[0])
-    batch_axes = tuple(a for a in sharding.axes_in_context(BATCH, ids.shape[0])
-                       if a not in vocab_axes)
-    if not vocab_axes and not batch_axes:
-        return jnp.take(table, ids, axis=0).astype(dtype)
-
-    def local(tab: Array, idx: Array) -> Array:
-        if not vocab_axes:
-            return jnp.take(tab, idx, axis=0).astype(dtype)
-        offset = jax.lax.axis_index(vocab_axes) * tab.shape[0]
-        rel = idx - offset
-        inside = (rel >= 0) & (rel < tab.shape[0])
-        rows = jnp.take(tab, jnp.clip(rel, 0, tab.shape[0] - 1), axis=0).astype(dtype)
-        return jax.lax.psum(jnp.where(inside[..., None], rows, 0), vocab_axes)
-
-    b = batch_axes or None
-    return jax.shard_map(local, in_specs=(P(vocab_axes, None), P(b, None)),
-                         out_specs=P(b, None, None))(table, ids)
-
-
-def fp32_logits(x: Array, kernel: Array) -> Array:
-    """x `[..., D]` @ kernel `[D, V]` in x's dtype, accumulated and returned in fp32."""
-    return jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype),
-                      preferred_element_type=jnp.float32)
-
-
-class LMHead(nn.Module):
-    """The untied output projection `[embed, vocab]` (params laid out as `nn.Dense`'s)."""
-
-    vocab_size: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", _init(0.02, ("embed", "vocab")),
-                            (x.shape[-1], self.vocab_size), self.param_dtype)
-        return fp32_logits(x.astype(self.dtype), kernel)
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        cfg = self.config
-
-        def dense(name: str, features: int, names: tuple[str, str]) -> nn.Dense:
-            return nn.Dense(features, use_bias=False, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=name,
-                            kernel_init=_init(0.02, names))
-
-        gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-        up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, (BATCH, LENGTH, ACT_MLP))
-        out = dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h)
-        return checkpoint_name(out, "mlp_out")
+# The decoder layer (the scan body)
 
 
 @flax.struct.dataclass
@@ -437,7 +187,7 @@ class Llama(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, name="embed_tokens",
-            embedding_init=_init(0.02, ("vocab", "embed")), **kw)
+            embedding_init=normal_init(0.02, ("vocab", "embed")), **kw)
         if self.remat_policy not in REMAT_POLICY_NAMES:
             raise ValueError(f"unknown remat policy {self.remat_policy!r}; "
                              f"known: {', '.join(REMAT_POLICY_NAMES)}")

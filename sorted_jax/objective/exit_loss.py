@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from sorted_jax.model.modeling import rms_norm
+from sorted_jax.model.layers import rms_norm
 
 Array = jax.Array
 P = PartitionSpec

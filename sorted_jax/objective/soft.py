@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sorted_jax.core.errors import UserError
-from sorted_jax.model.modeling import rms_norm
+from sorted_jax.model.layers import rms_norm
 from sorted_jax.objective.exit_loss import Teacher, multi_exit_ce
 from sorted_jax.parallel import sharding
 

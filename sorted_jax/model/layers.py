@@ -1,0 +1,230 @@
+"""The building blocks of a LLaMA layer and of the model's two ends, in Flax linen.
+
+A layer is pre-norm attention (rotary positions, grouped-query heads, an optional KV cache)
+then a SwiGLU MLP; the model's ends are the embedding lookup and the (untied) LM head. Layouts
+follow Hugging Face so its weights load with transposes only: rotate-half rotary, q/k/v
+kernels `[embed, heads, head_dim]`, o_proj `[heads, head_dim, embed]`. How the layers stack,
+scan and hand out the exits is `sorted_jax.model.modeling`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
+
+from sorted_jax.model.config import LlamaConfig, rope_inv_freq
+from sorted_jax.model.kv_cache import write_slots
+from sorted_jax.parallel import sharding
+
+Array = jax.Array
+Dtype = Any
+
+# Logical axis names of activations. Parameters use `embed`, `mlp`, `heads`, `kv_heads`,
+# `head_dim`, `vocab`, `layers`; activations get their own names so the rules table can shard
+# a weight's embed axis over `fsdp` without also sharding the residual stream's features.
+BATCH, LENGTH = "batch", "length"
+ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
+    "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
+
+
+def normal_init(std: float, names: tuple[str, ...]) -> Callable[..., Array]:
+    """A normal(std) initialiser whose parameter carries the logical axis `names`."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (as HF does), scaled in the compute dtype."""
+
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        return rms_norm(x, scale, self.eps, self.dtype)
+
+
+def rms_norm(x: Array, scale: Array, eps: float, dtype: Dtype) -> Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(dtype) * normed.astype(dtype)
+
+
+def rotary_cos_sin(positions: Array, config: LlamaConfig) -> tuple[Array, Array]:
+    """cos/sin tables `[B, T, head_dim]` in fp32 for HF's rotate-half layout."""
+    inv_freq = jnp.asarray(np.asarray(rope_inv_freq(config), np.float32))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """x `[B, T, H, Dh]`; rotates (x1, x2) halves as HF's `rotate_half` does."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Projection(nn.Module):
+    """A bias-free einsum projection whose kernel keeps its natural (multi-dim) shape.
+
+    `nn.DenseGeneral` initialises a flat kernel and reshapes it, which breaks logical-axis
+    constraints under a mesh; a kernel created in its final shape carries its names cleanly.
+    """
+
+    shape: tuple[int, ...]
+    equation: str
+    names: tuple[str, ...]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", normal_init(0.02, self.names), self.shape,
+                            self.param_dtype)
+        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+@flax.struct.dataclass
+class AttentionInputs:
+    """What every layer's attention shares: computed once, broadcast through the scan."""
+
+    cos: Array
+    sin: Array
+    mask: Array | None  # [B, 1, T, S] bool, or None for the causal + lengths fast path
+    kv_lengths: Array | None  # [B] int32 (fast path only)
+    cache_index: Array | None  # [] or [B] int32 when decoding with a cache
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: Array, inputs: AttentionInputs, cache: tuple[Array, Array] | None,
+                 layer: Array) -> tuple[Array, tuple[Array, Array] | None]:
+        """cache: every layer's (k, v) `[L, B, S, K, Dh]`; this layer writes row `layer`."""
+        cfg = self.config
+        n, k, dh = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
+
+        def proj(name: str, heads: int, head_axis: str) -> Projection:
+            return Projection((cfg.hidden_size, heads, dh), "btd,dhk->bthk",
+                              ("embed", head_axis, "head_dim"), dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=name)
+
+        q = proj("q_proj", n, "heads")(x)
+        kk = proj("k_proj", k, "kv_heads")(x)
+        v = proj("v_proj", k, "kv_heads")(x)
+        q = nn.with_logical_constraint(q, (BATCH, LENGTH, ACT_HEADS, "head_dim"))
+        kk = nn.with_logical_constraint(kk, (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
+        v = nn.with_logical_constraint(v, (BATCH, LENGTH, ACT_KV_HEADS, "head_dim"))
+        q = checkpoint_name(apply_rotary(q, inputs.cos, inputs.sin), "query_proj")
+        kk = checkpoint_name(apply_rotary(kk, inputs.cos, inputs.sin), "key_proj")
+        v = checkpoint_name(v, "value_proj")
+
+        if cache is not None:
+            # a shared index writes every row's slots at once; a [B] one, each row at its own
+            cache = tuple(write_slots(c, new, inputs.cache_index, layer=layer)
+                          for c, new in zip(cache, (kk, v), strict=True))
+            kk, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False).astype(
+                self.dtype) for c in cache)
+
+        if inputs.mask is None:
+            out = jax.nn.dot_product_attention(
+                q, kk, v, is_causal=True, key_value_seq_lengths=inputs.kv_lengths,
+                implementation=self.implementation)
+        else:
+            out = jax.nn.dot_product_attention(q, kk, v, mask=inputs.mask,
+                                               implementation=self.implementation)
+        out = nn.with_logical_constraint(out, (BATCH, LENGTH, ACT_HEADS, "head_dim"))
+        out = Projection((n, dh, cfg.hidden_size), "bthk,hkd->btd",
+                         ("heads", "head_dim", "embed"), dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="o_proj")(out)
+        return checkpoint_name(out, "attention_out"), cache
+
+
+def embed_lookup(table: Array, ids: Array, dtype: Dtype) -> Array:
+    """`table[ids]` `[B, T, D]`, batch-sharded, with a vocab-sharded table under a mesh.
+
+    GSPMD cannot partition a gather from a table split on vocab (tensor) and embed (fsdp) into
+    a batch-split output: it replicates the global batch's embeddings on every device. Here
+    each vocab shard looks up the ids it holds (others read 0) and one all-reduce over the
+    vocab axis adds the shards, for this device's rows only (Megatron's vocab-parallel
+    embedding); the table is gathered over fsdp first, as every FSDP weight is (without a vocab
+    split GSPMD would otherwise gather the ids of the whole batch to every device instead).
+    """
+    vocab_axes = sharding.axes_in_context("vocab", table.shape[0])
+    batch_axes = tuple(a for a in sharding.axes_in_context(BATCH, ids.shape[0])
+                       if a not in vocab_axes)
+    if not vocab_axes and not batch_axes:
+        return jnp.take(table, ids, axis=0).astype(dtype)
+
+    def local(tab: Array, idx: Array) -> Array:
+        if not vocab_axes:
+            return jnp.take(tab, idx, axis=0).astype(dtype)
+        offset = jax.lax.axis_index(vocab_axes) * tab.shape[0]
+        rel = idx - offset
+        inside = (rel >= 0) & (rel < tab.shape[0])
+        rows = jnp.take(tab, jnp.clip(rel, 0, tab.shape[0] - 1), axis=0).astype(dtype)
+        return jax.lax.psum(jnp.where(inside[..., None], rows, 0), vocab_axes)
+
+    b = batch_axes or None
+    return jax.shard_map(local, in_specs=(P(vocab_axes, None), P(b, None)),
+                         out_specs=P(b, None, None))(table, ids)
+
+
+def fp32_logits(x: Array, kernel: Array) -> Array:
+    """x `[..., D]` @ kernel `[D, V]` in x's dtype, accumulated and returned in fp32."""
+    return jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class LMHead(nn.Module):
+    """The untied output projection `[embed, vocab]` (params laid out as `nn.Dense`'s)."""
+
+    vocab_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", normal_init(0.02, ("embed", "vocab")),
+                            (x.shape[-1], self.vocab_size), self.param_dtype)
+        return fp32_logits(x.astype(self.dtype), kernel)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: LlamaConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+
+        def dense(name: str, features: int, names: tuple[str, str]) -> nn.Dense:
+            return nn.Dense(features, use_bias=False, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=name,
+                            kernel_init=normal_init(0.02, names))
+
+        gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, (BATCH, LENGTH, ACT_MLP))
+        out = dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h)
+        return checkpoint_name(out, "mlp_out")
+

@@ -43,6 +43,8 @@ RECIPES: dict[str, tuple[tuple[str, ...], str]] = {
                    "exit_curriculum.ramp=0.4"), "last:0.5 reached through the SFT ramp"),
     "anchor": (("anchor_weight=1.0",),
                "uniform + 1.0 x KL(base model || last exit): the last exit held to the base"),
+    "anchor-sft": ((f"anchor_teacher={SFT_RUN}", "anchor_weight=1.0"),
+                   "uniform + 1.0 x KL(the SFT model || last exit): the last exit held to SFT"),
     "adapters": ((f"init_from={SFT_RUN}", "exit_adapters=layer", "distill_weight=1.0"),
                  "the SFT run frozen + one decoder layer per exit (CE + KL to the SFT model)"),
 }
@@ -294,7 +296,8 @@ def _run_seed(runner: Runner, opts: SweepOptions, seed: int, common: list[str], 
                 argv += ["--num-steps", str(opts.ict_steps)]
             runner(f"ict_seed{seed}", argv)
         labels = {SFT: sft, ICT: ict_dir, **{k: v for k, v in labels.items() if k != SFT}}
-    data = _settings(sft)["data"]["train"]
+    d = _settings(sft)["data"]  # the held-out source: data.eval when it is one, else train's
+    data = d["eval"] if d.get("eval") and d["eval"] != "none" else d["train"]
     return _evaluate(runner, seed_dir, labels, data, out / "eval" / f"seed{seed}",
                      opts.eval_limit)
 

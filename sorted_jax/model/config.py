@@ -218,6 +218,12 @@ PRESETS: dict[str, LlamaConfig] = {
     "tinyllama-1.1b": LlamaConfig(
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
         num_key_value_heads=4, max_position_embeddings=2048),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct): a real pretrained LLaMA a CPU can fine-tune.
+    "smollm2-135m": LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2),
     # A model a 2-core CPU trains in minutes; the vocab fits the built-in tokenizer.
     "tiny": LlamaConfig(
         vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=8,

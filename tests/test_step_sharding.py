@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import GQA_4L, LOSS_4L, MEMORY_8L, MEMORY_8L_V512
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sorted_jax.model import modeling
-from sorted_jax.model.config import LlamaConfig
 from sorted_jax.objective import soft
 from sorted_jax.parallel import sharding
 from sorted_jax.tools import hlo_stats
 from sorted_jax.training import train_step
 
-CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2)
+CFG = GQA_4L
 EXITS = (2, 3, 4)
 
 
@@ -84,7 +87,7 @@ def test_parameter_shardings_really_split_arrays():
     up = state.params["layers"]["mlp"]["up_proj"]["kernel"]  # [layers, embed, mlp]
     assert {s.data.shape for s in up.addressable_shards} == {(4, 32, 64)}
     head = state.params["lm_head"]["kernel"]  # [embed, vocab]
-    assert {s.data.shape for s in head.addressable_shards} == {(32, 64)}
+    assert {s.data.shape for s in head.addressable_shards} == {(32, CFG.vocab_size // 2)}
     # Adam moments follow their params.
     mu = state.opt_state[1][0].mu["layers"]["mlp"]["up_proj"]["kernel"]
     assert mu.sharding.is_equivalent_to(up.sharding, mu.ndim)
@@ -147,13 +150,11 @@ def test_soft_step_temporaries_are_flat_in_the_number_of_exits():
     """
     import jax.numpy as jnp
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688,
-                      num_hidden_layers=8, num_attention_heads=4)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     tx, _ = train_step.make_optimizer(lr=1e-3, total_steps=10)
 
     def compiled(exits):
-        model = modeling.make_model(cfg, remat_policy="full")
+        model = modeling.make_model(MEMORY_8L, remat_policy="full")
         steps = train_step.SoftSteps(model, exits=exits, tx=tx, mesh=mesh)
         return steps.lower_train_step((8, 1024)).compile()
 
@@ -194,12 +195,8 @@ def test_soft_step_temporaries_are_flat_in_the_number_of_exits():
 # ---------------------------------------------------------------------------------------------
 # The compiled per-device program (8 fake CPU devices): the loss is data parallel.
 
-LOSS_CFG = LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=256,
-                       num_hidden_layers=4, num_attention_heads=4)
-
-
-def compiled_stats(mesh_shape, cfg=LOSS_CFG, exits=(2, 3, 4), batch=(16, 128), rows=96,
-                   remat="none"):
+def compiled_step(mesh_shape, cfg=LOSS_4L, exits=(2, 3, 4), batch=(16, 128), rows=96,
+                  remat="none"):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 fake CPU devices (conftest sets XLA_FLAGS)")
     n = int(np.prod(mesh_shape))
@@ -207,7 +204,11 @@ def compiled_stats(mesh_shape, cfg=LOSS_CFG, exits=(2, 3, 4), batch=(16, 128), r
     tx, _ = train_step.make_optimizer(lr=1e-3, total_steps=10)
     steps = train_step.SoftSteps(modeling.make_model(cfg, remat_policy=remat), exits=exits,
                                  tx=tx, mesh=mesh, rows_per_chunk=rows)
-    compiled = steps.lower_train_step(batch).compile()
+    return steps.lower_train_step(batch).compile()
+
+
+def compiled_stats(mesh_shape, **kw):
+    compiled = compiled_step(mesh_shape, **kw)
     return hlo_stats.analyse(compiled.as_text()), compiled.memory_analysis()
 
 
@@ -241,9 +242,7 @@ def test_per_device_cost_falls_with_the_batch_sharding_degree():
     8-way data parallel (data or fsdp) needs <= 0.25x the temporaries of one device and 1/8 of
     its dot FLOPs. The loss chunk (K x rows x V floats) is a per-device budget, the same on any
     mesh, so it is kept small here (512 rows) to let everything else show."""
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688,
-                      num_hidden_layers=8, num_attention_heads=4)
-    kw = dict(cfg=cfg, exits=(2, 4, 6, 8), batch=(8, 1024), rows=512, remat="full")
+    kw = dict(cfg=MEMORY_8L, exits=(2, 4, 6, 8), batch=(8, 1024), rows=512, remat="full")
     one, one_mem = compiled_stats((1, 1, 1), **kw)
     for mesh_shape in [(8, 1, 1), (1, 8, 1)]:
         stats, mem = compiled_stats(mesh_shape, **kw)
@@ -358,11 +357,9 @@ def test_sft_step_costs_what_a_plain_causal_lm_step_costs():
     stack of hidden states would show."""
     import flax.linen as nn
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688,
-                      num_hidden_layers=8, num_attention_heads=4)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     tx, _ = train_step.make_optimizer(lr=1e-3, total_steps=10)
-    model = modeling.make_model(cfg, remat_policy="full")
+    model = modeling.make_model(MEMORY_8L_V512, remat_policy="full")
     steps = train_step.SoftSteps(model, exits=(8,), tx=tx, mesh=mesh)
     ours = steps.lower_train_step((8, 1024)).compile().memory_analysis().temp_size_in_bytes
     state = jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x,
@@ -390,13 +387,80 @@ def test_sft_step_costs_what_a_plain_causal_lm_step_costs():
     assert ours <= 1.05 * plain_bytes, (ours, plain_bytes)
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
-def test_no_global_batch_is_gathered_anywhere_in_the_step(mesh_shape):
-    """No device ever holds the whole batch's tokens or activations: no all-gather (or
-    all-to-all) in the compiled step produces an array with the global batch's rows. (The
-    embedding lookup from a vocab x fsdp split table used to replicate them.)"""
-    stats, _ = compiled_stats(mesh_shape, batch=(16, 96))  # 16 x 96 is no parameter's dim
-    offenders = [c for c in stats.collectives if c.opcode.startswith(("all-gather", "all-to-all"))
-                 and any(dims[:2] == (16, 96) or 16 * 96 in dims
-                         for _, dims in hlo_stats.Instruction("", "", "", c.type, (), "").shapes)]
-    assert not offenders, offenders
+# ---------------------------------------------------------------------------------------------
+# No device holds the global batch. GLOBAL_BATCH's B = 24 is no other dimension of LOSS_4L's
+# step (nor are B x T and K x B x T), so any array with such a dimension, in any position, is
+# the whole batch on one device; a batch-sharded program holds B / shards rows only.
+
+GLOBAL_BATCH = (24, 96)
+_ARRAY = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
+
+
+def arrays_with_global_batch(hlo_text: str, batch: tuple[int, int], exits: int
+                             ) -> list[tuple[str, str]]:
+    """(opcode, array type) of every array in a compiled per-device program with a dimension
+    only the global batch has: B rows, B x T or K x B x T flattened rows. Every instruction
+    is looked at (inside fusions and loops too, tuple elements included) and every
+    computation's parameters, not just the collectives' results."""
+    b, t = batch
+    global_dims = {b, b * t, exits * b * t}
+    program = hlo_stats.Program.parse(hlo_text)
+    typed = [(w.instruction.opcode, w.instruction.type) for w in program.weighted()]
+    typed += [("parameter", text) for params in program.params.values()
+              for text in params.values()]
+    return [(opcode, m.group(0)) for opcode, text in typed for m in _ARRAY.finditer(text)
+            if global_dims & {int(d) for d in m.group(1).split(",") if d}]
+
+
+@pytest.mark.parametrize("mesh_shape,batch_shards", [((8, 1, 1), 8), ((1, 8, 1), 8),
+                                                     ((2, 2, 2), 4)])
+def test_no_array_in_the_step_holds_the_global_batch(mesh_shape, batch_shards):
+    """No device ever holds the whole batch's tokens, activations, exit states or their
+    gradients: no array of the compiled step has the global batch's rows, whichever position
+    they are in. (The embedding lookup from a vocab x fsdp split table used to replicate
+    them.)"""
+    text = compiled_step(mesh_shape, batch=GLOBAL_BATCH).as_text()
+    assert not arrays_with_global_batch(text, GLOBAL_BATCH, exits=3)
+    # Not vacuous: the program's batch inputs are this device's [B / shards, T] rows.
+    b, t = GLOBAL_BATCH
+    program = hlo_stats.Program.parse(text)
+    inputs = list(program.params[program.entry].values())
+    assert sum(f"s32[{b // batch_shards},{t}]" in x for x in inputs) == 3, inputs  # ids, ...
+
+
+def test_the_global_batch_check_catches_a_replicated_exit_stack(monkeypatch):
+    """The check above sees what a check of [B, T]-led shapes missed: the same step with the
+    [K, B, T, D] exit stack constrained to be replicated before the loss (an all-gather of
+    every exit's hidden states onto every device) is flagged, at the stack's global shape."""
+    multi_exit_losses = soft.multi_exit_losses
+
+    def on_every_device(hidden, *args, **kw):
+        return multi_exit_losses(jax.lax.with_sharding_constraint(hidden, P()), *args, **kw)
+
+    monkeypatch.setattr(soft, "multi_exit_losses", on_every_device)
+    text = compiled_step((2, 2, 2), batch=GLOBAL_BATCH).as_text()
+    b, t = GLOBAL_BATCH
+    found = arrays_with_global_batch(text, GLOBAL_BATCH, exits=3)
+    assert ("all-gather", f"f32[3,{b},{t},{LOSS_4L.hidden_size}]") in found, found
+
+
+@pytest.mark.parametrize("shape,batch_axis", [
+    ((96, 24, 8), 1),  # the batch in the middle
+    ((24 * 96, 8), 0),  # flattened token rows
+    ((3 * 24 * 96, 8), 0),  # flattened exit x token rows
+])
+def test_the_global_batch_check_sees_any_position_and_flattened_rows(shape, batch_axis):
+    """An array split over the batch axes and gathered onto every device is flagged; kept
+    split, it is not."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 fake CPU devices (conftest sets XLA_FLAGS)")
+    mesh = sharding.make_mesh((2, 4, 1), jax.devices()[:8])
+    split = NamedSharding(mesh, P(*[None] * batch_axis, ("data", "fsdp")))
+
+    def program(out_sharding):
+        x = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=split)
+        return jax.jit(lambda x: 2 * x, out_shardings=out_sharding).lower(x).compile().as_text()
+
+    gathered = arrays_with_global_batch(program(NamedSharding(mesh, P())), GLOBAL_BATCH, 3)
+    assert ("all-gather", f"f32[{','.join(map(str, shape))}]") in gathered, gathered
+    assert not arrays_with_global_batch(program(split), GLOBAL_BATCH, 3)

@@ -4,7 +4,9 @@ per test file)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -130,6 +132,29 @@ def tiny_model_dir(path: Path, config: LlamaConfig = BYTE_4L, seed: int = 0) -> 
 
     save_model_dir(path, random_params(config, seed), config)
     save_tokenizer_files("builtin", path)
+    return path
+
+
+def tiny_workdir(path: Path, config: LlamaConfig, params_by_step: Mapping[int, Any]) -> Path:
+    """A training workdir in the layout the trainer writes, by the library's own writers: the
+    model's config.json, and per step a `Checkpointer` save of a train state (these params, an
+    Adam state, the step) with a data position and metadata. No steps: a run that stopped
+    before its first save (an empty checkpoints/)."""
+    import optax
+
+    from sorted_jax.io.model_io import CONFIG_FILE
+    from sorted_jax.training.checkpoint import Checkpointer
+    from sorted_jax.training.train_step import TrainState
+
+    path.mkdir(parents=True)
+    config.to_json_file(path / CONFIG_FILE)
+    checkpointer = Checkpointer(path, keep=0, async_save=False)
+    tx = optax.adam(1e-3)
+    for step, params in sorted(params_by_step.items()):
+        params = jax.tree.map(jnp.asarray, params)
+        state = TrainState(jnp.asarray(step, jnp.int32), params, tx.init(params))
+        checkpointer.save(step, state, {"epoch": 0, "index": 32 * step}, {"step": step})
+    checkpointer.close()
     return path
 
 

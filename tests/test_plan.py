@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import PLAN_2L
+from helpers import PLAN_2L, TINY_PRESET_BYTE
 
 from sorted_jax.model import modeling
 from sorted_jax.model.config import preset
@@ -26,7 +26,7 @@ def build(cfg, mesh_shape, exits, remat="none"):
 
 
 def test_state_figures_match_xla_within_10_percent():
-    cfg = preset("tiny").replace(vocab_size=264)
+    cfg = TINY_PRESET_BYTE
     steps = build(cfg, (2, 2, 2), (2, 4, 6, 8))
     b, t = 8, 64
     p = plan.plan_steps(steps, (b, t), device_memory_gib=16)
@@ -44,7 +44,7 @@ def test_state_figures_match_xla_within_10_percent():
 
 
 def test_not_fitting_gives_suggestions():
-    cfg = preset("tiny").replace(vocab_size=264)
+    cfg = TINY_PRESET_BYTE
     steps = build(cfg, (8, 1, 1), (8,))
     p = plan.plan_steps(steps, (8, 64), device_memory_gib=1e-4)
     assert p.fits is False and "does NOT fit" in p.table()

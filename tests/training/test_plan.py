@@ -97,7 +97,7 @@ def test_train_cli_plan_for_more_devices_than_this_process_has():
         [sys.executable, "-m", "sorted_jax.train", "--config=configs/tiny.py", "--plan",
          "--plan_devices=2", "--plan_device_memory=0.0001", "--config.mesh.shape=1,-1,1"],
         capture_output=True, text=True, timeout=600,
-        cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+        cwd=__import__("pathlib").Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fsdp=2" in out.stdout and "2 device(s)" in out.stdout
     assert "does NOT fit" in out.stdout and "remat_policy=full" in out.stdout

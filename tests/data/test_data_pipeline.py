@@ -23,7 +23,7 @@ from sorted_jax.data.pipeline import (
 from sorted_jax.data.templates import format_example
 from sorted_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+ASSETS = Path(__file__).resolve().parents[3] / "shared" / "assets"
 
 
 def _asset(name: str) -> Path:

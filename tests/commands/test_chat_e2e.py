@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import FAST, TINY_CONFIG_FILE, random_params
+from helpers import FAST, FORCED_2L, SMOL_VOCAB_2L, TINY_CONFIG_FILE, random_params
 
 from sorted_jax import convert, evaluate, generate, train
 from sorted_jax.core.errors import ConversionError
@@ -21,20 +21,16 @@ from sorted_jax.io import artifacts, model_io
 from sorted_jax.io.conversion import hf_to_orbax
 from sorted_jax.io.hf_checkpoint import read_hf_checkpoint
 from sorted_jax.io.hf_export import export_hf
-from sorted_jax.model.config import LlamaConfig
 
 EOS = [5, 7, 9]
-FORCED = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                     bos_token_id=1, eos_token_id=5)
 
 
 def forced_params(nxt: dict[int, int]) -> dict:
     """Weights whose greedy next token after t is nxt[t] whatever came before: one-hot
     embeddings, layers that add nothing (zero output projections), a head mapping e_t to
     nxt[t]."""
-    p = random_params(FORCED)
-    v, d = FORCED.vocab_size, FORCED.hidden_size
+    p = random_params(FORCED_2L)
+    v, d = FORCED_2L.vocab_size, FORCED_2L.hidden_size
     p["embed_tokens"]["embedding"] = np.eye(v, d, dtype=np.float32)
     p["layers"]["self_attn"]["o_proj"]["kernel"][...] = 0.0
     p["layers"]["mlp"]["down_proj"]["kernel"][...] = 0.0
@@ -49,7 +45,7 @@ def forced_params(nxt: dict[int, int]) -> dict:
 def test_generation_config_eos_list_stops_decoding_at_each(tmp_path):
     # chains: 10 -> 11 -> 5 | 12 -> 13 -> 14 -> 7 | 15 -> 9; each EOS would continue to 20
     nxt = {10: 11, 11: 5, 12: 13, 13: 14, 14: 7, 15: 9, 5: 20, 7: 20, 9: 20, 20: 21}
-    hf = export_hf(forced_params(nxt), FORCED, tmp_path / "hf", progress=False)
+    hf = export_hf(forced_params(nxt), FORCED_2L, tmp_path / "hf", progress=False)
     (hf / "generation_config.json").write_text(json.dumps({"bos_token_id": 1,
                                                            "eos_token_id": EOS}))
     assert json.loads((hf / "config.json").read_text())["eos_token_id"] == 5  # one id there
@@ -70,9 +66,6 @@ def test_generation_config_eos_list_stops_decoding_at_each(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # end to end on the SmolLM2 tokenizer
 
-SMOL = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
 SMOL_EOS = [2, 0]  # <|im_end|>, <|endoftext|>
 
 
@@ -98,8 +91,8 @@ def trained(tmp_path_factory, assets_dir):
     its generation_config.json and SmolLM2's tokenizer, converted, then trained 3 packed steps
     with template=chat."""
     root = tmp_path_factory.mktemp("chat_e2e")
-    hf = export_hf(random_params(SMOL, seed=1), SMOL, root / "hf", progress=False,
-                   tokenizer=assets_dir / "smollm2_tokenizer")
+    hf = export_hf(random_params(SMOL_VOCAB_2L, seed=1), SMOL_VOCAB_2L, root / "hf",
+                   progress=False, tokenizer=assets_dir / "smollm2_tokenizer")
     (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": SMOL_EOS}))
     assert convert.main(["hf-to-orbax", "--hf", str(hf), "--out", str(root / "base"),
                          "--no-progress"]) == 0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SUITE = REPO / "bench" / "gpu_suite.sh"
 WHEELS = REPO / "bench" / "gpu_wheels.sh"
 STEPS = ["env", "train_1b", "train_1b_tuned", "decode", "train_tiny"]

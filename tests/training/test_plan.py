@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import PLAN_2L
+from helpers import PLAN_2L, TINY_PRESET_BYTE
 
 from sorted_jax.model import modeling
 from sorted_jax.model.config import preset
@@ -26,7 +26,7 @@ def build(cfg, mesh_shape, exits, remat="none"):
 
 
 def test_state_figures_match_xla_within_10_percent():
-    cfg = preset("tiny").replace(vocab_size=264)
+    cfg = TINY_PRESET_BYTE
     steps = build(cfg, (2, 2, 2), (2, 4, 6, 8))
     b, t = 8, 64
     p = plan.plan_steps(steps, (b, t), device_memory_gib=16)
@@ -44,7 +44,7 @@ def test_state_figures_match_xla_within_10_percent():
 
 
 def test_not_fitting_gives_suggestions():
-    cfg = preset("tiny").replace(vocab_size=264)
+    cfg = TINY_PRESET_BYTE
     steps = build(cfg, (8, 1, 1), (8,))
     p = plan.plan_steps(steps, (8, 64), device_memory_gib=1e-4)
     assert p.fits is False and "does NOT fit" in p.table()
@@ -97,7 +97,7 @@ def test_train_cli_plan_for_more_devices_than_this_process_has():
         [sys.executable, "-m", "sorted_jax.train", "--config=configs/tiny.py", "--plan",
          "--plan_devices=2", "--plan_device_memory=0.0001", "--config.mesh.shape=1,-1,1"],
         capture_output=True, text=True, timeout=600,
-        cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+        cwd=__import__("pathlib").Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fsdp=2" in out.stdout and "2 device(s)" in out.stdout
     assert "does NOT fit" in out.stdout and "remat_policy=full" in out.stdout

@@ -18,7 +18,7 @@ from sorted_jax.data.tokenizers import (
     save_tokenizer_files,
 )
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+ASSETS = Path(__file__).resolve().parents[3] / "shared" / "assets"
 
 TRICKY = [
     "Hello world",

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ASSETS, random_params, tiny_config
+from helpers import ASSETS, random_params, tiny_config, tiny_workdir
 
 from sorted_jax.convert import main
 from sorted_jax.io.model_io import load_model_dir, load_params
@@ -231,30 +231,6 @@ def test_export_submodel_matches_our_exit(tmp_path, hf_llama_factory, tied):
 # training workdirs
 
 
-def make_workdir(path: Path, config: LlamaConfig, params_by_step: dict[int, dict]) -> Path:
-    """A training workdir as the trainer writes it: config.json + CheckpointManager steps."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    path.mkdir(parents=True)
-    config.to_json_file(path / "config.json")
-    mngr = ocp.CheckpointManager(path / "checkpoints", item_names=("state", "data", "meta"),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=5))
-    for step, params in sorted(params_by_step.items()):
-        p = jax.tree.map(jnp.asarray, params)
-        state = {"params": p,
-                 "opt_state": {"mu": jax.tree.map(jnp.zeros_like, p),
-                               "nu": jax.tree.map(jnp.ones_like, p), "count": jnp.asarray(step)},
-                 "step": jnp.asarray(step)}
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"epoch": 0, "position": step * 32}),
-            meta=ocp.args.JsonSave({"exit_set": [2, 3], "seed": 0})))
-    mngr.wait_until_finished()
-    mngr.close()
-    return path
-
-
 def test_workdir_export(tmp_path, hf_llama_factory):
     import jax
 
@@ -264,7 +240,7 @@ def test_workdir_export(tmp_path, hf_llama_factory):
         tmp_path / "md", "--no-progress")
     p1, _ = load_model_dir(tmp_path / "md")
     p2 = jax.tree.map(lambda x: x * np.float32(1.01), p1)
-    wd = make_workdir(tmp_path / "wd", config, {10: p1, 20: p2})
+    wd = tiny_workdir(tmp_path / "wd", config, {10: p1, 20: p2})
 
     params, cfg, tok = load_params(wd)
     assert cfg == config and tok is None

@@ -9,9 +9,9 @@ import optax
 import pytest
 import torch
 from conftest import make_hf_llama
+from helpers import GQA_4L, W32_3L
 
 from sorted_jax.model import hf_mapping, modeling
-from sorted_jax.model.config import LlamaConfig
 from sorted_jax.objective import soft
 
 
@@ -88,12 +88,11 @@ def test_bf16_hidden_states_stay_close():
 
 def test_sft_mode_equals_plain_causal_lm_loss():
     """Exit set {L} is ordinary fine-tuning: masked token-mean CE of the model's logits."""
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = W32_3L
     model = modeling.make_model(cfg)
     params = modeling.init_params(model, jax.random.PRNGKey(0))
-    _, _, _, targets, mask = random_problem(seed=3, b=2, t=12, v=96)
-    ids = jnp.asarray(np.random.RandomState(4).randint(0, 96, (2, 12)))
+    _, _, _, targets, mask = random_problem(seed=3, b=2, t=12, v=cfg.vocab_size)
+    ids = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 12)))
     hidden = model.apply({"params": params}, ids).hidden
     logits = model.apply({"params": params}, hidden[-1], method=model.head)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -107,8 +106,7 @@ def test_sft_mode_equals_plain_causal_lm_loss():
 @pytest.mark.parametrize("tied", [False, True])
 def test_soft_loss_equals_hf_pytorch_per_exit(tied):
     """Eq. 1 on given weights and batch, computed independently with HF + torch."""
-    cfg = LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    cfg = GQA_4L.replace(tie_word_embeddings=tied)
     hf = make_hf_llama(cfg, seed=11)
     params = hf_mapping.hf_to_params(hf.state_dict(), cfg)
     rng = np.random.RandomState(0)

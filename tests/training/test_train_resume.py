@@ -25,7 +25,7 @@ from helpers import TRAIN_SMALL
 from sorted_jax.io import model_io
 from sorted_jax.training import metrics_log
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 200  # long enough (a few seconds) to be interrupted mid-run
 
 SMALL = [

@@ -20,7 +20,7 @@ from sorted_jax.evaluation.triviaqa import (
     score,
 )
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+ASSETS = Path(__file__).resolve().parents[3] / "shared" / "assets"
 SAMPLE = ASSETS / "triviaqa_sample.json"
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from sorted_jax.data.templates import format_example, format_prompt
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+ASSETS = Path(__file__).resolve().parents[3] / "shared" / "assets"
 
 
 def _asset(name: str) -> Path:

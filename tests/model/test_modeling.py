@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_hf_llama
+from helpers import GQA_3L
 
 from sorted_jax.model import hf_mapping, kv_cache, modeling
 from sorted_jax.model.config import LlamaConfig
@@ -19,14 +20,6 @@ from sorted_jax.model.config import LlamaConfig
 # below see each band's formula (test_llama3_test_config_covers_all_three_bands checks it).
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 8.0, "original_max_position_embeddings": 64}
-
-
-def tiny_config(**overrides) -> LlamaConfig:
-    base = dict(vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                rms_norm_eps=1e-5)
-    base.update(overrides)
-    return LlamaConfig(**base)
 
 
 def rel_err(ours, ref, valid=None) -> float:
@@ -75,7 +68,7 @@ GRID = list(itertools.product([4, 2, 1], [False, True], ["default", "llama3"]))
 def test_every_exit_matches_hf(kv_heads, tied, rope):
     rope_kw = ({} if rope == "default"
                else {"rope_theta": 500000.0, "rope_scaling": LLAMA3_SCALING})
-    cfg = tiny_config(num_key_value_heads=kv_heads, tie_word_embeddings=tied, **rope_kw)
+    cfg = GQA_3L.replace(num_key_value_heads=kv_heads, tie_word_embeddings=tied, **rope_kw)
     hf = make_hf_llama(cfg, seed=kv_heads)
     params = hf_mapping.hf_to_params(hf.state_dict(), cfg)
     ids, mask = right_padded_batch(cfg)
@@ -91,8 +84,8 @@ def test_llama3_test_config_covers_all_three_bands():
 
     from sorted_jax.model.config import rope_inv_freq
 
-    cfg = tiny_config(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
-    base = tiny_config(rope_theta=500000.0)
+    cfg = GQA_3L.replace(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
+    base = GQA_3L.replace(rope_theta=500000.0)
     wavelengths = [2 * math.pi / f for f in rope_inv_freq(base)]
     high = 64 / LLAMA3_SCALING["high_freq_factor"]
     bands = {"kept" if w < high else "scaled" if w > 64 else "smoothed" for w in wavelengths}
@@ -109,7 +102,7 @@ def test_llama3_test_config_covers_all_three_bands():
 
 def test_left_padding_with_explicit_positions_matches_hf():
     """The general mask path: left padding, positions counted from each row's first token."""
-    cfg = tiny_config(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
+    cfg = GQA_3L.replace(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
     hf = make_hf_llama(cfg, seed=3)
     params = hf_mapping.hf_to_params(hf.state_dict(), cfg)
     ids, right_mask = right_padded_batch(cfg, seed=1)
@@ -123,7 +116,7 @@ def test_left_padding_with_explicit_positions_matches_hf():
 
 def test_packed_segments_equal_separate_sequences():
     """Two sequences packed in one row with segment ids give each one's unpacked output."""
-    cfg = tiny_config()
+    cfg = GQA_3L
     model = modeling.make_model(cfg)
     params = modeling.init_params(model, jax.random.PRNGKey(0))
     rng = np.random.RandomState(0)
@@ -141,7 +134,7 @@ def test_packed_segments_equal_separate_sequences():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_hf_roundtrip_is_bitwise(tied):
-    cfg = tiny_config(num_key_value_heads=1, tie_word_embeddings=tied)
+    cfg = GQA_3L.replace(num_key_value_heads=1, tie_word_embeddings=tied)
     hf = make_hf_llama(cfg, seed=5)
     state = {k: v.numpy() for k, v in hf.state_dict().items()}
     back = hf_mapping.params_to_hf(hf_mapping.hf_to_params(state, cfg), cfg,
@@ -152,7 +145,7 @@ def test_hf_roundtrip_is_bitwise(tied):
 
 
 def test_mapping_rejects_mismatched_state_dict():
-    cfg = tiny_config()
+    cfg = GQA_3L
     state = {k: v.numpy() for k, v in make_hf_llama(cfg).state_dict().items()}
     with pytest.raises(hf_mapping.MappingError, match="missing"):
         hf_mapping.hf_to_params({k: v for k, v in state.items() if "layers.1.mlp" not in k}, cfg)
@@ -165,7 +158,7 @@ def test_mapping_rejects_mismatched_state_dict():
 
 
 def test_submodel_of_every_depth_equals_truncated_full_model():
-    cfg = tiny_config(num_hidden_layers=5)
+    cfg = GQA_3L.replace(num_hidden_layers=5)
     model = modeling.make_model(cfg)
     params = modeling.init_params(model, jax.random.PRNGKey(1))
     ids, mask = right_padded_batch(cfg)
@@ -181,7 +174,7 @@ def test_submodel_of_every_depth_equals_truncated_full_model():
 
 def test_submodel_costs_k_layers_of_compute():
     """XLA's FLOP count of a depth-k forward grows with k (scan of length k, not L)."""
-    cfg = tiny_config(num_hidden_layers=8)
+    cfg = GQA_3L.replace(num_hidden_layers=8)
     params = modeling.init_params(modeling.make_model(cfg), jax.random.PRNGKey(0))
     ids = jnp.zeros((1, 16), jnp.int32)
 
@@ -199,7 +192,7 @@ def test_submodel_costs_k_layers_of_compute():
 @pytest.mark.parametrize("policy", ["full", "dots_with_no_batch_dims_saveable",
                                     "save_qkv_and_out_proj"])
 def test_remat_gives_same_output_and_gradient(policy):
-    cfg = tiny_config()
+    cfg = GQA_3L
     plain = modeling.make_model(cfg)
     remat = modeling.make_model(cfg, remat_policy=policy)
     params = modeling.init_params(plain, jax.random.PRNGKey(2))
@@ -217,7 +210,7 @@ def test_remat_gives_same_output_and_gradient(policy):
 
 
 def test_bf16_compute_stays_close_to_fp32():
-    cfg = tiny_config()
+    cfg = GQA_3L
     hf = make_hf_llama(cfg, seed=7)
     params = hf_mapping.hf_to_params(hf.state_dict(), cfg)
     ids, mask = right_padded_batch(cfg)
@@ -234,7 +227,7 @@ def test_bf16_compute_stays_close_to_fp32():
 
 
 def test_params_carry_logical_axis_names():
-    cfg = tiny_config()
+    cfg = GQA_3L
     specs = modeling.logical_axes(modeling.make_model(cfg))
     layer = specs["layers"]
     assert tuple(specs["embed_tokens"]["embedding"]) == ("vocab", "embed")
@@ -253,7 +246,7 @@ def test_params_carry_logical_axis_names():
 
 def test_kv_cache_prefill_then_step_equals_full_forward():
     """The cache threads through the same scan: chunked prefill + decode == one forward."""
-    cfg = tiny_config()
+    cfg = GQA_3L
     model = modeling.make_model(cfg)
     params = modeling.init_params(model, jax.random.PRNGKey(3))
     ids = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 10))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 TPU = LAUNCH / "tpu_pod.sh"
 SLURM = LAUNCH / "gpu_slurm.sbatch"

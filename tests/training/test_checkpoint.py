@@ -7,16 +7,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from helpers import TRAIN_SMALL_CONFIG
 
 from sorted_jax.io import model_io
-from sorted_jax.model.config import preset
 from sorted_jax.model.modeling import make_model
 from sorted_jax.parallel.sharding import make_mesh
 from sorted_jax.training.checkpoint import Checkpointer, CheckpointError
 from sorted_jax.training.train_step import SoftSteps, make_optimizer
 
-CONFIG = preset("tiny").replace(vocab_size=264, hidden_size=32, intermediate_size=64,
-                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+CONFIG = TRAIN_SMALL_CONFIG
 
 
 def make_steps(config=CONFIG, mesh_shape=(1, -1, 1)):

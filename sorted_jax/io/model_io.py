@@ -295,14 +295,16 @@ def _read_config_json(path: Path) -> LlamaConfig:
 
 def load_config(path: PathLike) -> LlamaConfig:
     """The model config of any model source: a model dir's or workdir's config.json, an HF
-    dir's (with generation_config.json's EOS ids), a GGUF file's metadata."""
+    dir's (with generation_config.json's EOS ids), a GGUF file's metadata. A dir with a
+    config.json and no weights (yet) is read as its config.json (`--plan` needs no weights)."""
     p = Path(path)
-    kind = model_kind(p, "model")
-    if kind == GGUF_FILE:
+    if p.is_dir() and (p / CONFIG_FILE).is_file():
+        if not is_model_dir(p) and not is_workdir(p) and hf_checkpoint.has_hf_weights(p):
+            return hf_checkpoint.read_hf_config(p)
+        return _read_config_json(p)
+    if model_kind(p, "model") == GGUF_FILE:  # anything else but a GGUF file raised
         return gguf_file.read_gguf_config(p)
-    if kind == HF_DIR:
-        return hf_checkpoint.read_hf_config(p)
-    return _read_config_json(p)
+    raise ModelIOError(f"{p} holds no model config")
 
 
 def load_model_dir(path: PathLike, dtype: Any = None, shardings: Any = None

@@ -494,6 +494,22 @@ def test_init_from_gguf_trains_as_converted(files, tmp_path, capsys):
     assert sha(src) == before
 
 
+def test_gguf_exports_to_an_hf_dir(files, tmp_path, capsys):
+    """convert orbax-to-hf --ckpt FILE.gguf: a plain HF dir (weights, config, the GGUF's
+    tokenizer) that transformers loads as the same model as the GGUF itself."""
+    src = files["Q5_K"]
+    run_ok(convert.main, ["orbax-to-hf", "--ckpt", src, "--out", tmp_path / "hf",
+                          "--no-progress"], capsys)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"),
+                                                                 dtype=torch.float32)
+    got, want = exported.state_dict(), transformers_gguf(src).state_dict()
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+    assert load_tokenizer(tmp_path / "hf").encode("Hello world") == load_tokenizer(
+        src).encode("Hello world")
+
+
 # ---------------------------------------------------------------------------------------------
 # bad files: one line each
 
@@ -516,7 +532,10 @@ def _both_fail(path: Path, match: str, tmp_path: Path, capsys) -> None:
 
 
 def test_gguf_of_another_architecture(tmp_path, capsys):
-    path = write_gguf(tmp_path / "qwen.gguf", CFG, lambda _n: "F16", arch="qwen2")
+    def bias(w):  # Qwen2 has q/k/v biases: tensors a LLaMA does not have
+        w.add_tensor("blk.0.attn_q.bias", np.zeros(256, np.float32))
+
+    path = write_gguf(tmp_path / "qwen.gguf", CFG, lambda _n: "F16", arch="qwen2", extra=bias)
     _both_fail(path, "is a GGUF of a 'qwen2' model", tmp_path, capsys)
 
 

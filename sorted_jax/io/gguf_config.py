@@ -99,10 +99,8 @@ def _rope_scaling(meta: dict[str, Any], factors: np.ndarray | None, head_dim: in
     return scaling
 
 
-def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]],
-                         rope_factors: np.ndarray | None, path: Path) -> LlamaConfig:
-    """The model config of a GGUF file: `meta` its metadata, `shapes` its tensors' shapes by
-    HF name, `rope_factors` its rope_freqs.weight (or None)."""
+def check_architecture(meta: dict[str, Any], path: Path) -> None:
+    """Refuse, before its tensors are looked at, a GGUF of a model sorted_jax cannot run."""
     arch = meta.get("general.architecture")
     if arch != ARCH:
         raise ConversionError(f"{path} is a GGUF of a {arch!r} model (general.architecture); "
@@ -115,6 +113,13 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
         raise ConversionError(f"{path} is a mixture-of-experts model ({ARCH}.expert_count="
                               f"{meta[f'{ARCH}.expert_count']}); sorted_jax runs dense LLaMA "
                               "models only")
+
+
+def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                         rope_factors: np.ndarray | None, path: Path) -> LlamaConfig:
+    """The model config of a GGUF file: `meta` its metadata, `shapes` its tensors' shapes by
+    HF name, `rope_factors` its rope_freqs.weight (or None)."""
+    check_architecture(meta, path)
     heads = _int(meta, f"{ARCH}.attention.head_count", path)
     kv = meta.get(f"{ARCH}.attention.head_count_kv", heads)
     if isinstance(kv, list):

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from sorted_jax.core.errors import ConversionError, ModelIOError
-from sorted_jax.io.gguf_config import config_from_metadata
+from sorted_jax.io.gguf_config import check_architecture, config_from_metadata
 from sorted_jax.io.hf_weights import (
     ParamFiller,
     hf_leaves,
@@ -217,8 +217,9 @@ def _metadata(reader: Any) -> dict[str, Any]:
 @functools.lru_cache(maxsize=4)
 def _open_cached(path: Path, size: int, mtime_ns: int) -> GGUFModel:
     reader = _open_reader(path)
-    table, rope_freqs = _tensor_table(path, reader)
     meta = _metadata(reader)
+    check_architecture(meta, path)
+    table, rope_freqs = _tensor_table(path, reader)
     del reader  # its memmap; tensor data is read with plain file reads
     freqs = None
     if rope_freqs is not None:

@@ -59,7 +59,8 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
                 "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
-_CHUNK_BYTES = 64 << 20  # float32 output per dequantised chunk of rows
+_CHUNK_BYTES = 16 << 20  # float32 output per dequantised chunk of rows (gguf needs a few
+# times that in temporaries)
 
 
 def is_gguf(path: str | Path) -> bool:

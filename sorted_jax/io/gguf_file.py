@@ -22,8 +22,8 @@ row chunks into the tensor's float32 array: the peak is the model in our layout 
 plus one tensor's quantised bytes, its float32 values and one chunk. With shardings the model
 is built one stacked leaf at a time instead (`hf_weights.hf_leaves`).
 
-The tokenizer a GGUF carries (SentencePiece or BPE vocabulary, merges, special ids, chat
-template) is rebuilt by `data.tokenizers.HFTokenizer` through transformers' GGUF support.
+The tokenizer a GGUF carries (SentencePiece or BPE vocabulary, special ids, chat template) is
+rebuilt by `data.gguf_tokenizer` (`data.tokenizers.load_tokenizer` takes a .gguf).
 """
 
 from __future__ import annotations

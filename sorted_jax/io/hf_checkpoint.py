@@ -182,7 +182,8 @@ def check_tokenizer(directory: Path, config: LlamaConfig) -> None:
 def read_hf_checkpoint(hf_dir: str | Path, dtype: Any = "float32", allow_pickle: bool = False,
                        progress: bool = True, shardings: Any = None) -> tuple[dict, LlamaConfig]:
     """(params in our layout, config) from an HF LLaMA directory: numpy arrays, or with
-    `shardings` `jax.Array`s placed leaf by leaf (`hf_weights.read_safetensors`)."""
+    `shardings` `jax.Array`s placed leaf by leaf (safetensors: each leaf read, placed and
+    dropped, `hf_weights.read_safetensors`; `.bin`: read whole, then placed)."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise ConversionError(f"HF model dir {hf_dir} does not exist")

@@ -397,8 +397,9 @@ def load_params(path: PathLike, step: int | None = None, dtype: Any = None,
     `path` itself when it holds tokenizer files (a workdir's `tokenizer/` subdir is also
     accepted; a GGUF file carries its own). With `shardings` (a params-shaped tree of
     shardings) the params come back as `jax.Array`s already in place: from our checkpoints each
-    process reads only its own shards; from an HF dir or a GGUF file each leaf is built on the
-    host, placed and dropped before the next. HF and GGUF weights default to float32.
+    process reads only its own shards; from safetensors or a GGUF file each leaf is built on
+    the host, placed and dropped before the next (`.bin` pickles are read whole, then placed
+    leaf by leaf). HF and GGUF weights default to float32.
     """
     p = require_filesystem_path(path, "checkpoint")
     kind = model_kind(p)

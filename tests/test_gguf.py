@@ -28,6 +28,7 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -233,6 +234,20 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _shardings(params: dict):
+    """Each leaf split over 8 devices on its last axis where it divides, else replicated."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
+
+    def spec(x):
+        if x.shape[-1] % 8 == 0:
+            return NamedSharding(mesh, PartitionSpec(*([None] * (x.ndim - 1)), ("a", "b")))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(spec, params)
+
+
 @pytest.fixture(autouse=True)
 def fast_decoder(monkeypatch):
     import sorted_jax.decoding as dec
@@ -299,8 +314,6 @@ def test_sharded_gguf_load_equals_host(files):
     buffers, host memory on CPU) stays under the model's size (0.75x measured: a stacked leaf
     is 18% of this tiny model, its tensors 9%, plus dequantisation temporaries); a load that
     builds the model on the host first needs more than 1.2x."""
-    from test_model_sources import _shardings
-
     params, _ = gguf_file.read_gguf(files["Q4_K"])
     size = sum(x.nbytes for x in flatten(params).values())
     tracemalloc.start()

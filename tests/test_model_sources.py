@@ -13,7 +13,14 @@ import functools
 import hashlib
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import tracemalloc
+import urllib.request
 from pathlib import Path
 
 import jax
@@ -233,21 +240,52 @@ def test_serve_loads_hf_dir(sources):
     assert snapshot(hf) == before
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as res:
+        return json.loads(res.read())
+
+
 def test_serve_process_on_hf_dir(sources, tmp_path, capsys):
-    """A real `python -m sorted_jax.serve --ckpt HF_DIR`: its greedy completion is generate's
-    on the converted dir."""
+    """A real `python -m sorted_jax.serve --ckpt HF_DIR` on 127.0.0.1: its greedy completion
+    is generate's on the converted dir."""
     pytest.importorskip("fastapi")
-    test_serve = pytest.importorskip("test_serve")
+    pytest.importorskip("uvicorn")
     _, hf, before, converted = sources
     want = run_ok(generate.main, ["--ckpt", converted, "--prompt", "The cat",
                                   "--max-new-tokens", "8"], capsys)
-    server = test_serve.Server(hf, tmp_path / "server.log")
+    port = _free_port()
+    log = tmp_path / "server.log"
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "sorted_jax.serve", "--ckpt", str(hf),
+                                 "--port", str(port), "--fast-compile"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}/v1"
     try:
-        res = server.client().completions.create(model="model", prompt="The cat",
-                                                 temperature=0, max_tokens=8)
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                urllib.request.urlopen(f"{url}/models", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.3)
+        res = _post(f"{url}/completions", {"model": "model", "prompt": "The cat",
+                                           "temperature": 0, "max_tokens": 8})
     finally:
-        assert server.stop() == 0
-    assert res.choices[0].text == want.rstrip("\n") and res.choices[0].text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-2000:]
+    text = res["choices"][0]["text"]
+    assert text == want.rstrip("\n") and text
     assert snapshot(hf) == before
 
 

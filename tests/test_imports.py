@@ -27,6 +27,7 @@ LAZY_OK = frozenset({
     "sentencepiece",        # SentencePiece tokenizers (a native extension)
     "fastapi",              # python -m sorted_jax.serve (the `serve` extra)
     "uvicorn",
+    "lm_eval",              # evaluate lm-eval: the lm-evaluation-harness (the `lm-eval` extra)
 })
 
 

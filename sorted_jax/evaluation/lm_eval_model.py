@@ -75,7 +75,7 @@ def _freeze(x: Any) -> Any:
     return tuple(_freeze(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _score(model: Llama, stops: tuple[int, ...], thresholds: tuple[float, ...], params: dict,
+def _score(model: Llama, stops: tuple[int, ...], params: dict, thresholds: jax.Array,
            ids: jax.Array, lengths: jax.Array, targets: jax.Array
            ) -> tuple[jax.Array, jax.Array]:
     """(log p(target) [B, T], target is the argmax [B, T]) of right-padded rows `ids` whose
@@ -102,16 +102,16 @@ def _score(model: Llama, stops: tuple[int, ...], thresholds: tuple[float, ...], 
     return tok_lp, greedy
 
 
-# Compiled scorers, shared by every ExitLM of the same model shape, dtype and exits.
+# Compiled scorers, shared by every ExitLM of the same model shape, dtype and exits
+# (thresholds are traced: changing them compiles nothing).
 _SCORERS: dict[tuple, Callable] = {}
 
 
-def _scorer(config: LlamaConfig, dtype: Any, stops: tuple[int, ...],
-            thresholds: tuple[float, ...]) -> Callable:
-    key = (_freeze(config.to_hf_dict()), jnp.dtype(dtype).name, stops, thresholds)
+def _scorer(config: LlamaConfig, dtype: Any, stops: tuple[int, ...]) -> Callable:
+    key = (_freeze(config.to_hf_dict()), jnp.dtype(dtype).name, stops)
     if key not in _SCORERS:
         model = make_model(config, dtype=dtype)
-        _SCORERS[key] = jax.jit(functools.partial(_score, model, stops, thresholds))
+        _SCORERS[key] = jax.jit(functools.partial(_score, model, stops))
     return _SCORERS[key]
 
 
@@ -137,7 +137,8 @@ class ExitLM:
             stops, th = (config.num_hidden_layers,), ()
         else:
             stops, th = tuple(b for _, b in self.route.bounds), self.route.thresholds
-        self.score_fn = _scorer(config, self.dtype, stops, th)
+        self.score_fn = _scorer(config, self.dtype, stops)
+        self.thresholds = jnp.asarray([*th, 0.0], jnp.float32)  # the last exit accepts
         self.decoder = decoding.Decoder(params, config, dtype=dtype, pad_multiple=PAD_MULTIPLE)
         self.stop_ids = decoding.stop_ids(config, tokenizer.eos_id)
         self.stats: decoding.DecodeStats | None = None  # all generate calls' statistics
@@ -192,8 +193,9 @@ class ExitLM:
             for r in range(b):  # rows past the chunk repeat its first one
                 inp, target, _ = rows[chunk[r] if r < len(chunk) else chunk[0]]
                 ids[r, :len(inp)], tgt[r, :len(inp)], lengths[r] = inp, target, len(inp)
-            lp, greedy = jax.device_get(self.score_fn(self.params, jnp.asarray(ids),
-                                                      jnp.asarray(lengths), jnp.asarray(tgt)))
+            lp, greedy = jax.device_get(self.score_fn(
+                self.params, self.thresholds, jnp.asarray(ids), jnp.asarray(lengths),
+                jnp.asarray(tgt)))
             for r, i in enumerate(chunk):
                 n, m = int(lengths[r]), rows[i][2]
                 out[i] = (float(lp[r, n - m:n].sum()), bool(greedy[r, n - m:n].all()))

@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
         description="Per-exit loss / perplexity / token accuracy of checkpoints side by side "
                     "(also: TriviaQA EM, decode latency, generation dumps).",
-        epilog="Pair two columns of a generation dump for a pairwise judge:\n"
-               "  python -m sorted_jax.evaluate pair --gens G.jsonl --a soft:4 --b sft:8 "
-               "--out P.jsonl")
+        epilog="Pair two columns of a generation dump for a pairwise judge: python -m "
+               "sorted_jax.evaluate pair --help\nlm-evaluation-harness tasks at each exit: "
+               "python -m sorted_jax.evaluate lm-eval --help")
     p.add_argument("--ckpt", action="append", required=True,
                    help="model dir, training workdir or SFT+ICT dir; repeat to compare")
     p.add_argument("--label", action="append",

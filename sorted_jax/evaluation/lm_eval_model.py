@@ -94,8 +94,9 @@ def _score(model: Llama, stops: tuple[int, ...], params: dict, thresholds: jax.A
         take = ~decided
         if j < len(stops) - 1:
             take &= top1_prob(logits) >= thresholds[j]
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None],
-                                 axis=-1)[..., 0]
+        # log p(target) without a [B, T, V] log-softmax beside the logits
+        lp = (jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+              - jax.nn.logsumexp(logits, axis=-1))
         tok_lp = jnp.where(take, lp, tok_lp)
         greedy = jnp.where(take, jnp.argmax(logits, axis=-1) == targets, greedy)
         decided |= take

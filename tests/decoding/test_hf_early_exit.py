@@ -15,13 +15,13 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import BYTE_4L_W64, FAST, REPO, random_params
 
 from sorted_jax import convert
 from sorted_jax.data.tokenizers import save_tokenizer_files
 from sorted_jax.decoding import Decoder
 from sorted_jax.io.model_io import save_model_dir
 from sorted_jax.model.modeling import Llama, make_model
-from tests.helpers import BYTE_4L_W64, FAST, REPO, random_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

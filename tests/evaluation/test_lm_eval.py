@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ASSETS, BYTE_4L, random_params
 
 from sorted_jax import convert, decoding, evaluate
 from sorted_jax.data.tokenizers import ByteTokenizer, save_tokenizer_files
@@ -26,7 +27,6 @@ from sorted_jax.evaluation.lm_eval_model import ExitLM, length_bucket
 from sorted_jax.io.model_io import save_model_dir
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.model.modeling import Llama, make_model
-from tests.helpers import ASSETS, BYTE_4L, random_params
 
 # A 4-layer model on the 512-piece SentencePiece tokenizer: HF's AutoTokenizer loads the files
 # `save_tokenizer_files` writes with the same ids (and BOS) as ours.

@@ -1,14 +1,16 @@
 """HF PyTorch LLaMA <-> our Orbax model dir, and export of the depth-k sub-model.
 
-    python -m sorted_jax.convert hf-to-orbax --hf HF_DIR --out MODEL_DIR [--dtype float32]
+    python -m sorted_jax.convert hf-to-orbax --hf HF_DIR_OR_GGUF --out MODEL_DIR [--dtype float32]
     python -m sorted_jax.convert orbax-to-hf --ckpt MODEL_DIR_OR_WORKDIR --out HF_DIR \
         [--exit-layer K] [--step N] [--dtype bfloat16] [--shard-size 2GB]
 
 The command only parses flags; the work is in `sorted_jax.io`: `conversion` (both directions,
 their output checks), `hf_checkpoint` + `hf_weights` (reading an HF dir tensor by tensor),
-`hf_export` + `safetensors_shards` (writing one). Peak memory is about one copy of the model
-plus one tensor (HF -> ours) or one stacked array (ours -> HF); a failed conversion leaves
-nothing at `--out`. Torch is imported only for `.bin` inputs.
+`hf_export` + `safetensors_shards` (writing one), `gguf_file` (a GGUF file read like an HF
+dir). Every other command reads HF dirs and GGUF files directly too: converting is for users
+who want the converted copy. Peak memory is about one copy of the model plus one tensor
+(HF -> ours) or one stacked array (ours -> HF); a failed conversion leaves nothing at `--out`.
+Torch is imported only for `.bin` inputs.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from sorted_jax.io.conversion import hf_to_orbax, orbax_to_hf
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sorted_jax.convert",
-        description="Convert LLaMA weights between HF PyTorch and sorted_jax model dirs.")
+        description="Convert LLaMA weights between HF PyTorch (or GGUF) and sorted_jax model "
+                    "dirs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    h2o = sub.add_parser("hf-to-orbax", help="HF LLaMA dir -> model dir (Orbax params)")
-    h2o.add_argument("--hf", required=True, help="HF dir with config.json and weights")
+    h2o = sub.add_parser("hf-to-orbax",
+                         help="HF LLaMA dir or GGUF file -> model dir (Orbax params)")
+    h2o.add_argument("--hf", required=True,
+                     help="HF dir with config.json and weights, or a LLaMA .gguf file")
     h2o.add_argument("--out", required=True, help="model dir to create")
     h2o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                      help="dtype of the stored params (default float32: fp32 master weights)")
@@ -38,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     h2o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     o2h = sub.add_parser("orbax-to-hf", help="model dir or training workdir -> HF LLaMA dir")
-    o2h.add_argument("--ckpt", required=True, help="model dir or training workdir")
+    o2h.add_argument("--ckpt", required=True,
+                     help="model dir or training workdir (or an HF dir / GGUF file)")
     o2h.add_argument("--out", required=True, help="HF dir to create")
     o2h.add_argument("--exit-layer", type=int, default=None,
                      help="export the sub-model of the first k layers (default: all)")

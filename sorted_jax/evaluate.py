@@ -5,10 +5,13 @@
     python -m sorted_jax.evaluate --ckpt soft --data builtin --out ev \\
         --dump-generations gens.jsonl --num-generations 20
     python -m sorted_jax.evaluate pair --gens gens.jsonl --a soft:4 --b sft:8 --out pairs.jsonl
+    python -m sorted_jax.evaluate lm-eval --ckpt RUN --exits 8,16,24,32 --tasks hellaswag \\
+        [--limit N --num-fewshot K --include-path DIR --batch-size B --out DIR]
 
 The flags become an `EvalOptions`; `evaluation.evaluator` says what is measured and which
 files it writes. `pair` joins two columns (LABEL:EXIT) of a `--dump-generations` file into a
-pairwise judge's {instruction, input, response1, response2} (`evaluation.pairs`).
+pairwise judge's {instruction, input, response1, response2} (`evaluation.pairs`). `lm-eval`
+runs lm-evaluation-harness tasks at each exit (`evaluation.harness`; the `lm-eval` extra).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from sorted_jax.core.errors import run_cli
 from sorted_jax.data import TEMPLATE_NAMES, TEMPLATES
 from sorted_jax.evaluation import pairs
 from sorted_jax.evaluation.evaluator import EvalOptions, evaluate
+from sorted_jax.evaluation.harness import LmEvalOptions, run_lm_eval
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
         description="Per-exit loss / perplexity / token accuracy of checkpoints side by side "
                     "(also: TriviaQA EM, decode latency, generation dumps).",
-        epilog="Pair two columns of a generation dump for a pairwise judge:\n"
-               "  python -m sorted_jax.evaluate pair --gens G.jsonl --a soft:4 --b sft:8 "
-               "--out P.jsonl")
+        epilog="Pair two columns of a generation dump for a pairwise judge: python -m "
+               "sorted_jax.evaluate pair --help\nlm-evaluation-harness tasks at each exit: "
+               "python -m sorted_jax.evaluate lm-eval --help")
     p.add_argument("--ckpt", action="append", required=True,
                    help="model dir, training workdir or SFT+ICT dir; repeat to compare")
     p.add_argument("--label", action="append",
@@ -93,6 +97,35 @@ def build_pair_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_lm_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sorted_jax.evaluate lm-eval", argument_default=argparse.SUPPRESS,
+        description="lm-evaluation-harness tasks at each exit of a checkpoint: one table "
+                    "(task x exit, with the harness's stderr) and the harness's JSON per exit. "
+                    'Needs the lm-eval extra: pip install -e ".[lm-eval]".')
+    p.add_argument("--ckpt", required=True, help="model dir, training workdir or SFT+ICT dir")
+    p.add_argument("--tasks", required=True, help="comma-separated harness task names or YAMLs")
+    p.add_argument("--exits", help="exit layers, e.g. 8,16,24,32 (default: the run's exits); "
+                                   "draft depths with --mode speculative")
+    p.add_argument("--mode", choices=["fixed", "early-exit", "speculative"],
+                   help="fixed: a column per exit (default); early-exit: one column over "
+                        "--exits; speculative: full-model scores, drafts of depth k per column")
+    p.add_argument("--thresholds", type=float, nargs="+", help="--mode early-exit thresholds")
+    p.add_argument("--limit", type=float, help="first N docs per task (below 1: a fraction)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--include-path", help="dir of extra task YAMLs (e.g. local JSON tasks)")
+    p.add_argument("--batch-size", type=int, help="rows per forward / decode batch (8)")
+    p.add_argument("--max-gen-toks", type=int, help="default generation budget (256)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint's own)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--bootstrap-iters", type=int)
+    p.add_argument("--log-samples", action="store_true", help="also write every request")
+    p.add_argument("--out", help="output dir (default lm_eval_out)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output at --out")
+    return p
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     return evaluate(EvalOptions(**vars(args)))
 
@@ -106,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "pair":
         args = build_pair_parser().parse_args(argv[1:])
         return run_cli("sorted_jax.evaluate pair", run_pair, args)
+    if argv and argv[0] == "lm-eval":
+        args = build_lm_eval_parser().parse_args(argv[1:])
+        return run_cli("sorted_jax.evaluate lm-eval",
+                       lambda a: run_lm_eval(LmEvalOptions(**vars(a))), args)
     return run_cli("sorted_jax.evaluate", run, build_parser().parse_args(argv))
 
 

@@ -6,7 +6,10 @@ Specs accepted by :func:`load_tokenizer`:
 * a path to a SentencePiece ``.model`` file (e.g. LLaMA-2's ``tokenizer.model``);
 * a directory: a model dir written by :func:`save_tokenizer_files` for ``builtin``, or a
   Hugging Face tokenizer dir (``tokenizer.model`` and/or ``tokenizer.json``) loaded with
-  ``transformers.AutoTokenizer``.
+  ``transformers.AutoTokenizer``;
+* a GGUF file (llama.cpp): the tokenizer its metadata describes (SentencePiece or BPE
+  vocabulary, special ids, chat template), written as HF tokenizer files
+  (`gguf_tokenizer.gguf_tokenizer_files`) and loaded as an :class:`HFTokenizer`.
 
 ``encode`` never adds BOS/EOS: the pipeline adds them itself, because transformers 5.x adds BOS on
 some loading paths and not on others. Text is always encoded as plain text: a literal ``"</s>"``
@@ -20,10 +23,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from sorted_jax.core.errors import DataError, MissingFileError
+from sorted_jax.data.gguf_tokenizer import gguf_tokenizer_files, is_gguf_file
 
 BUILTIN_MARKER = "sorted_jax_tokenizer.json"
 # Files of a Hugging Face tokenizer dir that are copied into an exported model dir.
@@ -149,11 +154,11 @@ class HFTokenizer:
     transformers tokenizer (its chat template: `sorted_jax.data.chat`).
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, spec: str | None = None):
         from transformers import AutoTokenizer  # lazy: heavy import
 
         self.directory = Path(directory)
-        self.spec = str(directory)
+        self.spec = spec or str(directory)  # a GGUF's tokenizer: the GGUF file
         self._tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         bos, eos = self._tok.bos_token_id, self._tok.eos_token_id
         if eos is None:
@@ -185,7 +190,15 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def __repr__(self) -> str:
-        return f"HFTokenizer({str(self.directory)!r})"
+        return f"HFTokenizer({self.spec!r})"
+
+
+def gguf_tokenizer(path: str | Path) -> HFTokenizer:
+    """The tokenizer a GGUF file carries (its files are written to a temp dir, loaded, and
+    deleted: nothing is written beside the GGUF)."""
+    with tempfile.TemporaryDirectory(prefix="sorted_jax_gguf_tokenizer_") as tmp:
+        gguf_tokenizer_files(path, tmp)
+        return HFTokenizer(tmp, spec=str(path))
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
@@ -198,6 +211,8 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
             f"tokenizer {str(spec)!r} not found: expected 'builtin', a SentencePiece .model file, "
             "or a directory with tokenizer.model / tokenizer.json"
         )
+    if is_gguf_file(path):
+        return gguf_tokenizer(path)
     if path.is_file():
         return SentencePieceTokenizer(path)
     if (path / BUILTIN_MARKER).is_file():
@@ -217,7 +232,8 @@ def save_tokenizer_files(tokenizer_spec: str | Path, out_dir: str | Path) -> lis
 
     ``load_tokenizer(out_dir)`` then gives the same ids. For a ``.model`` file this writes
     ``tokenizer.model`` plus a ``tokenizer_config.json`` that makes HF ``AutoTokenizer`` add BOS
-    by default with ids equal to SentencePiece's. ``builtin`` writes a small JSON marker.
+    by default with ids equal to SentencePiece's. ``builtin`` writes a small JSON marker. A GGUF
+    file's tokenizer is written as HF tokenizer files (``save_pretrained``).
     Returns the written paths.
     """
     out = Path(out_dir)
@@ -231,6 +247,8 @@ def save_tokenizer_files(tokenizer_spec: str | Path, out_dir: str | Path) -> lis
     src = Path(tokenizer_spec).expanduser()
     if not src.exists():
         raise MissingFileError(f"tokenizer {str(tokenizer_spec)!r} not found")
+    if is_gguf_file(src):
+        return gguf_tokenizer_files(src, out)
     if src.is_file():
         sp = SentencePieceTokenizer(src)
         model = out / "tokenizer.model"

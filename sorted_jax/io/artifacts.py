@@ -1,5 +1,6 @@
-"""What a path holds: a model dir, a training workdir, or an SFT+ICT dir, read the same way by
-every command that takes a checkpoint (`evaluate`, `ict`, `generate`, `convert`).
+"""What a path holds: a model dir, a training workdir, an SFT+ICT dir, an HF LLaMA dir or a GGUF
+file, read the same way by every command that takes a checkpoint (`evaluate`, `ict`,
+`generate`, `serve`, `convert`).
 
     art = artifacts.inspect("runs/soft_7b")   # validated; config and settings read, no weights
     art.kind, art.config, art.settings, art.head_exits
@@ -11,9 +12,14 @@ Kinds (the layouts themselves are `model_io`'s and `heads`'):
     model dir    config.json + params/ (+ tokenizer files)        `convert hf-to-orbax`
     workdir      config.json + checkpoints/<step>/ + tokenizer/   `train`
     ICT dir      a model dir + ict_heads/ + ict.json               `ict`
+    HF dir       config.json + *.safetensors | *.bin + tokenizer   transformers' save_pretrained
+    GGUF file    one .gguf file (weights, config, tokenizer)      llama.cpp, Ollama, LM Studio
+
+HF dirs and GGUF files are read in place, nothing written beside them (`model_io.model_kind`
+tells the kinds apart; `hf_checkpoint` and `gguf_file` read the last two).
 
 `settings` is what the run recorded (`run_settings.RunSettings`): the training config of a
-workdir, `ict.json` of an ICT dir, nothing for a converted model dir.
+workdir, `ict.json` of an ICT dir, nothing for a converted model dir, an HF dir or a GGUF.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from sorted_jax.model.config import LlamaConfig
 from sorted_jax.objective import heads, soft
 from sorted_jax.training.run_settings import RunSettings, read_run_settings
 
-MODEL_DIR, WORKDIR = "model dir", "workdir"
+MODEL_DIR, WORKDIR, HF_DIR, GGUF_FILE = (model_io.MODEL_DIR, model_io.WORKDIR, model_io.HF_DIR,
+                                        model_io.GGUF_FILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +44,11 @@ class Artifact:
     """A checkpoint path, validated: its kind, model config, recorded settings, ICT heads."""
 
     path: Path
-    kind: str  # MODEL_DIR or WORKDIR
+    kind: str  # MODEL_DIR, WORKDIR, HF_DIR or GGUF_FILE
     config: LlamaConfig
     settings: RunSettings
     head_exits: tuple[int, ...] | None  # exits with an SFT+ICT head; None for a plain model
-    tokenizer_dir: Path | None  # the dir holding its tokenizer files, if any
+    tokenizer_dir: Path | None  # the dir holding its tokenizer files (a GGUF: the file), if any
     what: str = "checkpoint"  # how errors name it, e.g. "checkpoint 'sft'"
 
     @property
@@ -53,8 +60,8 @@ class Artifact:
         """The weights (a workdir's latest step unless `step`), checked against the config."""
         params, config, _ = model_io.load_params(self.path, step, dtype, shardings)
         if config != self.config:
-            raise ModelIOError(f"{self.what}: {self.path / model_io.CONFIG_FILE} changed "
-                               "while it was being read")
+            raise ModelIOError(f"{self.what}: the config of {self.path} changed while it was "
+                               "being read")
         return params
 
     def load_heads(self) -> heads.IctHeads | None:
@@ -118,23 +125,14 @@ def load_model(path: str | Path, *, step: int | None = None, dtype: Any = None) 
 
 
 def inspect(path: str | Path, what: str = "checkpoint") -> Artifact:
-    """Validate `path` as a model dir, workdir or ICT dir and read everything but weights."""
+    """Validate `path` as a model dir, workdir, ICT dir, HF dir or GGUF file and read everything
+    but weights."""
     p = model_io.require_filesystem_path(path, what)
-    if not p.exists():
-        raise ModelIOError(f"{what}: {p} does not exist")
-    if p.is_dir() and not (p / model_io.CONFIG_FILE).is_file():
-        has = sorted(x.name for x in p.iterdir())[:12]
-        raise ModelIOError(f"{what} ({p}) has no {model_io.CONFIG_FILE}: it is not a model dir "
-                           f"or training workdir (it contains {has})")
-    if model_io.is_model_dir(p):
-        kind = MODEL_DIR
-    elif model_io.is_workdir(p):
-        kind = WORKDIR
-    else:
-        raise ModelIOError(f"{what} ({p}) is neither a model dir ({model_io.CONFIG_FILE} + "
-                           f"{model_io.PARAMS_DIR}/) nor a training workdir "
-                           f"({model_io.CONFIG_FILE} + {model_io.CHECKPOINTS_DIR}/)")
+    kind = model_io.model_kind(p, what)
     config = model_io.load_config(p)
+    if kind in (HF_DIR, GGUF_FILE):
+        return Artifact(p, kind, config, RunSettings(), None, model_io.find_tokenizer_dir(p),
+                        what)
     settings = read_run_settings(p, heads.read_meta(p))
     return Artifact(p, kind, config, settings, heads.head_exits(p),
                     model_io.find_tokenizer_dir(p), what)

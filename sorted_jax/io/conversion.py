@@ -1,8 +1,9 @@
 """The two conversions of `python -m sorted_jax.convert`, each checked before it reads.
 
-- `hf_to_orbax`: an HF LLaMA dir -> a model dir (`hf_checkpoint` reads, `model_io` writes).
-- `orbax_to_hf`: a model dir or training workdir -> an HF dir, whole or the depth-k
-  sub-model (`hf_export`).
+- `hf_to_orbax`: an HF LLaMA dir or a GGUF file -> a model dir (`hf_checkpoint` / `gguf_file`
+  read, `model_io` writes; a GGUF's tokenizer is written as HF tokenizer files).
+- `orbax_to_hf`: any checkpoint (`artifacts.inspect`: a model dir, training workdir, HF dir or
+  GGUF file) -> an HF dir, whole or the depth-k sub-model (`hf_export`).
 
 `--out` is claimed first (`destinations.claim_dir`): never an input or inside one, and
 `overwrite` replaces only a dir this command wrote. Outputs are written into a temp sibling
@@ -14,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sorted_jax.io import artifacts, destinations, hf_export, model_io
+from sorted_jax.io import artifacts, destinations, gguf_file, hf_export, model_io
 from sorted_jax.io.destinations import atomic_dir
 from sorted_jax.io.hf_checkpoint import read_hf_checkpoint
 from sorted_jax.io.model_io import (
@@ -43,14 +44,19 @@ def _is_plain_model_dir(path: Path) -> bool:
 def hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, dtype: Any = "float32",
                 allow_pickle: bool = False, overwrite: bool = False,
                 progress: bool = True) -> Path:
-    """Convert an HF LLaMA dir into a model dir (atomic; tokenizer files copied)."""
+    """Convert an HF LLaMA dir or a GGUF file into a model dir (atomic; tokenizer files copied,
+    or rebuilt from the GGUF)."""
     dest = destinations.claim_dir(out_dir, flag="--out", command=HF_TO_ORBAX, inputs=[hf_dir],
                                   overwrite=overwrite, recognise=_is_plain_model_dir)
-    params, config = read_hf_checkpoint(hf_dir, dtype, allow_pickle, progress)
+    gguf = gguf_file.is_gguf(hf_dir)
+    if gguf:
+        params, config = gguf_file.read_gguf(hf_dir, dtype, progress=progress)
+    else:
+        params, config = read_hf_checkpoint(hf_dir, dtype, allow_pickle, progress)
     check_params(params, config)
     with atomic_dir(dest) as tmp:
         config.to_json_file(tmp / CONFIG_FILE)
-        copy_tokenizer_files(find_tokenizer_files(hf_dir), tmp)
+        copy_tokenizer_files(hf_dir if gguf else find_tokenizer_files(hf_dir), tmp)
         save_params(tmp / "params", params)
     return Path(out_dir)
 

@@ -16,10 +16,11 @@ import numpy as np
 
 from sorted_jax.core.errors import ConversionError
 from sorted_jax.io.hf_weights import listing, read_bins, read_safetensors
-from sorted_jax.io.model_io import CONFIG_FILE, resolve_dtype
+from sorted_jax.io.param_tree import place_params, resolve_dtype
 from sorted_jax.io.safetensors_shards import SAFE_INDEX, SAFE_SINGLE
 from sorted_jax.model.config import ConfigError, LlamaConfig
 
+CONFIG_FILE = "config.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -43,6 +44,15 @@ def _shards_from_index(hf_dir: Path, index_name: str) -> tuple[list[Path], dict[
         raise ConversionError(f"{hf_dir / index_name} lists shard files that are missing: "
                               f"{listing(missing)}; download every shard")
     return [hf_dir / f for f in files], weight_map
+
+
+def has_hf_weights(path: Path) -> bool:
+    """Whether `path` is a dir with an HF config.json and weight files beside it."""
+    p = Path(path)
+    if not (p / CONFIG_FILE).is_file():
+        return False
+    return (any((p / f).is_file() for f in (SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE))
+            or any(p.glob("model-*-of-*.safetensors")))
 
 
 def find_hf_weights(hf_dir: Path) -> tuple[str, list[Path], dict[str, str] | None]:
@@ -90,8 +100,17 @@ def read_hf_config(hf_dir: Path) -> LlamaConfig:
     cfg_file = hf_dir / CONFIG_FILE
     if not cfg_file.is_file():
         raise ConversionError(f"{cfg_file} is missing: an HF model dir needs its config.json")
+    d = _load_json(cfg_file)
+    if not isinstance(d, dict):
+        raise ConversionError(f"{cfg_file} is not a JSON object (an HF config.json maps names "
+                              "to values)")
+    model_type = d.get("model_type", "llama")
+    if model_type != "llama":
+        raise ConversionError(f"{hf_dir} holds an HF {model_type!r} model (model_type in "
+                              f"{cfg_file.name}); sorted_jax reads LLaMA-architecture models "
+                              "(model_type 'llama') only")
     try:
-        config = LlamaConfig.from_hf_dict(_load_json(cfg_file))
+        config = LlamaConfig.from_hf_dict(d)
     except (ConfigError, TypeError) as e:
         raise ConversionError(f"{cfg_file} is not a usable LLaMA config: {e}") from e
     return with_generation_eos(config, hf_dir)
@@ -161,8 +180,10 @@ def check_tokenizer(directory: Path, config: LlamaConfig) -> None:
 
 
 def read_hf_checkpoint(hf_dir: str | Path, dtype: Any = "float32", allow_pickle: bool = False,
-                       progress: bool = True) -> tuple[dict, LlamaConfig]:
-    """(params as numpy arrays in our layout, config) from an HF LLaMA directory."""
+                       progress: bool = True, shardings: Any = None) -> tuple[dict, LlamaConfig]:
+    """(params in our layout, config) from an HF LLaMA directory: numpy arrays, or with
+    `shardings` `jax.Array`s placed leaf by leaf (safetensors: each leaf read, placed and
+    dropped, `hf_weights.read_safetensors`; `.bin`: read whole, then placed)."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise ConversionError(f"HF model dir {hf_dir} does not exist")
@@ -171,5 +192,7 @@ def read_hf_checkpoint(hf_dir: str | Path, dtype: Any = "float32", allow_pickle:
     kind, files, weight_map = find_hf_weights(hf_dir)
     np_dtype = resolve_dtype(dtype) or np.dtype(np.float32)
     if kind == "safetensors":
-        return read_safetensors(files, weight_map, config, np_dtype, hf_dir, progress), config
-    return read_bins(files, config, np_dtype, hf_dir, allow_pickle, progress), config
+        return read_safetensors(files, weight_map, config, np_dtype, hf_dir, progress,
+                                shardings), config
+    params = read_bins(files, config, np_dtype, hf_dir, allow_pickle, progress)
+    return (params if shardings is None else place_params(params, shardings)), config

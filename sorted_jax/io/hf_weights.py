@@ -1,7 +1,10 @@
 """An HF checkpoint's tensors, streamed one at a time into our stacked params.
 
 Peak memory is one copy of the model (preallocated arrays in our layout, `ParamFiller`) plus
-one tensor:
+one tensor. With shardings (a model loaded for training or decoding rather than converted),
+the params are built one leaf at a time (`hf_leaves`) and each leaf goes straight into its
+shards (`param_tree.place_leaves`): the host then holds one stacked leaf, not the model.
+`gguf` streams a GGUF file's tensors through the same two paths.
 
 - safetensors files are read with the `safetensors` library's `pread` backend, tensor by
   tensor (not its default mmap: pages mapped while a file is open count as resident, a second
@@ -13,9 +16,10 @@ one tensor:
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from sorted_jax.core.errors import ConversionError
-from sorted_jax.io.model_io import expected_param_shapes, unflatten
+from sorted_jax.io.param_tree import Path_, expected_param_shapes, place_leaves, unflatten
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.model.hf_mapping import (
     MappingError,
@@ -71,7 +75,7 @@ def _present_problems(entries: Shapes, config: LlamaConfig) -> list[str]:
 
 
 def validate_names_and_shapes(entries: Shapes, config: LlamaConfig, where: str,
-                              complete: bool = True) -> None:
+                              complete: bool = True, config_source: str = "config.json") -> None:
     """Raise naming every unexpected/misshaped tensor and (if `complete`) every missing one."""
     problems = _present_problems(entries, config)
     if complete:
@@ -80,7 +84,7 @@ def validate_names_and_shapes(entries: Shapes, config: LlamaConfig, where: str,
             problems.insert(0, f"{len(missing)} tensors missing: {listing(missing)}")
     if problems:
         raise ConversionError(
-            f"the weights in {where} do not match its config.json "
+            f"the weights in {where} do not match its {config_source} "
             f"(num_hidden_layers={config.num_hidden_layers}, hidden_size={config.hidden_size}, "
             f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}, "
             f"tie_word_embeddings={config.tie_word_embeddings}): " + "; ".join(
@@ -159,10 +163,11 @@ def _header(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype | str]]:
         return out
 
 
-def read_safetensors(files: list[Path], weight_map: Mapping[str, str] | None,
-                     config: LlamaConfig, dtype: np.dtype, hf_dir: Path,
-                     progress: bool) -> dict:
-    """Params in our layout from safetensors shards (`weight_map`: the index, if any)."""
+def _safetensors_entries(files: list[Path], weight_map: Mapping[str, str] | None,
+                         config: LlamaConfig, hf_dir: Path
+                         ) -> tuple[dict[str, tuple[tuple[int, ...], Any]], dict[str, Path]]:
+    """(name -> (shape, dtype), name -> file) from the headers, every name/shape/dtype and the
+    index checked before any tensor is read."""
     entries: dict[str, tuple[tuple[int, ...], np.dtype | str]] = {}
     file_of: dict[str, Path] = {}
     dupes = []
@@ -181,9 +186,31 @@ def read_safetensors(files: list[Path], weight_map: Mapping[str, str] | None,
             raise ConversionError(f"the index in {hf_dir} maps tensors to shards that do not "
                                   f"hold them: {listing(bad)}; the download is incomplete")
     validate_names_and_shapes(entries, config, str(hf_dir))
-    filler = ParamFiller(config, dtype)
+    return entries, file_of
+
+
+def read_safetensors(files: list[Path], weight_map: Mapping[str, str] | None,
+                     config: LlamaConfig, dtype: np.dtype, hf_dir: Path,
+                     progress: bool, shardings: Any = None) -> dict:
+    """Params in our layout from safetensors shards (`weight_map`: the index, if any): numpy
+    arrays read in file order, or with `shardings` `jax.Array`s built one stacked leaf at a
+    time (`hf_leaves`), so the host never holds more than one leaf."""
+    entries, file_of = _safetensors_entries(files, weight_map, config, hf_dir)
     total = sum(int(np.prod(s)) * d.itemsize for s, d in entries.values())
     with progress_bar(total, "reading safetensors", progress) as bar:
+        if shardings is not None:
+            with contextlib.ExitStack() as stack:
+                handles = {f: stack.enter_context(_open(f)) for f in files}
+
+                def read(name: str) -> np.ndarray:
+                    w = _read(handles[file_of[name]], file_of[name], name)
+                    bar.update(w.nbytes)
+                    return w
+
+                shapes = {n: shape for n, (shape, _) in entries.items()}
+                return place_leaves(hf_leaves(read, shapes, config, dtype, str(hf_dir)),
+                                    shardings)
+        filler = ParamFiller(config, dtype)
         for f in files:
             with _open(f) as handle:
                 for name in handle.offset_keys():  # in file order: sequential reads
@@ -192,6 +219,37 @@ def read_safetensors(files: list[Path], weight_map: Mapping[str, str] | None,
                     bar.update(w.nbytes)
                     del w
     return filler.finish(str(hf_dir))
+
+
+def hf_leaves(read: Callable[[str], np.ndarray], shapes: Mapping[str, tuple[int, ...]],
+              config: LlamaConfig, dtype: np.dtype, where: str
+              ) -> Iterator[tuple[Path_, np.ndarray]]:
+    """(path, host array) of every leaf of our params, one at a time: each built from the HF
+    tensors (name -> shape in `shapes`, already validated; read with `read`) that map to it,
+    e.g. a stacked leaf from its layers."""
+    sources: dict[Path_, list[tuple[int | None, str]]] = {}
+    for name, shape in shapes.items():
+        probe = np.broadcast_to(np.zeros((), np.float32), shape)
+        mapped = hf_tensor_to_ours(name, probe, config)
+        if mapped is not None:
+            sources.setdefault(mapped[0], []).append((mapped[1], name))
+    L = config.num_hidden_layers
+    for path, shape in expected_param_shapes(config).items():
+        got = sources.get(path, [])
+        want = list(range(L)) if path[0] == "layers" else [None]
+        missing = [i for i in want if i not in {layer for layer, _ in got}]
+        if missing:
+            raise ConversionError(f"{where} is missing tensors for {'/'.join(path)}"
+                                  + (f" (layers {missing})" if path[0] == "layers" else ""))
+        host = np.empty(shape, dtype)
+        for layer, name in got:
+            _, _, ours = hf_tensor_to_ours(name, read(name), config)
+            if layer is None:
+                host[...] = ours
+            else:
+                host[layer] = ours
+        yield path, host
+        del host
 
 
 def _read(handle: Any, path: Path, name: str) -> np.ndarray:
@@ -223,7 +281,8 @@ def _torch_load(path: Path, allow_pickle: bool) -> Mapping[str, Any]:
         raise ConversionError(
             f"{path} is not a weights-only PyTorch checkpoint: torch.load(weights_only=True) "
             f"refused it ({first}). Loading it would run arbitrary code from the file; convert "
-            "it to safetensors, or pass --allow-pickle if you trust its origin") from e
+            "it to safetensors, or, if you trust its origin, convert it with `python -m "
+            "sorted_jax.convert hf-to-orbax --allow-pickle`") from e
     except Exception as e:  # corrupt zip, truncated file, ...
         raise ConversionError(f"cannot read {path} with torch.load: {e}") from e
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):

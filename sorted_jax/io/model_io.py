@@ -17,6 +17,17 @@ A model dir is what `python -m sorted_jax.convert hf-to-orbax` writes, what trai
 
 Only `params` is read from `state` (an Orbax partial restore: optimizer moments stay on disk).
 Writers are atomic: everything goes into a temporary dir beside the target, renamed at the end.
+
+`load_params`, `load_config` and `find_tokenizer_dir` read two more model sources, so that a
+model arriving from elsewhere works wherever a model is read (`init_from`, every `--ckpt`),
+with nothing written beside it (`model_kind` tells the four apart):
+
+    HF_DIR/config.json + model*.safetensors | pytorch_model*.bin   (`hf_checkpoint`)
+    MODEL.gguf                               llama.cpp / Ollama / LM Studio (`gguf_file`)
+
+Their weights stream tensor by tensor into our layout (with shardings: one leaf at a time,
+straight into its shards); an HF dir's tokenizer is its own files, a GGUF file carries its
+tokenizer inside (`data.tokenizers.load_tokenizer` reads it).
 """
 
 from __future__ import annotations
@@ -24,20 +35,29 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
 from sorted_jax.core.errors import ModelIOError
+from sorted_jax.data.tokenizers import save_tokenizer_files
+from sorted_jax.io import gguf_file, hf_checkpoint
 from sorted_jax.io.destinations import atomic_dir, require_filesystem_path, url_scheme
+from sorted_jax.io.param_tree import (
+    check_params,
+    dtype_name,
+    expected_param_shapes,
+    flatten,
+    resolve_dtype,
+    unflatten,
+)
 from sorted_jax.model.config import ConfigError, LlamaConfig
-from sorted_jax.model.modeling import DTYPES, abstract_params, make_model
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -48,53 +68,12 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "sorted_jax_tokenizer.json")
 
 PathLike = str | os.PathLike
+# What a model path holds (`model_kind`); the names are how messages call them.
+MODEL_DIR, WORKDIR, HF_DIR, GGUF_FILE = "model dir", "workdir", "HF dir", "GGUF file"
 
 
 # ---------------------------------------------------------------------------------------------
-# dtypes and shapes
-
-
-def resolve_dtype(dtype: Any) -> np.dtype | None:
-    """`None`, a name of `modeling.DTYPES` ("float32", "bf16", ...) or a numpy/jax dtype ->
-    numpy dtype or None."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        if dtype.lower() not in DTYPES:
-            raise ModelIOError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
-        dtype = DTYPES[dtype.lower()]
-    return np.dtype(dtype)
-
-
-def dtype_name(dtype: Any) -> str:
-    return np.dtype(dtype).name  # "float32", "bfloat16", "float16"
-
-
-def expected_param_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Path -> shape of every leaf of our params tree for `config`: the model's own abstract
-    params (`jax.eval_shape` of its init, nothing allocated)."""
-    tree = nn.unbox(abstract_params(make_model(config)))
-    return {path: tuple(leaf.shape) for path, leaf in flatten(tree).items()}
-
-
-def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out: dict[tuple[str, ...], Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, (*prefix, str(key))))
-        else:
-            out[(*prefix, str(key))] = value
-    return out
-
-
-def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
+# shapes (the tree itself: `param_tree`)
 
 
 def _unbox(tree: Any) -> Any:
@@ -108,48 +87,23 @@ def _unbox(tree: Any) -> Any:
     return tree
 
 
-def _shape_of(leaf: Any) -> tuple[int, ...]:
-    shape = getattr(leaf, "shape", None)  # arrays, and Orbax metadata before anything is read
-    return tuple(shape) if shape is not None else tuple(np.shape(leaf))
-
-
-def check_params(params: Mapping[str, Any], config: LlamaConfig, where: str = "params") -> None:
-    """Raise ModelIOError naming every missing, unexpected or misshaped leaf (arrays, or the
-    checkpoint's metadata tree, so a wrong checkpoint fails before any weight is read)."""
-    expected = expected_param_shapes(config)
-    flat = flatten(params)
-    problems = []
-    missing = [p for p in expected if p not in flat]
-    unexpected = [p for p in flat if p not in expected]
-    if missing:
-        problems.append("missing " + ", ".join("/".join(p) for p in missing))
-    if unexpected:
-        problems.append("unexpected " + ", ".join("/".join(p) for p in unexpected))
-    for path, shape in expected.items():
-        if path in flat and _shape_of(flat[path]) != tuple(shape):
-            problems.append(f"{'/'.join(path)} has shape {_shape_of(flat[path])}, the "
-                            f"config implies {tuple(shape)}")
-    if problems:
-        raise ModelIOError(
-            f"{where} do not match the model config ({config.num_hidden_layers} layers, hidden "
-            f"{config.hidden_size}, vocab {config.vocab_size}, tie_word_embeddings="
-            f"{config.tie_word_embeddings}): " + "; ".join(problems))
-
-
 # ---------------------------------------------------------------------------------------------
 # tokenizer files (atomic directories and URL checks: `destinations`)
 
 
 def find_tokenizer_files(directory: PathLike | None) -> list[Path]:
+    """The tokenizer files in `directory`; a GGUF file is its own tokenizer file."""
     if directory is None:
         return []
     d = Path(directory)
+    if gguf_file.is_gguf(d):
+        return [d]
     return [d / name for name in TOKENIZER_FILES if (d / name).is_file()]
 
 
 def find_tokenizer_dir(path: PathLike) -> Path | None:
     """`path` itself or its `tokenizer/` subdir (a training workdir's), whichever holds
-    tokenizer files; None if neither does."""
+    tokenizer files (a GGUF file: itself); None if neither does."""
     for cand in (Path(path), Path(path) / "tokenizer"):
         if find_tokenizer_files(cand):
             return cand
@@ -157,9 +111,12 @@ def find_tokenizer_dir(path: PathLike) -> Path | None:
 
 
 def copy_tokenizer_files(src: PathLike | Iterable[PathLike] | None, dst: PathLike) -> list[str]:
-    """Copy tokenizer files from a dir (the known names) or an explicit list of files."""
+    """Copy tokenizer files from a dir (the known names) or an explicit list of files; from a
+    GGUF file, write the tokenizer it carries as HF tokenizer files."""
     if src is None:
         return []
+    if isinstance(src, str | os.PathLike) and gguf_file.is_gguf(src):
+        return [f.name for f in save_tokenizer_files(src, dst)]
     if isinstance(src, str | os.PathLike):
         src_path = Path(src)
         if not src_path.is_dir():
@@ -298,14 +255,56 @@ def is_workdir(path: PathLike) -> bool:
     return (p / CONFIG_FILE).is_file() and (p / CHECKPOINTS_DIR).is_dir()
 
 
-def load_config(path: PathLike) -> LlamaConfig:
-    f = Path(path) / CONFIG_FILE
+def model_kind(path: PathLike, what: str = "checkpoint") -> str:
+    """MODEL_DIR, WORKDIR, HF_DIR or GGUF_FILE: what `path` holds; anything else is refused
+    with what it would need to be one."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelIOError(f"{what}: {p} does not exist")
+    if is_model_dir(p):
+        return MODEL_DIR
+    if is_workdir(p):
+        return WORKDIR
+    if p.is_file():
+        if gguf_file.is_gguf(p):
+            return GGUF_FILE
+        raise ModelIOError(f"{what}: {p} is a file but not a GGUF file (it does not start with "
+                           f"{gguf_file.GGUF_MAGIC!r}); give a model dir, a training workdir, "
+                           "an HF LLaMA dir or a .gguf file")
+    if hf_checkpoint.has_hf_weights(p):
+        return HF_DIR
+    has = sorted(x.name for x in p.iterdir())
+    config = (p / CONFIG_FILE).is_file()
+    raise ModelIOError(
+        f"{what} ({p}) is neither a model dir ({CONFIG_FILE} + {PARAMS_DIR}/) nor a training "
+        f"workdir ({CONFIG_FILE} + {CHECKPOINTS_DIR}/) nor an HF LLaMA dir ({CONFIG_FILE} + "
+        "model.safetensors, its shards or pytorch_model.bin) nor a GGUF file; it contains "
+        f"{has[:12]}" + ("; if it is an HF model dir, its weights are missing: download them"
+                         if config else f" and no {CONFIG_FILE}"))
+
+
+def _read_config_json(path: Path) -> LlamaConfig:
+    f = path / CONFIG_FILE
     if not f.is_file():
         raise ModelIOError(f"{f} is missing: a model dir / workdir needs the model's config.json")
     try:
         return LlamaConfig.from_json_file(f)
     except (ConfigError, ValueError, TypeError) as e:
         raise ModelIOError(f"{f} is not a usable LLaMA config: {e}") from e
+
+
+def load_config(path: PathLike) -> LlamaConfig:
+    """The model config of any model source: a model dir's or workdir's config.json, an HF
+    dir's (with generation_config.json's EOS ids), a GGUF file's metadata. A dir with a
+    config.json and no weights (yet) is read as its config.json (`--plan` needs no weights)."""
+    p = Path(path)
+    if p.is_dir() and (p / CONFIG_FILE).is_file():
+        if not is_model_dir(p) and not is_workdir(p) and hf_checkpoint.has_hf_weights(p):
+            return hf_checkpoint.read_hf_config(p)
+        return _read_config_json(p)
+    if model_kind(p, "model") == GGUF_FILE:  # anything else but a GGUF file raised
+        return gguf_file.read_gguf_config(p)
+    raise ModelIOError(f"{p} holds no model config")
 
 
 def load_model_dir(path: PathLike, dtype: Any = None, shardings: Any = None
@@ -316,7 +315,7 @@ def load_model_dir(path: PathLike, dtype: Any = None, shardings: Any = None
     if not is_model_dir(p):
         raise ModelIOError(f"{p} is not a model dir: it needs {CONFIG_FILE} and {PARAMS_DIR}/ "
                            "(write one with `python -m sorted_jax.convert hf-to-orbax`)")
-    config = load_config(p)
+    config = _read_config_json(p)
     return restore_params(p / PARAMS_DIR, dtype, shardings, config), config
 
 
@@ -353,7 +352,7 @@ def load_workdir_params(workdir: PathLike, step: int | None = None, dtype: Any =
     """(params, config, step) from a training workdir; only `params` is read from disk (as
     numpy, or as `jax.Array`s in `shardings`)."""
     wd = Path(workdir).absolute()
-    config = load_config(wd)
+    config = _read_config_json(wd)
     ckpt_dir = wd / CHECKPOINTS_DIR
     with contextlib.closing(_manager(ckpt_dir)) as mngr:
         steps = sorted(mngr.all_steps())
@@ -392,37 +391,40 @@ def load_workdir_params(workdir: PathLike, step: int | None = None, dtype: Any =
 
 def load_params(path: PathLike, step: int | None = None, dtype: Any = None,
                 shardings: Any = None) -> tuple[dict, LlamaConfig, Path | None]:
-    """(params, config, tokenizer dir or None) from a model dir OR a training workdir.
+    """(params, config, tokenizer source or None) from any model source (`model_kind`).
 
-    For a workdir the latest step is read unless `step` is given. The tokenizer dir is `path`
-    itself when it holds tokenizer files (a workdir's `tokenizer/` subdir is also accepted).
-    With `shardings` (a params-shaped tree of shardings) the params come back as `jax.Array`s
-    already in place, each process reading only its own shards.
+    For a workdir the latest step is read unless `step` is given. The tokenizer source is
+    `path` itself when it holds tokenizer files (a workdir's `tokenizer/` subdir is also
+    accepted; a GGUF file carries its own). With `shardings` (a params-shaped tree of
+    shardings) the params come back as `jax.Array`s already in place: from our checkpoints each
+    process reads only its own shards; from safetensors or a GGUF file each leaf is built on
+    the host, placed and dropped before the next (`.bin` pickles are read whole, then placed
+    leaf by leaf). HF and GGUF weights default to float32.
     """
     p = require_filesystem_path(path, "checkpoint")
-    if not p.exists():
-        raise ModelIOError(f"{p} does not exist")
-    if is_model_dir(p):
-        if step is not None:
-            raise ModelIOError(f"{p} is a model dir (a single set of weights); --step / step= "
-                               "applies to training workdirs only")
+    kind = model_kind(p)
+    if step is not None and kind != WORKDIR:
+        raise ModelIOError(f"{p} is a {kind} (a single set of weights); --step / step= "
+                           "applies to training workdirs only")
+    if kind == MODEL_DIR:
         params, config = load_model_dir(p, dtype, shardings)
-        tok = p if find_tokenizer_files(p) else None
-        return params, config, tok
-    if is_workdir(p):
+        return params, config, (p if find_tokenizer_files(p) else None)
+    if kind == WORKDIR:
         params, config, _ = load_workdir_params(p, step, dtype, shardings)
-        return params, config, find_tokenizer_dir(p)
-    has = sorted(x.name for x in p.iterdir()) if p.is_dir() else []
-    raise ModelIOError(
-        f"{p} is neither a model dir ({CONFIG_FILE} + {PARAMS_DIR}/) nor a training workdir "
-        f"({CONFIG_FILE} + {CHECKPOINTS_DIR}/); it contains {has[:12]}"
-        + ("" if (p / CONFIG_FILE).is_file() else f" and no {CONFIG_FILE}"))
+    elif kind == HF_DIR:
+        params, config = hf_checkpoint.read_hf_checkpoint(
+            p, dtype, progress=sys.stderr.isatty(), shardings=shardings)
+    else:
+        params, config = gguf_file.read_gguf(p, dtype, shardings, progress=sys.stderr.isatty())
+    return params, config, find_tokenizer_dir(p)
 
 
 __all__ = [
     "ModelIOError", "TOKENIZER_FILES", "atomic_dir", "check_params", "require_filesystem_path",
     "url_scheme",
-    "copy_tokenizer_files", "expected_param_shapes", "find_tokenizer_files", "is_model_dir",
-    "is_workdir", "load_config", "load_model_dir", "load_params", "load_workdir_params",
+    "GGUF_FILE", "HF_DIR", "MODEL_DIR", "WORKDIR",
+    "copy_tokenizer_files", "dtype_name", "expected_param_shapes", "find_tokenizer_files",
+    "flatten", "is_model_dir", "is_workdir", "load_config", "load_model_dir", "load_params",
+    "load_workdir_params", "model_kind", "unflatten",
     "resolve_dtype", "restore_params", "save_model_dir", "save_params", "workdir_steps",
 ]

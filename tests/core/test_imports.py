@@ -27,6 +27,8 @@ LAZY_OK = frozenset({
     "sentencepiece",        # SentencePiece tokenizers (a native extension)
     "fastapi",              # python -m sorted_jax.serve (the `serve` extra)
     "uvicorn",
+    "gguf",                 # GGUF files (llama.cpp): the `gguf` extra, only when one is read
+    "lm_eval",              # evaluate lm-eval: the lm-evaluation-harness (the `lm-eval` extra)
 })
 
 

@@ -412,7 +412,15 @@ def test_export_errors(tmp_path, hf_dir):
           match="training workdirs only")
     fails("orbax-to-hf", "--ckpt", tmp_path / "md", "--out", tmp_path / "x", "--shard-size",
           "lots", match="cannot parse size")
-    fails("orbax-to-hf", "--ckpt", hf_dir, "--out", tmp_path / "x",
+    # an HF dir is a checkpoint too (read in place): its depth-1 sub-model, straight from it
+    run("orbax-to-hf", "--ckpt", hf_dir, "--out", tmp_path / "x", "--exit-layer", 1,
+        "--no-progress")
+    sub, src = st_tensors(tmp_path / "x"), st_tensors(hf_dir)
+    assert sorted(sub) == sorted(n for n in src if not n.startswith("model.layers.1."))
+    assert all(np.array_equal(sub[n], src[n]) for n in sub)
+    shutil.rmtree(tmp_path / "x")
+    (tmp_path / "empty").mkdir()
+    fails("orbax-to-hf", "--ckpt", tmp_path / "empty", "--out", tmp_path / "x",
           match="neither a model dir")
     assert not (tmp_path / "x").exists()
     # config.json that does not describe the stored params

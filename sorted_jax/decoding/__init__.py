@@ -1,8 +1,9 @@
 """Decoding for SoFT models: any exit, early exit, self-speculative.
 
 Modules, lowest first: `sampling` (token selection, speculative acceptance), `options`
-(`DecodeOptions`, one frozen request, and its `Route`), `results` (typed statistics),
-`programs` (`Programs`, the hashable value whose jitted methods run a route), `engine`
+(`DecodeOptions`, one frozen request, and its `Route`), `results` (typed statistics), `state`
+(the traced batch state, and `Stack`: segments of layers, exit adapters included), `programs`
+(`Programs`, the hashable value whose jitted methods run a route), `engine`
 (`Decoder`: prompts in, tokens and statistics out), `batch_job` (a file of prompt records
 decoded to JSON result lines, as `python -m sorted_jax.generate` runs it).
 """

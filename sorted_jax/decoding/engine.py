@@ -83,7 +83,7 @@ from sorted_jax.decoding.options import (
     Route,
     default_thresholds,
 )
-from sorted_jax.decoding.programs import Control, LadderCounts, Programs
+from sorted_jax.decoding.programs import Programs
 from sorted_jax.decoding.results import (
     DecodeMemory,
     DecodeStats,
@@ -93,6 +93,7 @@ from sorted_jax.decoding.results import (
     SpeculativeStats,
 )
 from sorted_jax.decoding.sampling import SamplingParams
+from sorted_jax.decoding.state import Control, LadderCounts
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.objective.soft import default_exits  # the exit set SoFT trains by default
 
@@ -346,7 +347,7 @@ def _nbytes(tree: Any) -> int:
 
 def _stats(mode: str, route: Route, raw: Any, tokens: list[list[int]], seconds: float
            ) -> DecodeStats:
-    """Typed statistics of a run from its device counters (`programs.LadderCounts` /
+    """Typed statistics of a run from its device counters (`state.LadderCounts` /
     `SpecCounts`, fetched to the host)."""
     total = sum(len(t) for t in tokens)
     if isinstance(raw, LadderCounts):

@@ -49,12 +49,12 @@ from sorted_jax.core.errors import EvalError
 from sorted_jax.data import EvalIterator, Tokenizer, open_split_records, tokenize_records
 from sorted_jax.evaluation import per_exit, reports, triviaqa
 from sorted_jax.io import artifacts, destinations
+from sorted_jax.io.run_settings import RunSettings
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.model.modeling import DTYPES, make_model
 from sorted_jax.objective import heads, soft
 from sorted_jax.parallel import sharding
 from sorted_jax.training.run_data import data_stats, data_stats_line
-from sorted_jax.training.run_settings import RunSettings
 from sorted_jax.training.train_step import SoftSteps, sum_exit_sums
 
 METRICS_MD, METRICS_JSON = "exit_metrics.md", "exit_metrics.json"

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sorted_jax.core.errors import SweepError
-from sorted_jax.evaluation import reports
-from sorted_jax.io import destinations
+from sorted_jax.io import destinations, reports
 
 # In a recipe's overrides, the seed's SFT run (recipes that use it run after it).
 SFT_RUN = "{sft}"

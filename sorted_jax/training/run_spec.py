@@ -37,6 +37,7 @@ from sorted_jax.data import (
 from sorted_jax.data.chat import require_chat_template
 from sorted_jax.data.templates import CHAT
 from sorted_jax.io import destinations, model_io
+from sorted_jax.io.run_settings import TRAIN_CONFIG_FILE
 from sorted_jax.model import modeling
 from sorted_jax.model.config import PRESETS, LlamaConfig, preset
 from sorted_jax.model.exit_adapters import INITS
@@ -44,7 +45,6 @@ from sorted_jax.model.modeling import DTYPES
 from sorted_jax.objective import soft
 from sorted_jax.parallel.sharding import Rules, rules_from_config
 from sorted_jax.training import checkpoint_integrity
-from sorted_jax.training.run_settings import TRAIN_CONFIG_FILE
 
 COMMAND = "sorted_jax.train"
 TOKENIZER_DIR = "tokenizer"

@@ -36,8 +36,7 @@ from jax.experimental import multihost_utils
 from sorted_jax.core import errors
 from sorted_jax.core.errors import NonFiniteLossError, TrainConfigError
 from sorted_jax.data import DataError, DataIterator, EvalIterator, PackedIterator, load_tokenizer
-from sorted_jax.evaluation import reports
-from sorted_jax.io import model_io
+from sorted_jax.io import model_io, reports
 from sorted_jax.model import modeling
 from sorted_jax.model.modeling import DTYPES, EXIT_ADAPTERS
 from sorted_jax.objective import soft

@@ -13,8 +13,9 @@ from helpers import REPO
 
 from sorted_jax.core.errors import TrainConfigError
 from sorted_jax.data import save_tokenizer_files
+from sorted_jax.io import run_settings
 from sorted_jax.model.config import preset
-from sorted_jax.training import run_settings, run_spec
+from sorted_jax.training import run_spec
 
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
 SOFT_7B = (12, 16, 20, 24, 28, 32)  # the paper's exit sets (Sec. 4)

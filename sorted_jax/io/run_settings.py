@@ -2,7 +2,7 @@
 run: a training workdir's `train_config.json` (the full config of its latest launch) and an
 SFT+ICT dir's `ict.json`. A field is None when the run did not record it.
 
-    settings = read_run_settings(path, heads.read_meta(path))
+    settings = read_run_settings(path, ict_dir.read_meta(path))
     settings.max_len, settings.template, settings.buckets   # defaults for evaluate and ict
 """
 
@@ -61,7 +61,7 @@ class RunSettings:
 
     @classmethod
     def from_ict_meta(cls, m: Mapping[str, Any]) -> RunSettings:
-        """From an SFT+ICT dir's `ict.json` (its heads' exits are `heads.head_exits`)."""
+        """From an SFT+ICT dir's `ict.json` (its heads' exits are `ict_dir.head_exits`)."""
         return cls(
             data=m.get("data"), template=m.get("template"), max_len=m.get("max_len"),
             batch_size=m.get("batch_size"), lr=m.get("lr"), dtype=m.get("dtype"),

@@ -47,8 +47,8 @@ import optax
 
 from sorted_jax.core.errors import EvalError
 from sorted_jax.data import EvalIterator, Tokenizer, open_split_records, tokenize_records
-from sorted_jax.evaluation import per_exit, reports, triviaqa
-from sorted_jax.io import artifacts, destinations
+from sorted_jax.evaluation import per_exit, triviaqa
+from sorted_jax.io import artifacts, destinations, reports
 from sorted_jax.io.run_settings import RunSettings
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.model.modeling import DTYPES, make_model

@@ -26,8 +26,8 @@ from sorted_jax.data import (
     tokenize_records,
 )
 from sorted_jax.data.tokenizers import ByteTokenizer, save_tokenizer_files
-from sorted_jax.evaluation import evaluator, reports
-from sorted_jax.io import ict_dir, model_io
+from sorted_jax.evaluation import evaluator
+from sorted_jax.io import ict_dir, model_io, reports
 from sorted_jax.model.layers import rms_norm
 from sorted_jax.model.modeling import make_model
 from sorted_jax.parallel.sharding import make_mesh

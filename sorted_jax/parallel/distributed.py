@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from sorted_jax.core.errors import UserError
 
@@ -50,8 +51,6 @@ def on_every_process(fn: Callable[[], T], undo: Callable[[T], Any] | None = None
         error = e
     failed = [0] if error is not None else []
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         flags = np.ravel(multihost_utils.process_allgather(np.int32(error is None)))
         failed = [i for i, x in enumerate(flags) if not x]
     if error is not None:

@@ -128,7 +128,8 @@ def requested_model_config(c: ml_collections.ConfigDict) -> LlamaConfig | None:
             keys = tuple(f"model.{k}" for k in overrides)
             first = next(iter(overrides))
             raise TrainConfigError(
-                f"model.preset is empty (the architecture comes from init_from), but "
+                f"model.preset is empty (the architecture then comes from init_from's "
+                f"weights), but "
                 f"{', '.join(f'model.{k}={v}' for k, v in overrides.items())} "
                 f"{'is' if len(keys) == 1 else 'are'} set: overrides apply to a preset. Set "
                 f"{'it' if len(keys) == 1 else 'them'} to 0 to take the architecture from the "

@@ -67,8 +67,10 @@ class WriterLock:
                 os.rmdir(self.created_dir)
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        try:  # no contextlib here: at interpreter exit module globals may be gone
             self.release()
+        except Exception:  # noqa: BLE001, S110
+            pass
 
 
 def _same_file(path: Path, fd: int) -> bool:

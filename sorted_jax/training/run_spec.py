@@ -46,8 +46,8 @@ from sorted_jax.training.run_args import parse_args
 from sorted_jax.training.run_settings import TRAIN_CONFIG_FILE
 
 __all__ = ["ARCH_FIELDS", "COMMAND", "MODEL_OVERRIDES", "SCHEDULES", "TOKENIZER_DIR", "RunSpec",
-           "check_static", "claim_workdir", "is_train_workdir", "mu_dtype_of", "parse_args",
-           "parse_floats", "parse_ints", "requested_model_config", "resolve",
+           "check_static", "claim", "claim_workdir", "is_train_workdir", "mu_dtype_of",
+           "parse_args", "parse_floats", "parse_ints", "requested_model_config", "resolve",
            "resolve_model_config", "resume_choice", "tokenizer_spec"]
 
 COMMAND = "sorted_jax.train"
@@ -327,15 +327,24 @@ def claim_workdir(c: ml_collections.ConfigDict, workdir: str | Path,
                                   resume=True, recognise=is_train_workdir, lock=lock)
 
 
-def resolve(config: ml_collections.ConfigDict, workdir: str | Path, *,
-            lock: bool = True) -> RunSpec:
+def claim(config: ml_collections.ConfigDict, workdir: str | Path, *,
+          lock: bool = True) -> destinations.Destination:
+    """The first half of `resolve`: the config's own checks and the workdir's claim (with
+    `lock`, its writer lock). No collective runs here (nothing Orbax), so in a multi-process
+    run the processes can agree on it before going on (`distributed.on_every_process`)."""
+    check_static(config)
+    return claim_workdir(config, workdir, lock)
+
+
+def resolve(config: ml_collections.ConfigDict, workdir: str | Path, *, lock: bool = True,
+            claimed: destinations.Destination | None = None) -> RunSpec:
     """Validate `config` and resolve it for `workdir` (reads only config and tokenizer files).
 
     With `lock` (process 0 of a run; the others pass False) the workdir's writer lock is taken
-    before the step to resume from is chosen, and held by the spec (`RunSpec.release`)."""
+    before the step to resume from is chosen, and held by the spec (`RunSpec.release`).
+    `claimed`: the workdir already claimed (`claim`)."""
     c = config
-    check_static(c)
-    dest = claim_workdir(c, workdir, lock)
+    dest = claim(c, workdir, lock=lock) if claimed is None else claimed
     try:
         return _resolve(c, dest)
     except BaseException:

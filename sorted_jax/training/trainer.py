@@ -81,11 +81,13 @@ class Trainer:
                  workdir: str | Path | None = None):
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.is_main = self.process_index == 0
-        # every process resolves; process 0 alone takes the workdir's writer lock (one lock per
-        # run). If one process refuses (another run holds the workdir), every one stops. This
-        # is also the barrier after which process 0 may set checkpoints aside.
-        spec = config if isinstance(config, RunSpec) else on_every_process(
-            lambda: run_spec.resolve(config, workdir, lock=self.is_main), RunSpec.release)
+        if isinstance(config, RunSpec):
+            spec = config
+        else:  # process 0 alone takes the workdir's writer lock: one lock per run. If one
+            # process is refused (another run holds the workdir), every one stops at once.
+            dest = on_every_process(lambda: run_spec.claim(config, workdir, lock=self.is_main),
+                                    lambda d: d.release())
+            spec = run_spec.resolve(config, workdir, claimed=dest)
         try:
             self._setup(spec)
         except BaseException:

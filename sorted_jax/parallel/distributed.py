@@ -3,6 +3,8 @@
 It must run before anything touches devices (a mesh, `jax.devices()`, a jitted call), so the
 training command calls it first. Disabled (the default) or already initialised: nothing happens.
 `cpu_collectives` picks the CPU backend's collectives (gloo) for multi-process runs on CPUs.
+`on_every_process` runs a step that may refuse (a `UserError`) on every process and stops them
+all when one refuses, instead of leaving the others waiting in the next collective.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The training run behind `python -m sorted_jax.train`: `Trainer(config, workdir).train()`.
 
-A `Trainer` is everything a run needs, validated and built in `__init__`: the resolved spec
-(`run_spec.resolve`: every check that needs no device), then the mesh and batch sizes, the
+A `Trainer` is everything a run needs, validated and built in `__init__`: the workdir claimed
+and locked (`run_spec.claim`: process 0 takes its writer lock, every process agrees before going
+on; `train()` releases it), the resolved spec (`run_spec.resolve`: every check that needs no
+device), then the mesh and batch sizes, the
 tokenizer and data (`run_data`), then the jitted steps (`train_step.SoftSteps`) and the train
 state (restored from the workdir, loaded from init_from, or freshly initialised). Nothing is
 compiled before the config, the workdir and the data have been checked.

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sorted_jax.core.errors import ModelIOError
+
 TRAIN_CONFIG_FILE = "train_config.json"  # the full training config of a workdir's latest launch
 
 
@@ -73,17 +75,21 @@ def read_run_settings(path: str | Path, ict_meta: Mapping[str, Any] | None = Non
                       ) -> RunSettings:
     """The settings recorded in `path`: its `ict.json` (`ict_meta`, already read) when it is an
     SFT+ICT dir, else its `train_config.json`; empty settings when it has neither (a converted
-    model dir) or the file is not a JSON object."""
+    model dir). A `train_config.json` that cannot be read is refused (`ModelIOError`): silently
+    using the defaults instead would evaluate with another template, length and exits."""
     if ict_meta:
         return RunSettings.from_ict_meta(ict_meta)
     f = Path(path) / TRAIN_CONFIG_FILE
     if not f.is_file():
         return RunSettings()
+    fix = ("it records how the run was trained (template, max_len, exits): restore it (re-run "
+           "`train` on the workdir rewrites it), or move it away to use the defaults")
     try:
-        c = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return RunSettings()
+        c = json.loads(f.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelIOError(f"{f} cannot be read ({type(e).__name__}: {e}); {fix}") from None
     if not isinstance(c, Mapping) or not all(
             isinstance(c.get(k, {}), Mapping) for k in ("data", "optim")):
-        return RunSettings()
+        raise ModelIOError(f"{f} is not a training config (a JSON object with 'data' and "
+                           f"'optim' groups); {fix}")
     return RunSettings.from_train_config(c)

@@ -122,6 +122,8 @@ def test_script_is_executable_and_parses(script):
 def test_shellcheck(script):
     exe = shutil.which("shellcheck")
     if exe is None:
+        if os.environ.get("SORTED_JAX_REQUIRE_SHELLCHECK"):  # CI (.ci/run): never skip
+            pytest.fail("shellcheck is not installed, and .ci/run requires it")
         pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
     proc = subprocess.run([exe, "--shell=bash", "--external-sources", str(script)],
                           capture_output=True, text=True)  # follows `source launch/quote.sh`

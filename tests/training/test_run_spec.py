@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from sorted_jax.core.errors import TrainConfigError
+from sorted_jax.core.errors import ModelIOError, TrainConfigError
 from sorted_jax.data import save_tokenizer_files
 from sorted_jax.io import run_settings
 from sorted_jax.model.config import preset
@@ -80,7 +80,8 @@ def test_resolution_errors_are_train_config_errors(tmp_path):
     with pytest.raises(TrainConfigError, match="exit_weights must be comma-separated numbers"):
         run_spec.resolve(config, workdir)
     config, workdir = run_spec.parse_args([*argv, "--config.model.preset="])
-    with pytest.raises(TrainConfigError, match="need a model.preset"):
+    with pytest.raises(TrainConfigError, match="model.vocab_size=264 is set: overrides apply to a "
+                       "preset"):
         run_spec.resolve(config, workdir)
 
 
@@ -101,5 +102,8 @@ def test_recorded_settings_read_back(tmp_path):
     ict = run_settings.read_run_settings(tmp_path, {"data": "d.json", "holdout": 3, "buckets": [8]})
     assert (ict.data, ict.eval_holdout, ict.buckets, ict.train_exits) == ("d.json", 3, [8], None)
     (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / run_settings.TRAIN_CONFIG_FILE).write_text(json.dumps([1, 2]))
     assert run_settings.read_run_settings(tmp_path / "broken") == run_settings.RunSettings()
+    # a record that cannot be read is refused, not silently replaced by the defaults
+    (tmp_path / "broken" / run_settings.TRAIN_CONFIG_FILE).write_text(json.dumps([1, 2]))
+    with pytest.raises(ModelIOError, match="is not a training config"):
+        run_settings.read_run_settings(tmp_path / "broken")

@@ -24,6 +24,8 @@ EXPECTED = {  # config file -> (preset, exits, eval exits, the last exit's weigh
     "tiny.py": ("tiny", (2, 4, 6, 8), (2, 4, 6, 8), None),  # None: the paper's uniform mean
     "tiny_pretrain.py": ("tiny", (8,), (2, 4, 6, 8), None),  # the pretrained-then-SoFT demo
     "tiny_finetune.py": ("tiny", (2, 4, 6, 8), (2, 4, 6, 8), None),
+    # the real-model recipe (SmolLM2-135M-Instruct on the Alpaca demo records, chat template)
+    "smollm2_alpaca.py": ("smollm2-135m", (6, 12, 18, 24, 30), (6, 12, 18, 24, 30), None),
     "soft_7b.py": ("llama2-7b", SOFT_7B, SOFT_7B, 0.5),  # the chosen recipe: exit_weights=last
     "sft_7b.py": ("llama2-7b", (32,), SOFT_7B, None),
     "soft_13b.py": ("llama2-13b", SOFT_13B, SOFT_13B, 0.5),
@@ -64,7 +66,9 @@ def test_config_file_resolves(config_file, tmp_path):
     c = spec.config
     assert c.max_len <= spec.model_config.max_position_embeddings
     assert c.batch_size % c.grad_accum == 0
-    if name != "tiny":  # the paper's recipe: Alpaca, lr 2e-5 cosine, 2 epochs, batch 32
+    if name == "smollm2-135m":  # a CPU-sized real-model recipe: chat template, short rows
+        assert (c.data.template, c.max_len, c.data.eval) == ("chat", 128, "runs/real/eval.json")
+    elif name != "tiny":  # the paper's recipe: Alpaca, lr 2e-5 cosine, 2 epochs, batch 32
         assert (c.data.train, c.data.template, c.optim.lr, c.optim.schedule, c.epochs,
                 c.batch_size) == ("tfds:stanford_alpaca", "alpaca", 2e-5, "cosine", 2.0, 32)
         assert spec.tokenizer_spec == str(tmp_path / "base")

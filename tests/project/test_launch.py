@@ -30,7 +30,7 @@ LAUNCH = REPO / "launch"
 TPU = LAUNCH / "tpu_pod.sh"
 SLURM = LAUNCH / "gpu_slurm.sbatch"
 LOCAL = LAUNCH / "gpu_local.sh"
-SCRIPTS = [TPU, SLURM, LOCAL]
+SCRIPTS = [TPU, SLURM, LOCAL, *sorted((REPO / "bench").glob("*.sh"))]  # bench/ scripts too
 TPU_COMMANDS = ["create", "setup", "train", "tail", "status", "stop", "delete"]
 TRAIN = ["-m", "sorted_jax.train"]
 

@@ -40,6 +40,7 @@ class MemoryPlan:
     compiled_output_bytes: float
     device_memory_bytes: float | None = None
     teacher_bytes: float = 0.0  # per device: an anchored run's frozen teacher (in the arguments)
+    frozen_bytes: float = 0.0  # per device: a LoRA run's frozen base (in the arguments)
 
     @property
     def total_bytes(self) -> float:
@@ -59,6 +60,8 @@ class MemoryPlan:
             ("optimizer state / device", f"{self.opt_state_bytes / GiB:.2f} GiB"),
             *([("frozen teacher / device", f"{self.teacher_bytes / GiB:.2f} GiB")]
               if self.teacher_bytes else []),
+            *([("frozen base / device", f"{self.frozen_bytes / GiB:.2f} GiB")]
+              if self.frozen_bytes else []),
             ("step arguments (state + batch) / device",
              f"{self.compiled_argument_bytes / GiB:.2f} GiB"),
             ("step temporaries (grads, activations) / device",
@@ -97,10 +100,12 @@ def plan_steps(steps: Any, batch_shape: tuple[int, int],
     opt = _sharded_bytes(abstract.opt_state, shardings.opt_state)
     teacher = 0.0 if steps.teacher is None else _sharded_bytes(
         steps.abstract_teacher, steps.teacher_shardings)
+    frozen = 0.0 if steps.abstract_frozen is None else _sharded_bytes(
+        steps.abstract_frozen, steps.frozen_shardings)
     mem = steps.lower_train_step(batch_shape).compile().memory_analysis()
     return MemoryPlan(
         devices=steps.mesh.devices.size, mesh=dict(steps.mesh.shape),
-        params_bytes=params, opt_state_bytes=opt, teacher_bytes=teacher,
+        params_bytes=params, opt_state_bytes=opt, teacher_bytes=teacher, frozen_bytes=frozen,
         compiled_argument_bytes=float(mem.argument_size_in_bytes),
         compiled_temp_bytes=float(mem.temp_size_in_bytes),
         compiled_output_bytes=float(mem.output_size_in_bytes),

@@ -25,7 +25,7 @@ from sorted_jax.model.modeling import DTYPES, EXIT_ADAPTERS
 from sorted_jax.objective import soft
 from sorted_jax.parallel import sharding
 from sorted_jax.tools import memory_planner as planner
-from sorted_jax.training import frozen, run_spec
+from sorted_jax.training import frozen, lora_run, run_spec
 from sorted_jax.training.train_step import SoftSteps, make_optimizer
 
 
@@ -43,8 +43,12 @@ def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) 
     mesh = sharding.make_mesh(tuple(c.mesh.shape))
     rules = sharding.rules_from_config(c.mesh.rules)
     sharding.check_batch_size(c.batch_size, mesh, rules, c.grad_accum)
-    model = modeling.make_model(mc, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
-                                attention_impl=c.attention_impl, remat_policy=c.remat_policy)
+    spec = lora_run.lora_spec(c)
+    lora_run.check_model(spec, mc)
+    model = modeling.make_model(mc, dtype=DTYPES[c.dtype],
+                                param_dtype=lora_run.base_param_dtype(c, spec),
+                                attention_impl=c.attention_impl, remat_policy=c.remat_policy,
+                                lora=spec)
     tx, _ = make_optimizer(lr=c.optim.lr, total_steps=1000, mu_dtype=run_spec.mu_dtype_of(c),
                            clip_norm=c.optim.clip_norm or None)
     steps = SoftSteps(model, exits, tx, mesh, rules, grad_accum=c.grad_accum,
@@ -99,7 +103,11 @@ def run_plan(config: ml_collections.ConfigDict, argv: list[str], opts: dict[str,
         return 0
     p, mc, exits = plan_memory(config, opts.get("plan_device_memory"))
     tips = planner.suggestions(p, config.remat_policy, config.optim.mu_dtype)
-    header = (f"plan: {mc.num_params() / 1e9:.2f}B params, exits {list(exits)}, batch "
+    spec = lora_run.lora_spec(config)
+    lora_text = "" if spec is None else (
+        f"LoRA rank {spec.rank} on {','.join(spec.targets)} over a frozen {spec.base_dtype} "
+        "base, ")
+    header = (f"plan: {mc.num_params() / 1e9:.2f}B params, {lora_text}exits {list(exits)}, batch "
               f"{config.batch_size} x {config.max_len} (grad_accum {config.grad_accum}), remat "
               f"{config.remat_policy}, {config.dtype} compute / {config.param_dtype} params, "
               f"{p.devices} device(s)")

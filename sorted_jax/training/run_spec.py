@@ -43,7 +43,8 @@ from sorted_jax.model.exit_adapters import INITS
 from sorted_jax.model.modeling import DTYPES
 from sorted_jax.objective import soft
 from sorted_jax.parallel.sharding import Rules, rules_from_config
-from sorted_jax.training import checkpoint_integrity
+from sorted_jax.training import checkpoint_integrity, lora_run
+from sorted_jax.training.lora_run import lora_spec
 from sorted_jax.training.run_settings import TRAIN_CONFIG_FILE
 
 COMMAND = "sorted_jax.train"
@@ -173,6 +174,9 @@ def check_static(c: ml_collections.ConfigDict) -> None:
     if c.exit_adapters != "none":
         need(bool(c.init_from), f"exit_adapters={c.exit_adapters!r} trains adapters on a frozen "
              "trunk: set init_from to the trunk (a base model or a finished SFT run)")
+    if lora_spec(c) is not None:
+        need(c.exit_adapters == "none", "lora.rank > 0 and exit_adapters are two ways to keep "
+             "the base frozen: use one of them")
     need(c.optim.mu_dtype == "" or c.optim.mu_dtype in DTYPES,
          f"optim.mu_dtype must be '' or one of {sorted(DTYPES)}, got {c.optim.mu_dtype!r}")
     need(c.attention_impl in modeling.ATTENTION_IMPLEMENTATIONS,
@@ -366,7 +370,7 @@ class RunSpec:
         """Top-level config fields that matter for a resumed run and differ from `saved` (the
         train config a checkpoint was written with)."""
         now = json.loads(self.config.to_json_best_effort())
-        return [k for k in ("exits", "seed", "batch_size", "max_len", "data", "model")
+        return [k for k in ("exits", "seed", "batch_size", "max_len", "data", "model", "lora")
                 if k in saved and saved[k] != now.get(k)]
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
@@ -416,6 +420,10 @@ def resolve(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSpec:
             raise TrainConfigError(f"exit_adapters={c.exit_adapters!r} needs exits below the last "
                                    f"layer ({big_l}), got exits={list(exits)}")
         mc = mc.replace(exit_adapters=adapted)
+    if lora_spec(c) is not None and not c.init_from:
+        raise TrainConfigError(f"lora.rank={c.lora.rank} trains adapters on a frozen base: set "
+                               "init_from to it (a model dir, HF dir, GGUF file or workdir)")
+    lora_run.check_model(lora_spec(c), mc)
     if c.max_len > mc.max_position_embeddings:
         raise TrainConfigError(f"max_len={c.max_len} exceeds the model's "
                                f"max_position_embeddings={mc.max_position_embeddings}")

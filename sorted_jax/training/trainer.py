@@ -44,6 +44,7 @@ from sorted_jax.objective import soft
 from sorted_jax.parallel.sharding import MeshError, check_batch_size, make_mesh
 from sorted_jax.training import checkpoint_integrity, frozen, metrics_log, run_spec, run_status
 from sorted_jax.training.checkpoint import Checkpointer, CheckpointError
+from sorted_jax.training.lora_run import base_param_dtype, fresh_state, lora_spec, setup_base
 from sorted_jax.training.run_data import load_data
 from sorted_jax.training.run_spec import RunSpec, mu_dtype_of
 from sorted_jax.training.train_loop import Hooks, StepInfo, StopSignals, Window
@@ -88,6 +89,10 @@ class Trainer:
         self._setup_mesh()
         self._setup_data()
         self._setup_steps()
+        # A LoRA run's frozen base placed in the steps, checked against a resumed run's
+        # checkpoints before anything is written (`_lora_base`: the part of it that trains).
+        self._lora_base, self.lora_record = setup_base(self.cfg, self.steps, self.eval_steps,
+                                                       self.workdir, self.resume_step)
         self._progress: metrics_log.Progress | None = None
         if self.is_main:
             spec.write_files()
@@ -158,9 +163,10 @@ class Trainer:
     def _setup_steps(self) -> None:
         """The model, the optimizer and the jitted train / eval steps (traced, not compiled)."""
         c, o = self.cfg, self.cfg.optim
+        spec = lora_spec(c)
         self.model = modeling.make_model(
-            self.model_config, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
-            attention_impl=c.attention_impl, remat_policy=c.remat_policy)
+            self.model_config, dtype=DTYPES[c.dtype], param_dtype=base_param_dtype(c, spec),
+            attention_impl=c.attention_impl, remat_policy=c.remat_policy, lora=spec)
         tx, schedule = make_optimizer(
             lr=o.lr, total_steps=self.total_steps,
             warmup_steps=self.spec.warmup_steps(self.total_steps), schedule=o.schedule,
@@ -174,7 +180,8 @@ class Trainer:
                                distill_weight=float(c.distill_weight),
                                trainable_keys=(EXIT_ADAPTERS,) if c.exit_adapters != "none"
                                else None, teacher=frozen.teacher_model(c, self.model_config),
-                               anchor_weights=frozen.anchor_weights(c, self.exits))
+                               anchor_weights=frozen.anchor_weights(c, self.exits),
+                               dropout_seed=c.seed)
         self.eval_steps = self.steps if self.eval_exits == self.exits else SoftSteps(
             self.model, self.eval_exits, tx, self.mesh, self.rules,
             rows_per_chunk=c.loss_rows_per_chunk)
@@ -219,8 +226,12 @@ class Trainer:
                           "checkpoint was written with different values)")
             self.note(f"resuming {self.workdir} from step {self.resume_step} (data epoch "
                      f"{self.train_iter.epoch}, example {self.train_iter.index})"
-                     + ("; init_from ignored" if c.init_from else ""))
+                     + ("; init_from ignored" if c.init_from and not self.lora_record else ""))
             return state, self.resume_step
+        if self.lora_record is not None:
+            state, note = fresh_state(self.steps, self._lora_base, c)
+            self.note(note)
+            return state, 0
         if c.exit_adapters != "none":
             params = frozen.load_trunk_with_adapters(c, self.model_config,
                                                      self.steps.params_shardings)
@@ -283,9 +294,9 @@ class Trainer:
     def _save(self, step: int) -> None:
         if not bool(self._params_finite(self.state.params)):
             self._non_finite(f"the parameters became non-finite at step {step}")
-        if self.checkpointer.save(step, self.state, self.train_iter.state_dict(),
-                                  self.spec.checkpoint_meta(step, self.total_steps,
-                                                            self.process_count)):
+        meta = self.spec.checkpoint_meta(step, self.total_steps, self.process_count)
+        meta.update(self.lora_record.to_meta() if self.lora_record else {})  # the adapters' base
+        if self.checkpointer.save(step, self.state, self.train_iter.state_dict(), meta):
             self._unchecked = step
             self.note(f"checkpoint: step {step}")
 

@@ -212,3 +212,24 @@ def alpaca_config(preset: str, exits: str, eval_exits: str = "") -> ml_collectio
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
     return c
+
+
+def one_gpu_lora_config(preset: str, exits: str, base_dtype: str) -> ml_collections.ConfigDict:
+    """The paper's recipe (`alpaca_config`, exit weights `last`) as LoRA on one device: rank-16
+    adapters (alpha 32) on every projection over a frozen `base_dtype` base, fp32 adapters,
+    lr 2e-4 (LoRA's usual rate: the adapters start at zero), micro-batches of 4 rows of up to
+    2048 tokens (x 8 accumulated = 32), full remat (docs/lora.md: SoFT on one GPU)."""
+    c = alpaca_config(preset, exits)
+    c.exit_weights = "last"
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
+    c.lora.targets = "q,k,v,o,gate,up,down"
+    c.lora.base_dtype = base_dtype
+    c.param_dtype = "float32"
+    c.optim.lr = 2e-4
+    c.max_len = 2048  # rows are padded to a power of two, up to this
+    c.batch_size = 32
+    c.grad_accum = 8
+    c.remat_policy = "full"
+    c.mesh.shape = (1, 1, 1)
+    return c

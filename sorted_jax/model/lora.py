@@ -131,10 +131,7 @@ def _zero_cotangent(x: Array) -> Array:
 
 
 def stored_kernel(parts: tuple[Array, ...], kind: str | None, axis: int, dtype: Any) -> Array:
-    """The kernel in `dtype` from its stored form: (kernel,) or (codes, scale), rebuilt from
-    this layer's slice. The barrier keeps XLA from moving the rebuild (or a bf16 -> f32 convert
-    that XLA:CPU adds for its dots) out of the scan onto the whole stack."""
-    parts = jax.lax.optimization_barrier(parts)
+    """The kernel in `dtype` from its stored form: (kernel,) or (codes, scale)."""
     if kind is None:
         return parts[0].astype(dtype)
     return quant.dequantise(parts[0], parts[1], axis, kind, dtype)

@@ -12,10 +12,12 @@ step's arguments and its compiled temporaries for the configured mesh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from sorted_jax.core.errors import TrainConfigError
@@ -45,17 +47,29 @@ def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) 
     sharding.check_batch_size(c.batch_size, mesh, rules, c.grad_accum)
     spec = lora_run.lora_spec(c)
     lora_run.check_model(spec, mc)
-    model = modeling.make_model(mc, dtype=DTYPES[c.dtype],
-                                param_dtype=lora_run.base_param_dtype(c, spec),
-                                attention_impl=c.attention_impl, remat_policy=c.remat_policy,
-                                lora=spec)
-    tx, _ = make_optimizer(lr=c.optim.lr, total_steps=1000, mu_dtype=run_spec.mu_dtype_of(c),
-                           clip_norm=c.optim.clip_norm or None)
-    steps = SoftSteps(model, exits, tx, mesh, rules, grad_accum=c.grad_accum,
-                      rows_per_chunk=c.loss_rows_per_chunk,
-                      trainable_keys=(EXIT_ADAPTERS,) if c.exit_adapters != "none" else None,
-                      teacher=frozen.teacher_model(c, mc),
-                      anchor_weights=frozen.anchor_weights(c, tuple(exits)))
+
+    def build(spec: Any) -> SoftSteps:
+        model = modeling.make_model(mc, dtype=DTYPES[c.dtype],
+                                    param_dtype=lora_run.base_param_dtype(c, spec),
+                                    attention_impl=c.attention_impl,
+                                    remat_policy=c.remat_policy, lora=spec)
+        tx, _ = make_optimizer(lr=c.optim.lr, total_steps=1000,
+                               mu_dtype=run_spec.mu_dtype_of(c),
+                               clip_norm=c.optim.clip_norm or None)
+        return SoftSteps(model, exits, tx, mesh, rules, grad_accum=c.grad_accum,
+                         rows_per_chunk=c.loss_rows_per_chunk,
+                         trainable_keys=(EXIT_ADAPTERS,) if c.exit_adapters != "none" else None,
+                         teacher=frozen.teacher_model(c, mc),
+                         anchor_weights=frozen.anchor_weights(c, tuple(exits)))
+
+    steps = build(spec)
+    # Planned on a CPU for a GPU run: also compiled without XLA:CPU's attention scores and bf16
+    # upcasts (`memory_planner`'s docstring).
+    half = jnp.dtype(DTYPES[c.dtype]).itemsize < 4
+    gpu = jax.default_backend() == "cpu" and half and c.attention_impl in ("auto", "cudnn")
+    float_base = spec is not None and not spec.quantised
+    estimate = build(dataclasses.replace(spec, base_dtype="int8") if float_base else spec) \
+        if gpu else None
     gib = None
     if device_memory:
         key = device_memory.lower()
@@ -66,7 +80,7 @@ def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) 
             raise TrainConfigError(
                 f"--plan_device_memory={device_memory!r}: give GiB or one of "
                 f"{', '.join(planner.DEVICE_MEMORY_GIB)}") from None
-    return planner.plan_steps(steps, (c.batch_size, c.max_len), gib), mc, exits
+    return planner.plan_steps(steps, (c.batch_size, c.max_len), gib, estimate), mc, exits
 
 
 def pop_plan_flags(argv: list[str]) -> tuple[list[str], dict[str, Any] | None]:

@@ -406,6 +406,9 @@ def resolve(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSpec:
     """Validate `config` and resolve it for `workdir` (reads only config and tokenizer files)."""
     c = config
     check_static(c)
+    if lora_spec(c) is not None and not c.init_from:  # (not in check_static: --plan needs none)
+        raise TrainConfigError(f"lora.rank={c.lora.rank} trains adapters on a frozen base: set "
+                               "init_from to it (a model dir, HF dir, GGUF file or workdir)")
     wd = claim_workdir(c, workdir)
     resume_step, resume_note = resume_choice(wd, int(c.resume_step))
     mc, source = resolve_model_config(c, wd, resume_step is not None)
@@ -420,9 +423,6 @@ def resolve(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSpec:
             raise TrainConfigError(f"exit_adapters={c.exit_adapters!r} needs exits below the last "
                                    f"layer ({big_l}), got exits={list(exits)}")
         mc = mc.replace(exit_adapters=adapted)
-    if lora_spec(c) is not None and not c.init_from:
-        raise TrainConfigError(f"lora.rank={c.lora.rank} trains adapters on a frozen base: set "
-                               "init_from to it (a model dir, HF dir, GGUF file or workdir)")
     lora_run.check_model(lora_spec(c), mc)
     if c.max_len > mc.max_position_embeddings:
         raise TrainConfigError(f"max_len={c.max_len} exceeds the model's "

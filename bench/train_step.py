@@ -4,15 +4,18 @@
     python bench/train_step.py --size 1b --batch 8 --seq 2048 --peer-compile  # one GPU
 
 Prints one JSON line per measurement and a summary of ratios (the machine is shared and noisy:
-only ratios inside one run mean anything). The SoFT/SFT time ratio is printed next to the
-theoretical FLOP ratio: each extra exit adds 6 x width x vocab FLOPs a token (our loss fuses
-the gradient into the forward pass, so there is no recompute).
+only ratios inside one run mean anything). Each exit set is measured in a process of its own
+(`--only NAME`), so its peak memory is its own: a device's peak cannot be reset in-process.
+The SoFT/SFT time ratio is printed next to the theoretical FLOP ratio: each extra exit adds
+6 x width x vocab FLOPs a token (our loss fuses the gradient into the forward pass, so there is
+no recompute).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -95,6 +98,20 @@ def run_ours(cfg, exits, args) -> dict:
             "peak_mem_GiB": None if peak is None else round(peak / 2**30, 2)}
 
 
+def run_one(name: str) -> tuple[str, dict]:
+    """(its backend line, its row): exit set `name` measured by this script with `--only` in
+    a fresh process."""
+    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", name,
+                          "--no-peer"], capture_output=True, text=True)
+    rows = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    if out.returncode or not rows:
+        sys.exit(f"measuring {name} failed:\n{out.stderr[-3000:]}")
+    backend = next((x for x in out.stdout.splitlines() if x.startswith("# backend")), "")
+    row = rows[-1]
+    row.pop("mode", None)
+    return backend, row
+
+
 def run_peer(args) -> list[dict]:
     peer = Path(args.peer_script)
     if not peer.exists():
@@ -133,15 +150,32 @@ def main() -> None:
     ap.add_argument("--peer-script", default=str(PEER),
                     help="the peer's script (default: ../shared/bench/peer_soft_torch.py; a GPU "
                          "machine gets a copy carried inside the repo, see bench/gpu_suite.sh)")
+    ap.add_argument("--only", default=None,
+                    help="measure this one exit set (sft, soft4, ...) in this process and print "
+                         "its JSON line; without it, each set runs in a process of its own")
     args = ap.parse_args()
 
     cfg_kw, exit_sets = SIZES[args.size]
     cfg = LlamaConfig(max_position_embeddings=max(4096, args.seq), **cfg_kw)
-    print(f"# backend {jax.default_backend()}, {jax.device_count()} device(s): "
-          f"{jax.devices()[0].device_kind}", flush=True)
+    if args.only is not None:
+        if args.only not in exit_sets:
+            ap.error(f"--only {args.only!r}: {args.size} has {sorted(exit_sets)}")
+        row = run_ours(cfg, exit_sets[args.only], args)
+        print(f"# backend {jax.default_backend()}, {jax.device_count()} device(s): "
+              f"{jax.devices()[0].device_kind}", flush=True)
+        print(json.dumps({"mode": args.only, "pid": os.getpid(), **row}), flush=True)
+        return
+    # The peer first: its max RSS is read from this process's children (RUSAGE_CHILDREN),
+    # which must not include ours yet.
+    peer_rows = [] if args.no_peer else run_peer(args)
+    # One process per exit set, and none in this one (which touches no device): a device's
+    # peak memory cannot be reset, so a second set measured in one process would report the
+    # larger of both peaks.
     ours = {}
-    for name, exits in exit_sets.items():
-        ours[name] = run_ours(cfg, exits, args)
+    for i, name in enumerate(exit_sets):
+        backend, ours[name] = run_one(name)
+        if i == 0:
+            print(backend, flush=True)
         print(json.dumps({"mode": name, **ours[name]}), flush=True)
     sft, soft_name = ours["sft"], next(n for n in exit_sets if n != "sft")
     soft = ours[soft_name]
@@ -152,7 +186,7 @@ def main() -> None:
                "soft_over_sft_compiled_temp": round(
                    soft["compiled_temp_GiB"] / max(sft["compiled_temp_GiB"], 1e-9), 3)}
     if not args.no_peer:
-        peer = {r["mode"]: r for r in run_peer(args) if "error" not in r}
+        peer = {r["mode"]: r for r in peer_rows if "error" not in r}
         for r in peer.values():
             print(json.dumps(r), flush=True)
         for name in exit_sets:

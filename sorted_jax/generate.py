@@ -64,12 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-layer", type=int, default=None,
                    help="fixed mode: sub-model depth k (default: the full model)")
     p.add_argument("--exits", nargs="+", default=None,
-                   help="early-exit: exit layers in order (default: the SoFT exit set)")
+                   help="early-exit: exit layers in order (default: the checkpoint's trained "
+                        "exits, as serve and evaluate use)")
     p.add_argument("--thresholds", nargs="+", default=None,
                    help="early-exit: top-1 prob thresholds of all exits but the last "
                         f"(default {', '.join(map(str, PAPER_THRESHOLDS))})")
     p.add_argument("--draft-layer", type=int, default=None,
-                   help="speculative: draft depth (default: the first SoFT exit)")
+                   help="speculative: draft depth (default: the first trained exit)")
     p.add_argument("--max-draft", type=int, default=8, help="speculative: largest draft window")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
@@ -112,25 +113,26 @@ def _template(args: argparse.Namespace, art: artifacts.Artifact) -> str:
     return template
 
 
-def _load(args: argparse.Namespace) -> tuple[dict, Any, Tokenizer, Any, str]:
+def _load(args: argparse.Namespace) -> tuple[dict, Any, Tokenizer, Any, str, tuple]:
     art = artifacts.inspect(args.ckpt)
     template = _template(args, art)
     tokenizer = art.tokenizer(args.tokenizer)
     dtype = DTYPES[args.dtype]
     return (art.load_params(step=args.step, dtype=dtype), art.config, tokenizer, dtype,
-            template)
+            template, art.default_exits())
 
 
 def run(args: argparse.Namespace) -> None:
     dest = _claim_out(args)
-    params, config, tok, dtype, template = _load(args)
+    params, config, tok, dtype, template, exits = _load(args)
     opts = job.options_from_flags(
         args.mode, exit_layer=args.exit_layer, exits=args.exits, thresholds=args.thresholds,
         draft_layer=args.draft_layer, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    opts = opts.replace(eos_id=stop_ids(config, tok.eos_id))
+    opts = opts.replace(eos_id=stop_ids(config, tok.eos_id)).with_trained_exits(
+        exits, config.num_hidden_layers)
     dec = Decoder(params, config, dtype=dtype, max_draft=args.max_draft, pad_multiple=64)
     dec.route(opts)  # bad layers / thresholds fail before any prompt is read
     records = ([{"prompt": args.prompt}] if args.prompt is not None

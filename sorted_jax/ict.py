@@ -25,8 +25,8 @@ from typing import Any
 
 from sorted_jax.core.errors import IctError, run_cli
 from sorted_jax.data import TEMPLATE_NAMES
-from sorted_jax.io import artifacts, destinations, model_io
-from sorted_jax.objective import heads, soft
+from sorted_jax.io import artifacts, destinations, ict_dir, model_io
+from sorted_jax.objective import soft
 from sorted_jax.parallel import sharding
 from sorted_jax.training.ict_trainer import IctRecipe, train_ict_dir
 
@@ -73,7 +73,7 @@ COMMAND = "sorted_jax.ict"
 
 def _is_ict_dir(path: Path) -> bool:
     """An ICT dir as this command writes it (also those written before markers existed)."""
-    return model_io.is_model_dir(path) and heads.has_heads(path)
+    return model_io.is_model_dir(path) and ict_dir.has_heads(path)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

@@ -8,8 +8,9 @@ streaming (`stream: true`) or one JSON response; `max_tokens`, `temperature` (de
 own fields, in the request body (the `openai` client's `extra_body`): `mode` (`fixed` |
 `early-exit` | `speculative`; default fixed, or the mode the other fields imply),
 `exit_layer` (fixed depth), `exits` (default: the checkpoint's trained exits) and
-`thresholds` (early exit), `draft_layer` (speculative). Every response carries
-`sorted_jax`: the mode, layers per token and, for speculative decoding, the acceptance.
+`thresholds` (early exit), `draft_layer` (speculative; default: the first trained exit). Every
+response carries `sorted_jax`: the mode, layers per token and, for speculative decoding, the
+acceptance.
 
 The HTTP app is `sorted_jax.serving.app` (requests read by `sorted_jax.serving.requests`);
 batching, the bounded queue (429), per-request timeouts (504) and shutdown live in
@@ -30,7 +31,12 @@ from sorted_jax.core.errors import UserError, run_cli
 from sorted_jax.decoding import MODES, DecodeOptions, Decoder, stop_ids
 from sorted_jax.io import artifacts
 from sorted_jax.model.modeling import DTYPES
-from sorted_jax.serving.app import build_app, require_server_packages, serve_app
+from sorted_jax.serving.app import (
+    build_app,
+    listen_socket,
+    require_server_packages,
+    serve_app,
+)
 from sorted_jax.serving.scheduler import Scheduler, ServeSettings
 
 __all__ = ["build_parser", "main", "run"]
@@ -66,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     require_server_packages()
+    sock = listen_socket(args.host, args.port)  # a busy port fails now, before any loading
     art = artifacts.inspect(args.ckpt)
     tokenizer = art.tokenizer(args.tokenizer)
     dtype = DTYPES[args.dtype]
@@ -88,7 +95,7 @@ def run(args: argparse.Namespace) -> None:
     app = build_app(scheduler, tokenizer, art.config, name, art.default_exits())
     print(f"sorted_jax.serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
-    serve_app(app, args.host, args.port, args.graceful_s)
+    serve_app(app, sock, args.graceful_s)
     print("sorted_jax.serve: stopped", file=sys.stderr, flush=True)
 
 
@@ -103,9 +110,9 @@ def _warmup_options(text: str, config: Any, exits: Sequence[int]) -> list[Decode
             raise UserError(f"--warmup {item!r}: LAYER is an integer, for fixed / speculative")
         k = int(layer) if layer else None
         opts = DecodeOptions(mode=mode, temperature=0.0,
-                             exits=tuple(exits) if mode == "early-exit" else None,
                              exit_layer=k if mode == "fixed" else None,
-                             draft_layer=k if mode == "speculative" else None)
+                             draft_layer=k if mode == "speculative" else None
+                             ).with_trained_exits(exits, config.num_hidden_layers)
         try:
             opts.route(config)
         except UserError as e:

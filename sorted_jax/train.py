@@ -4,10 +4,11 @@
     python -m sorted_jax.train --config=configs/soft_7b.py --workdir=/ckpt/soft7b \\
         --config.init_from=/models/llama2-7b --config.optim.lr=1e-5 --config.exits=12,20,32
 
-Fields: `sorted_jax.training.train_config.default_config`. Overrides are `--config.a.b=value`;
-an unknown key fails with the list of known ones. Re-running a command on a workdir that has
-checkpoints resumes that run (params, optimizer state, step, data position); `init_from` instead
-loads base weights into a fresh run (new optimizer, step 0).
+Fields: `sorted_jax.training.train_config.default_config` (`--help` says where). Overrides are
+`--config.a.b=value`; an unknown key fails with the list of known ones, and an error about a
+field says where its value was set (the config file or the command line). Re-running a command
+on a workdir that has checkpoints resumes that run (params, optimizer state, step, data
+position); `init_from` instead loads base weights into a fresh run (new optimizer, step 0).
 
 Workdir:
 
@@ -27,8 +28,10 @@ Workdir:
     WORKDIR/.sorted_jax.json       the marker that makes the dir a training workdir
 
 The workdir must be new, empty or a training workdir: never a dir something else wrote, nor
-init_from or a data file. A resume takes the newest intact checkpoint (damaged or diverged newer
-steps are named and moved to `set_aside/`), or `--config.resume_step=N`.
+init_from or a data file. One run writes a workdir at a time: a second `train` on it (a job
+submitted twice) exits 2 naming the one that holds it (`WORKDIR/.sorted_jax.lock`, an OS lock
+that a killed run does not leave behind). A resume takes the newest intact checkpoint (damaged
+or diverged newer steps are named and moved to `set_aside/`), or `--config.resume_step=N`.
 
 `--plan [--plan_devices=N] [--plan_device_memory=h100|GIB]` prints the per-device memory of the
 config's train step and whether it fits, without allocating the model or training.
@@ -50,10 +53,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from sorted_jax.core.errors import NonFiniteLossError, run_cli
+from sorted_jax.core.errors import NonFiniteLossError, TrainConfigError, run_cli
 from sorted_jax.parallel.distributed import init_distributed
 from sorted_jax.training import memory_plan
-from sorted_jax.training.run_spec import parse_args
+from sorted_jax.training.run_args import parse_args, usage, wants_help, with_origins
 from sorted_jax.training.trainer import Trainer
 
 __all__ = ["main", "run"]
@@ -70,13 +73,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 def main(argv: Sequence[str] | None = None) -> int:
     """The command: 0 finished or preempted, 1 a non-finite loss, 2 a user error."""
     argv = list(sys.argv if argv is None else argv)
+    if wants_help(argv):
+        print(usage(), end="")
+        return 0
     argv, plan_opts = memory_plan.pop_plan_flags(argv)
 
     def command() -> int:
         config, workdir = parse_args(argv)
-        if plan_opts is not None:
-            return memory_plan.run_plan(config, argv, plan_opts)
-        run(config, workdir)
+        try:
+            if plan_opts is not None:
+                return memory_plan.run_plan(config, argv, plan_opts)
+            run(config, workdir)
+        except TrainConfigError as e:  # say where the fields it names were set
+            raise with_origins(e, argv) from None
         return 0
 
     try:

@@ -41,7 +41,12 @@ class UsageError(UserError):
 
 
 class TrainConfigError(UserError):
-    """A training config that cannot run; raised before anything is compiled."""
+    """A training config that cannot run; raised before anything is compiled. `fields`: the
+    config fields it is about, so the command can say where their values came from."""
+
+    def __init__(self, message: str = "", *, fields: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.fields = tuple(fields)
 
 
 class DataError(UserError):

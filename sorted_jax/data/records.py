@@ -18,8 +18,8 @@ from sorted_jax.core.errors import DataError, MissingFileError, SourceError, Use
 from sorted_jax.data.chat import Message, is_chat_record, validate_messages
 
 __all__ = ["REQUIRED_FIELDS", "ChatRecord", "DataError", "Record", "SourceError",
-           "iter_jsonl", "read_json_records", "read_utf8", "record_where", "spec_kind",
-           "validate_record"]
+           "iter_jsonl", "read_json_records", "read_utf8", "record_where", "require_file",
+           "spec_kind", "validate_record"]
 
 SpecKind = Literal["builtin", "tfds", "file"]
 
@@ -140,6 +140,19 @@ def _iter_json_list(text: str, path: Path) -> Iterator[Record]:
             )
 
 
+def require_file(path: str | Path, what: str, error: type[UserError] = DataError) -> Path:
+    """`path` if it is a file; else a `MissingFileError` ("WHAT 'P' not found") or, for a
+    directory, `error` saying it is one (it exists: "not found" would mislead)."""
+    path = Path(path)
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir())[:6]
+        raise error(f"{what} {str(path)!r} is a directory (holding {names}), not a file; give "
+                    "the file itself")
+    if not path.is_file():
+        raise MissingFileError(f"{what} {str(path)!r} not found")
+    return path
+
+
 def read_utf8(path: str | Path, error: type[UserError] = DataError) -> str:
     """The text of a UTF-8 file (a BOM is dropped); any other bytes are an `error` naming the
     file and the byte offset, not a bare UnicodeDecodeError."""
@@ -193,9 +206,7 @@ def read_json_records(path: str | Path) -> list[Record]:
     The format is detected from the content: a file whose first non-blank character is ``[`` is a
     JSON list, anything else is read as JSONL (whatever the extension).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"data file {str(path)!r} not found")
+    path = require_file(path, "data file")
     text = read_utf8(path)
     stripped = text.lstrip()
     if not stripped:

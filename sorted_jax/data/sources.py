@@ -173,6 +173,9 @@ def open_records(spec: str, split: str = "train", *, data_dir: str | None = None
     """`load_records` for command lines: a missing file or an unreadable source raised as
     `SourceError` (malformed records still raise `DataError` naming file and line)."""
     path = Path(spec).expanduser() if spec_kind(spec) == "file" else None
+    if path is not None and path.is_dir():
+        raise SourceError(f"{spec!r} is a directory, not a data file (give the JSON/JSONL file "
+                          "itself, 'builtin' or 'tfds:NAME')")
     if path is not None and not path.is_file():
         raise SourceError(f"{spec!r}: data file not found (expected 'builtin', 'tfds:NAME' or a "
                           "JSON/JSONL file of {instruction, input, output} records)")

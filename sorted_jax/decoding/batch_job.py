@@ -39,6 +39,8 @@ def read_prompt_records(path: str) -> list[dict[str, Any]]:
     """The `--prompts` JSONL's records: objects with a prompt, an instruction or messages (a
     bare string is a prompt); string fields must be strings, and the file must hold one."""
     f = Path(path)
+    if f.is_dir():
+        raise DataError(f"--prompts {path} is a directory; give the JSONL file itself")
     if not f.is_file():
         raise MissingFileError(f"--prompts file {path} does not exist")
     records = []

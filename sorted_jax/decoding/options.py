@@ -107,6 +107,21 @@ class DecodeOptions:
     def replace(self, **changes: Any) -> DecodeOptions:
         return dataclasses.replace(self, **changes)
 
+    def with_trained_exits(self, exits: Sequence[int] | None, num_layers: int
+                           ) -> DecodeOptions:
+        """These options with a checkpoint's trained `exits` (`Artifact.default_exits`) where
+        they were left unset: early exit's exits, and speculative decoding's draft (the first
+        trained exit below the last layer). Every decoding command uses this, so `generate`,
+        `serve` and `evaluate` default to the same layers."""
+        if not exits:
+            return self
+        if self.mode == "early-exit" and self.exits is None:
+            return self.replace(exits=tuple(int(e) for e in exits))
+        below = [int(e) for e in exits if e < num_layers]
+        if self.mode == "speculative" and self.draft_layer is None and below:
+            return self.replace(draft_layer=below[0])
+        return self
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

@@ -47,14 +47,15 @@ import optax
 
 from sorted_jax.core.errors import EvalError
 from sorted_jax.data import EvalIterator, Tokenizer, open_split_records, tokenize_records
-from sorted_jax.evaluation import per_exit, reports, triviaqa
-from sorted_jax.io import artifacts, destinations
+from sorted_jax.data.records import require_file
+from sorted_jax.evaluation import per_exit, triviaqa
+from sorted_jax.io import artifacts, destinations, reports
+from sorted_jax.io.run_settings import RunSettings
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.model.modeling import DTYPES, make_model
 from sorted_jax.objective import heads, soft
 from sorted_jax.parallel import sharding
 from sorted_jax.training.run_data import data_stats, data_stats_line
-from sorted_jax.training.run_settings import RunSettings
 from sorted_jax.training.train_step import SoftSteps, sum_exit_sums
 
 METRICS_MD, METRICS_JSON = "exit_metrics.md", "exit_metrics.json"
@@ -325,8 +326,8 @@ def _check_options(opts: EvalOptions) -> list[str]:
     for flag in ("batch_size", "max_new_tokens", "gen_batch_size", "latency_tokens"):
         if getattr(opts, flag) < 1:
             raise EvalError(f"--{flag.replace('_', '-')} must be >= 1")
-    if opts.triviaqa and not Path(opts.triviaqa).is_file():
-        raise EvalError(f"--triviaqa file {opts.triviaqa!r} not found")
+    if opts.triviaqa:
+        require_file(opts.triviaqa, "--triviaqa file", EvalError)
     return labels
 
 

@@ -19,6 +19,8 @@ from sorted_jax.io import destinations
 
 def read_generations(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
+    if p.is_dir():
+        raise EvalError(f"--gens {str(p)!r} is a directory; give the --dump-generations file")
     if not p.is_file():
         raise EvalError(f"--gens file {str(p)!r} not found")
     rows = []

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sorted_jax.core.errors import MissingFileError, TriviaQAError
+from sorted_jax.core.errors import TriviaQAError
+from sorted_jax.data.records import read_utf8, require_file
 from sorted_jax.data.templates import format_prompt
 from sorted_jax.data.tokenizers import bos_prefix
 
@@ -110,11 +111,9 @@ def parse_triviaqa(data: Any, source: str = "<data>") -> list[TriviaQAItem]:
 
 def load_triviaqa(path: str | Path, limit: int | None = None) -> list[TriviaQAItem]:
     """Questions with their answer aliases from an official TriviaQA JSON file."""
-    p = Path(path)
-    if not p.is_file():
-        raise MissingFileError(f"TriviaQA file {str(p)!r} not found")
+    p = require_file(path, "TriviaQA file", TriviaQAError)
     try:
-        data = json.loads(p.read_text(encoding="utf-8-sig"))
+        data = json.loads(read_utf8(p, TriviaQAError))
     except json.JSONDecodeError as e:
         raise TriviaQAError(f"{p}:{e.lineno}: not valid JSON: {e.msg}") from None
     items = parse_triviaqa(data, str(p))

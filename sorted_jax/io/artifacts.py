@@ -30,10 +30,10 @@ from typing import Any
 
 from sorted_jax.core.errors import ModelIOError
 from sorted_jax.data import Tokenizer, load_tokenizer
-from sorted_jax.io import model_io
+from sorted_jax.io import ict_dir, model_io
+from sorted_jax.io.run_settings import RunSettings, read_run_settings
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.objective import heads, soft
-from sorted_jax.training.run_settings import RunSettings, read_run_settings
 
 MODEL_DIR, WORKDIR, HF_DIR, GGUF_FILE = (model_io.MODEL_DIR, model_io.WORKDIR, model_io.HF_DIR,
                                         model_io.GGUF_FILE)
@@ -65,7 +65,7 @@ class Artifact:
         return params
 
     def load_heads(self) -> heads.IctHeads | None:
-        return heads.load_heads(self.path, self.config) if self.is_ict else None
+        return ict_dir.load_heads(self.path, self.config) if self.is_ict else None
 
     def tokenizer(self, spec: str | None = None) -> Tokenizer:
         """`spec` if given, else the tokenizer files beside the weights, else the builtin one
@@ -133,6 +133,6 @@ def inspect(path: str | Path, what: str = "checkpoint") -> Artifact:
     if kind in (HF_DIR, GGUF_FILE):
         return Artifact(p, kind, config, RunSettings(), None, model_io.find_tokenizer_dir(p),
                         what)
-    settings = read_run_settings(p, heads.read_meta(p))
-    return Artifact(p, kind, config, settings, heads.head_exits(p),
+    settings = read_run_settings(p, ict_dir.read_meta(p))
+    return Artifact(p, kind, config, settings, ict_dir.head_exits(p),
                     model_io.find_tokenizer_dir(p), what)

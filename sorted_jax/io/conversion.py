@@ -17,7 +17,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sorted_jax.io import artifacts, destinations, gguf_file, hf_export, model_io, peft_export
+from sorted_jax.io import (
+    artifacts,
+    destinations,
+    gguf_file,
+    hf_export,
+    ict_dir,
+    model_io,
+    peft_export,
+)
 from sorted_jax.io.destinations import atomic_dir
 from sorted_jax.io.hf_checkpoint import read_hf_checkpoint
 from sorted_jax.io.model_io import (
@@ -29,7 +37,6 @@ from sorted_jax.io.model_io import (
     save_params,
 )
 from sorted_jax.io.safetensors_shards import parse_size
-from sorted_jax.objective import heads
 
 # The commands' names: in messages, and in the marker that lets `--overwrite` recognise
 # their own outputs on disk.
@@ -39,7 +46,7 @@ HF_TO_ORBAX, ORBAX_TO_HF = "sorted_jax.convert hf-to-orbax", "sorted_jax.convert
 def _is_plain_model_dir(path: Path) -> bool:
     """A model dir as hf-to-orbax writes it (before markers existed): no ICT heads, no HF
     weights beside the Orbax params."""
-    return (model_io.is_model_dir(path) and not heads.has_heads(path)
+    return (model_io.is_model_dir(path) and not ict_dir.has_heads(path)
             and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")))
 
 

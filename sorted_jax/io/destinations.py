@@ -21,6 +21,13 @@ A destination is refused (a `DestinationError`, one line) when
 - it holds the command's own earlier output and `--overwrite` was not given (train instead
   resumes its own workdir: `resume=True`).
 
+One writer at a time: a claim takes an exclusive lock (`writer_lock`, an OS `flock` the kernel
+releases when the process dies) on `DEST/.sorted_jax.lock` for a dir written in place (train's
+workdir, `resume=True`) or on `PARENT/.NAME.lock` beside any other destination, and checks the
+destination again once it holds it. A second writer is refused naming the holder (PID, host,
+since when). `atomic_dir` / `atomic_file` release it when done (`Destination.release()` too);
+pass `lock=False` where another process of the same run holds it.
+
 `atomic_dir` writes into a temp sibling `.NAME.tmp-PID@HOST-RAND` and renames it into place (the
 old output, if any, is moved aside first, then removed), so a crash leaves either the old
 output or the new one. Temp siblings of processes that no longer run (a kill -9) are removed
@@ -40,11 +47,14 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from sorted_jax.core.errors import DestinationError, ModelIOError
+from sorted_jax.io import writer_lock
+from sorted_jax.io.writer_lock import LOCK_FILE, WriterLock
 
-__all__ = ["MARKER", "Destination", "DestinationError", "atomic_dir", "atomic_file", "claim_dir",
-           "claim_file", "clean_stale_temps", "jsonl_with_keys", "read_marker",
+__all__ = ["LOCK_FILE", "MARKER", "Destination", "DestinationError", "atomic_dir", "atomic_file",
+           "claim_dir", "claim_file", "clean_stale_temps", "jsonl_with_keys", "read_marker",
            "require_filesystem_path", "url_scheme"]
 
 MARKER = ".sorted_jax.json"
@@ -81,6 +91,28 @@ class Destination:
     flag: str
     command: str
     own: bool  # holds this command's earlier output (to resume, or to replace)
+    lock: WriterLock | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def release(self) -> None:
+        """Let another writer have the destination (the lock, if this claim took one)."""
+        if self.lock is not None:
+            self.lock.release()
+
+
+def lock_path(dest: Path, inside: bool) -> Path:
+    """The lock file of a destination: inside a dir written in place, else beside it."""
+    return dest / LOCK_FILE if inside else dest.parent / f".{dest.name}.lock"
+
+
+def _locked(dest: Destination, inside: bool, check: Callable[[], Destination]) -> Destination:
+    """`dest` with its writer lock taken, checked again now that nobody else writes there."""
+    lock = writer_lock.acquire(lock_path(dest.path, inside), what=f"{dest.flag} {dest.path}",
+                               command=dest.command)
+    try:
+        return dataclasses.replace(check(), lock=lock)
+    except BaseException:
+        lock.release()
+        raise
 
 
 def read_marker(path: Path) -> str | None:
@@ -137,13 +169,25 @@ def _check_parents(dest: Path, flag: str) -> None:
 
 def claim_dir(path: str | os.PathLike, *, flag: str, command: str,
               inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
-              resume: bool = False, recognise: Recognise | None = None) -> Destination:
-    """Check a directory destination before any work (see the module doc for the rules)."""
+              resume: bool = False, recognise: Recognise | None = None,
+              lock: bool = True) -> Destination:
+    """Check a directory destination before any work and take its writer lock (see the module
+    doc for the rules)."""
+    def check() -> Destination:
+        return _check_dir(path, flag, command, inputs, overwrite, resume, recognise)
+
+    return _locked(check(), resume, check) if lock else check()
+
+
+def _check_dir(path: str | os.PathLike, flag: str, command: str,
+               inputs: Iterable[str | os.PathLike | None], overwrite: bool, resume: bool,
+               recognise: Recognise | None) -> Destination:
     dest = _resolved(path, flag)
     _check_parents(dest, flag)
     if dest.exists() and not dest.is_dir():
         raise DestinationError(f"{flag} {dest} is a file; give a directory path")
-    entries = sorted(p.name for p in dest.iterdir()) if dest.is_dir() else []
+    entries = sorted(p.name for p in dest.iterdir() if p.name != LOCK_FILE) \
+        if dest.is_dir() else []
     own = bool(entries) and (read_marker(dest) == command
                              or (recognise is not None and recognise(dest)))
     _check_inputs(dest, flag, inputs, allow_inside=own and resume)
@@ -160,9 +204,19 @@ def claim_dir(path: str | os.PathLike, *, flag: str, command: str,
 
 def claim_file(path: str | os.PathLike, *, flag: str, command: str,
                inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
-               recognise: Recognise | None = None) -> Destination:
+               recognise: Recognise | None = None, lock: bool = True) -> Destination:
     """Check a file destination before any work: not a dir, not an input, and an existing
-    file only when `recognise` says this command wrote it and `overwrite` is set."""
+    file only when `recognise` says this command wrote it and `overwrite` is set; then take its
+    writer lock."""
+    def check() -> Destination:
+        return _check_file(path, flag, command, inputs, overwrite, recognise)
+
+    return _locked(check(), False, check) if lock else check()
+
+
+def _check_file(path: str | os.PathLike, flag: str, command: str,
+                inputs: Iterable[str | os.PathLike | None], overwrite: bool,
+                recognise: Recognise | None) -> Destination:
     dest = _resolved(path, flag)
     _check_parents(dest, flag)
     if dest.is_dir():
@@ -230,8 +284,23 @@ def _temp_sibling(out: Path, kind: str) -> Path:
 def atomic_dir(dest: Destination | str | os.PathLike, overwrite: bool = False
                ) -> Iterator[Path]:
     """Yield a fresh temp dir beside the destination; on success it becomes the destination
-    (with the command's marker when `dest` is a `Destination`). On any exception the temp dir
-    is removed and the destination is left as it was."""
+    (with the command's marker when `dest` is a `Destination`, whose writer lock is released
+    at the end). On any exception the temp dir is removed and the destination is left as it
+    was."""
+    with _releasing(dest):
+        yield from _atomic_dir(dest, overwrite)
+
+
+@contextlib.contextmanager
+def _releasing(dest: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if isinstance(dest, Destination):
+            dest.release()
+
+
+def _atomic_dir(dest: Destination | str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     if not isinstance(dest, Destination):  # library callers: plain path, old semantics
         out = require_filesystem_path(dest, "output").absolute()
         if out.exists() and not overwrite:
@@ -261,7 +330,13 @@ def atomic_dir(dest: Destination | str | os.PathLike, overwrite: bool = False
 
 @contextlib.contextmanager
 def atomic_file(dest: Destination, mode: str = "w") -> Iterator:
-    """An open temp sibling of the destination file, renamed over it once closed without error."""
+    """An open temp sibling of the destination file, renamed over it once closed without error
+    (the destination's writer lock is released at the end)."""
+    with _releasing(dest):
+        yield from _atomic_file(dest, mode)
+
+
+def _atomic_file(dest: Destination, mode: str) -> Iterator:
     out = dest.path
     make_dirs(out.parent)
     tmp = out.parent / f".{out.name}.part-{os.getpid()}-{secrets.token_hex(4)}"

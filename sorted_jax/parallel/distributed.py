@@ -3,14 +3,23 @@
 It must run before anything touches devices (a mesh, `jax.devices()`, a jitted call), so the
 training command calls it first. Disabled (the default) or already initialised: nothing happens.
 `cpu_collectives` picks the CPU backend's collectives (gloo) for multi-process runs on CPUs.
+`on_every_process` runs a step that may refuse (a `UserError`) on every process and stops them
+all when one refuses, instead of leaving the others waiting in the next collective.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from sorted_jax.core.errors import UserError
+
+T = TypeVar("T")
 
 
 def init_distributed(d: ml_collections.ConfigDict) -> None:
@@ -28,3 +37,29 @@ def init_distributed(d: ml_collections.ConfigDict) -> None:
     if d.process_id >= 0:
         kwargs["process_id"] = int(d.process_id)
     jax.distributed.initialize(**kwargs)
+
+
+def on_every_process(fn: Callable[[], T], undo: Callable[[T], Any] | None = None) -> T:
+    """`fn()`, called by every process of the run at the same point (a collective follows).
+
+    If it raises a `UserError` on some process, every process stops: that one with its own
+    error, the others (after `undo` of their result, e.g. releasing a lock) with one naming the
+    processes that refused, instead of waiting for them in the next collective. Any other
+    exception propagates at once (a bug)."""
+    error: UserError | None = None
+    try:
+        out = fn()
+    except UserError as e:
+        error = e
+    failed = [0] if error is not None else []
+    if jax.process_count() > 1:
+        flags = np.ravel(multihost_utils.process_allgather(np.int32(error is None)))
+        failed = [i for i, x in enumerate(flags) if not x]
+    if error is not None:
+        raise error
+    if failed:
+        if undo is not None:
+            undo(out)
+        raise UserError(f"process(es) {failed} of this run refused to start (their message says "
+                        "why, e.g. process 0's); this one stops too")
+    return out

@@ -12,14 +12,16 @@ app is built or served (the `serve` extra).
 
 import asyncio
 import contextlib
+import errno
 import json
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from sorted_jax.core.errors import RequestTimeoutError, ServeError, UserError
+from sorted_jax.core.errors import RequestTimeoutError, ServeError, UsageError, UserError
 from sorted_jax.serving.requests import parse_request
 from sorted_jax.serving.scheduler import Finished, Scheduler, TextDelta
 
@@ -173,13 +175,35 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def serve_app(app: Any, host: str, port: int, graceful_s: float) -> None:
-    """Serve `app` until SIGTERM / SIGINT; in-flight requests get `graceful_s` to finish."""
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) for `serve_app`, or a `UsageError` naming the flags
+    when the address is taken (another server) or cannot be bound: said before the model is
+    loaded and before any URL is printed."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise UsageError(f"--host {host}: cannot be resolved ({e})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        why = ("the address is in use (another server?); choose another --port or stop it"
+               if e.errno == errno.EADDRINUSE else f"{e.strerror}")
+        raise UsageError(f"--host {host} --port {port}: cannot listen there: {why}") from None
+    return sock
+
+
+def serve_app(app: Any, sock: socket.socket, graceful_s: float) -> None:
+    """Serve `app` on `sock` (`listen_socket`) until SIGTERM / SIGINT; in-flight requests get
+    `graceful_s` to finish."""
     import uvicorn
 
+    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=int(graceful_s))
-    _graceful_server(config).run()
+    _graceful_server(config).run(sockets=[sock])
 
 
 def _graceful_server(config: Any) -> Any:

@@ -70,8 +70,8 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, config: Any,
                   default_exits: Sequence[int] | None = None
                   ) -> tuple[list[int], DecodeOptions, list[str], bool]:
     """(prompt ids, decode options, stop strings, stream) of an OpenAI request body; a
-    `ServeError` (400) names the bad field. `default_exits`: early exit's exits when the
-    request names none (the checkpoint's trained exits)."""
+    `ServeError` (400) names the bad field. `default_exits`: the checkpoint's trained exits,
+    early exit's exits and speculative decoding's draft when the request names none."""
     if not isinstance(body, dict):
         raise ServeError("the request body must be a JSON object")
     if _field(body, "n", int, 1) != 1:
@@ -106,16 +106,14 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, config: Any,
         raise ServeError(f"'thresholds' must be a list of numbers, got {thresholds!r}")
     if thresholds is not None and not all(0 <= t <= 1 for t in thresholds):
         raise ServeError(f"'thresholds' must lie in [0, 1], got {thresholds!r}")
-    exits = _field(body, "exits", list)
-    if mode == "early-exit" and exits is None and default_exits is not None:
-        exits = list(default_exits)
     try:
         opts = DecodeOptions(
-            mode=mode, exit_layer=_field(body, "exit_layer", int), exits=exits,
-            thresholds=thresholds, draft_layer=_field(body, "draft_layer", int),
-            max_new_tokens=max_tokens, temperature=temperature,
-            top_p=float(_field(body, "top_p", (int, float), 1.0)),
+            mode=mode, exit_layer=_field(body, "exit_layer", int),
+            exits=_field(body, "exits", list), thresholds=thresholds,
+            draft_layer=_field(body, "draft_layer", int), max_new_tokens=max_tokens,
+            temperature=temperature, top_p=float(_field(body, "top_p", (int, float), 1.0)),
             seed=_field(body, "seed", int, 0))
+        opts = opts.with_trained_exits(default_exits, config.num_hidden_layers)
         opts.route(config)
     except ServeError:
         raise

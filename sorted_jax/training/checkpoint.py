@@ -14,21 +14,25 @@ sharding of the abstract train state, so each host reads only its own shards.
 A failed asynchronous save (a full disk) is noticed at the next `poll()` (the trainer calls it
 at every step boundary) and raised once, as a `CheckpointError` naming the last good step.
 Once a save is committed its files are pinned in a manifest (`checkpoint_integrity`), so a
-later resume can tell a damaged step from one that does not fit the run.
+later resume can tell a damaged step from one that does not fit the run; `on_saved` hears of
+it then (not when the save starts). Old steps are deleted past `keep`, but never the newest
+healthy one (`NewestHealthy`): the step just saved has no known health yet. `close()` raises a
+final save that failed (or, when the caller is already failing, says it on its own line).
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_policy
 
 from sorted_jax.core.errors import CheckpointError, one_line
 from sorted_jax.io.model_io import CHECKPOINTS_DIR
@@ -89,17 +93,38 @@ def _quiet_failed_saves() -> None:
         sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
 
 
+@dataclasses.dataclass
+class NewestHealthy:
+    """An Orbax preservation policy: keep the newest step whose manifest says "good" (its
+    weights gave a finite loss and gradient norm), whatever `keep` says."""
+
+    workdir: Path
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        good = [c.step for c in checkpoints
+                if integrity.health(self.workdir, c.step) == integrity.GOOD]
+        newest = max(good, default=None)
+        return [c.step == newest for c in checkpoints]
+
+
 class Checkpointer:
     """Save / restore train state, data position and run metadata in `WORKDIR/checkpoints`."""
 
-    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True,
+                 on_saved: Callable[[int], Any] | None = None):
         self.workdir = Path(workdir).absolute()
         self.directory = self.workdir / CHECKPOINTS_DIR
         self.writes_manifests = jax.process_index() == 0
         self._unpinned: list[int] = []  # saved steps whose files are not in a manifest yet
+        self._on_saved = on_saved  # called with each step once it is committed to disk
         _quiet_failed_saves()
+        # The newest `keep` steps, and always the newest healthy one: with keep=1 Orbax would
+        # delete the last good step as soon as a new one (whose health is not known yet) is
+        # saved.
+        policy = None if not keep or keep < 1 else ocp_policy.AnyPreservationPolicy(
+            [ocp_policy.LatestN(n=int(keep)), NewestHealthy(self.workdir)])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep and keep > 0 else None,
+            preservation_policy=policy,
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -168,12 +193,15 @@ class Checkpointer:
     def _pin(self) -> None:
         """Manifests of the saves that have finished; drop those of deleted steps."""
         on_disk = set(self.all_steps())
+        pinned = [s for s in self._unpinned if s in on_disk]
         if self.writes_manifests:
-            for s in self._unpinned:
-                if s in on_disk:
-                    integrity.record_files(self.workdir, s)
+            for s in pinned:
+                integrity.record_files(self.workdir, s)
             integrity.prune(self.workdir, on_disk)
         self._unpinned = []
+        if self._on_saved is not None:
+            for s in pinned:
+                self._on_saved(s)
 
     def poll(self) -> None:
         """At a step boundary: raise a failed background save now (one `CheckpointError`
@@ -239,9 +267,15 @@ class Checkpointer:
             **{META: ocp.args.JsonRestore()}))
         return dict(restored[META] or {})
 
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.manager.wait_until_finished()
-            self.manager.check_for_errors()
-            self._pin()
-        self.manager.close()
+    def close(self, failing: BaseException | None = None) -> None:
+        """Wait for the saves in flight, then close. One that failed raises its
+        `CheckpointError`, unless the caller is already failing (`failing`, its exception):
+        then it is printed on its own line, so neither error hides the other."""
+        try:
+            self.wait()
+        except Exception as e:  # a failed save (CheckpointError), a manifest not written
+            if failing is None:
+                raise
+            print(f"sorted_jax.train: warning: {one_line(e)}", file=sys.stderr, flush=True)
+        finally:
+            self.manager.close()

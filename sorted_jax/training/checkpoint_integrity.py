@@ -16,7 +16,10 @@ saved last (end of run, SIGTERM) stays "unchecked" until a resumed run computes 
 
 `problem(workdir, step)` is the cheap check a resume runs: the files Orbax needs are there
 and, with a manifest, every file has its recorded size; a "diverged" step is refused too.
-Steps written before manifests existed are checked by their structure alone.
+Steps written before manifests existed are checked by their structure alone. A manifest that
+exists but cannot be read (truncated, overwritten) is not taken as "no manifest": the step's
+health is unknown (it may be one that diverged), so a resume passes over it like a damaged
+one, saying so; `--config.resume_step=N` still takes it, with a warning.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from sorted_jax.io.model_io import CHECKPOINTS_DIR, DATA_ITEM, META_ITEM, STATE_
 MANIFEST_DIR = "checkpoint_manifests"
 SET_ASIDE_DIR = "set_aside"  # checkpoints newer than the step a run resumed from
 GOOD, DIVERGED, UNCHECKED = "good", "diverged", "unchecked"
+UNKNOWN = "unknown"  # the manifest exists but cannot be read
 # What Orbax needs to restore a step of our layout (a manifest also pins every file's size).
 REQUIRED = ("_CHECKPOINT_METADATA", f"{STATE_ITEM}/_METADATA", f"{STATE_ITEM}/manifest.ocdbt",
             f"{DATA_ITEM}/metadata", f"{META_ITEM}/metadata")
@@ -48,19 +52,26 @@ def manifest_path(workdir: Path, step: int) -> Path:
 
 
 def read(workdir: Path, step: int) -> dict[str, Any]:
-    """The manifest of `step`, or {} when it has none (or it is unreadable)."""
+    """The manifest of `step`: {} when it has none; {"unreadable": why} when it exists but
+    cannot be read (a truncated or overwritten file): its health is then unknown, not good."""
+    path = manifest_path(workdir, step)
     try:
-        data = json.loads(manifest_path(workdir, step).read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
         return {}
-    return data if isinstance(data, dict) else {}
+    except (OSError, ValueError) as e:
+        return {"unreadable": f"{path} cannot be read ({type(e).__name__})"}
+    if not isinstance(data, dict):
+        return {"unreadable": f"{path} is not a manifest (a {type(data).__name__})"}
+    return data
 
 
 def _update(workdir: Path, step: int, **fields: Any) -> None:
     """Merge `fields` into the manifest, atomically (temp file, then rename)."""
     path = manifest_path(workdir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {**read(workdir, step), "step": int(step), **fields}
+    old = read(workdir, step)
+    data = {**({} if "unreadable" in old else old), "step": int(step), **fields}
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -86,7 +97,8 @@ def record_health(workdir: Path, step: int, health: str, detail: str = "") -> No
 
 
 def health(workdir: Path, step: int) -> str:
-    return str(read(workdir, step).get("health", UNCHECKED))
+    m = read(workdir, step)
+    return UNKNOWN if "unreadable" in m else str(m.get("health", UNCHECKED))
 
 
 def prune(workdir: Path, keep_steps: set[int]) -> None:
@@ -100,13 +112,17 @@ def prune(workdir: Path, keep_steps: set[int]) -> None:
                 p.unlink()
 
 
-def problem(workdir: Path, step: int) -> str | None:
-    """Why `step` cannot be resumed from (damaged files, diverged weights), or None."""
+def problem(workdir: Path, step: int, allow_unknown: bool = False) -> str | None:
+    """Why `step` cannot be resumed from (damaged files, diverged weights, an unreadable
+    manifest unless `allow_unknown`), or None."""
     d = step_dir(workdir, step)
     missing = [r for r in REQUIRED if not (d / r).is_file()]
     if missing:
         return f"damaged: {', '.join(missing)} missing"
     m = read(workdir, step)
+    if "unreadable" in m and not allow_unknown:
+        return (f"of unknown health: its manifest {m['unreadable']}, so whether its weights "
+                "diverged and whether its files are intact cannot be told")
     files = m.get("files")
     if isinstance(files, dict):
         gone = [f for f in files if not (d / f).is_file()]
@@ -137,13 +153,17 @@ def choose_resume_step(workdir: Path, steps: list[int], requested: int = -1
         if requested not in steps:
             raise CheckpointError(f"resume_step={requested} is not a checkpoint in {where}; "
                                   f"steps on disk: {steps}")
-        why = problem(workdir, requested)
+        why = problem(workdir, requested, allow_unknown=True)
         if why is not None:
             raise CheckpointError(f"resume_step={requested}: step {requested} in {where} is "
                                   f"{why}; steps on disk: {steps}")
         later = [s for s in steps if s > requested]
-        return requested, (f"resuming from step {requested} as asked (resume_step); later "
-                           f"steps {later} are set aside" if later else None)
+        notes = [f"step {requested} is {problem(workdir, requested)}; resuming from it as "
+                 "asked"] if health(workdir, requested) == UNKNOWN else []
+        if later:
+            notes.append(f"resuming from step {requested} as asked (resume_step); later steps "
+                         f"{later} are set aside")
+        return requested, "; ".join(notes) or None
     skipped: list[str] = []
     for s in reversed(steps):
         why = problem(workdir, s)

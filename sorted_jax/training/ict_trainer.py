@@ -28,6 +28,8 @@ from sorted_jax.core.errors import IctError
 from sorted_jax.data import DataIterator, Tokenizer, open_split_records, tokenize_records
 from sorted_jax.io import destinations
 from sorted_jax.io.artifacts import Artifact
+from sorted_jax.io.ict_dir import save_ict_dir
+from sorted_jax.io.run_settings import RunSettings
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.model.modeling import DTYPES, Llama, abstract_params, make_model
 from sorted_jax.objective import soft
@@ -37,11 +39,9 @@ from sorted_jax.objective.heads import (
     heads_loss_sums,
     heads_shardings,
     init_heads,
-    save_ict_dir,
 )
 from sorted_jax.parallel import sharding
 from sorted_jax.training.run_data import data_stats, data_stats_line
-from sorted_jax.training.run_settings import RunSettings
 from sorted_jax.training.train_step import make_optimizer, to_global_batch
 
 __all__ = ["IctRecipe", "IctTrainer", "train_heads", "train_ict_dir"]

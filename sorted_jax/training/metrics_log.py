@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Mapping
@@ -17,6 +16,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sorted_jax.objective.metric_keys import exit_values
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 EXIT_TABLE_FILE = "exit_table.md"
@@ -24,7 +25,6 @@ FINAL_METRICS_FILE = "final_metrics.json"
 EXIT_PLOT_FILE = "exit_loss.png"
 
 RESUMED = "resumed"  # the split of the line a resumed launch writes first
-_EXIT_KEY = re.compile(r"^(loss|accuracy)/exit_(\d+)$")
 
 
 def _plain(value: Any) -> Any:
@@ -100,16 +100,6 @@ def read_metrics(workdir: str | Path, split: str | None = None) -> list[dict[str
             continue
         rows.append(row)
     return [r for r in rows if split is None or r.get("split") == split]
-
-
-def exit_values(metrics: Mapping[str, Any], kind: str = "loss") -> dict[int, float]:
-    """{exit: value} from `loss/exit_N` (or `accuracy/exit_N`) keys."""
-    out = {}
-    for key, value in metrics.items():
-        m = _EXIT_KEY.match(key)
-        if m and m.group(1) == kind:
-            out[int(m.group(2))] = float(value)
-    return dict(sorted(out.items()))
 
 
 def compact_exits(metrics: Mapping[str, Any]) -> str:

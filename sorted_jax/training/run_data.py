@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ import ml_collections
 from sorted_jax.core.errors import TrainConfigError
 from sorted_jax.data import (
     DataError,
+    DataIterator,
+    EvalIterator,
+    PackedIterator,
     SourceError,
     TokenizedDataset,
     Tokenizer,
@@ -91,6 +95,33 @@ def load_data(c: ml_collections.ConfigDict, tokenizer: Tokenizer) -> RunData:
             raise e.prefixed(f"data.eval={c.data.eval or c.data.train!r}: ") from None
         ev = ev if len(ev) else None
     return RunData(train, ev, len(records), len(eval_records or []))
+
+
+def make_iterators(c: ml_collections.ConfigDict, data: RunData, buckets: Sequence[int] | None,
+                   eval_batch_size: int, process_index: int, process_count: int,
+                   note: Callable[[str], None]) -> tuple[Any, EvalIterator | None]:
+    """This process's train iterator (packed rows with data.packing) and eval iterator.
+
+    With packing every train row is max_len long, so data.buckets only shapes the (unpacked)
+    evaluation batches: said once through `note` rather than refused."""
+    where = dict(process_index=process_index, process_count=process_count)
+    buckets = None if buckets is None else list(buckets)
+    try:
+        if c.data.packing:
+            if buckets is not None:
+                note(f"note: data.packing=True packs every training row to max_len={c.max_len}; "
+                     f"data.buckets={c.data.buckets!r} is ignored for training (it still "
+                     "pads the unpacked evaluation batches)")
+            train = PackedIterator(data.train, c.batch_size, seed=c.seed, shuffle=c.data.shuffle,
+                                   source=f"data.train={c.data.train!r}", **where)
+        else:
+            train = DataIterator(data.train, c.batch_size, seed=c.seed, shuffle=c.data.shuffle,
+                                 buckets=buckets, **where)
+        ev = None if data.eval is None else EvalIterator(data.eval, eval_batch_size,
+                                                         buckets=buckets, **where)
+    except DataError as e:
+        raise e.prefixed("data: ") from None
+    return train, ev
 
 
 def data_stats(ds: TokenizedDataset, records: int) -> dict[str, Any]:

@@ -14,19 +14,16 @@ what a finished run recorded is read back by `run_settings`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ml_collections
-from absl import flags
-from ml_collections import config_flags
 
-from sorted_jax.core.errors import TrainConfigError
+from sorted_jax.core.errors import TrainConfigError, UserError
 from sorted_jax.data import (
     TEMPLATE_NAMES,
     DataError,
@@ -37,6 +34,8 @@ from sorted_jax.data import (
 from sorted_jax.data.chat import require_chat_template
 from sorted_jax.data.templates import CHAT
 from sorted_jax.io import destinations, model_io
+from sorted_jax.io.run_settings import TRAIN_CONFIG_FILE
+from sorted_jax.io.writer_lock import WriterLock
 from sorted_jax.model import modeling
 from sorted_jax.model.config import PRESETS, LlamaConfig, preset
 from sorted_jax.model.exit_adapters import INITS
@@ -44,8 +43,14 @@ from sorted_jax.model.modeling import DTYPES
 from sorted_jax.objective import soft
 from sorted_jax.parallel.sharding import Rules, rules_from_config
 from sorted_jax.training import checkpoint_integrity, lora_run
+from sorted_jax.training.config_checks import check_ranges
 from sorted_jax.training.lora_run import lora_spec
-from sorted_jax.training.run_settings import TRAIN_CONFIG_FILE
+from sorted_jax.training.run_args import parse_args
+
+__all__ = ["ARCH_FIELDS", "COMMAND", "MODEL_OVERRIDES", "SCHEDULES", "TOKENIZER_DIR", "RunSpec",
+           "check_static", "claim", "claim_workdir", "is_train_workdir", "mu_dtype_of",
+           "parse_args", "parse_floats", "parse_ints", "requested_model_config", "resolve",
+           "resolve_model_config", "resume_choice", "tokenizer_spec"]
 
 COMMAND = "sorted_jax.train"
 TOKENIZER_DIR = "tokenizer"
@@ -55,75 +60,6 @@ MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden
 ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "dim_per_head", "tie_word_embeddings")
 SCHEDULES = ("cosine", "linear", "constant")
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-
-
-def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
-    fv = flags.FlagValues()
-    # sys_argv: config_flags defines one flag per override it finds in these args.
-    config_flags.DEFINE_config_file(
-        "config", None, "training config file, e.g. configs/tiny.py", flag_values=fv,
-        lock_config=True, sys_argv=list(argv))
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs); re-run to resume",
-                        flag_values=fv)
-    return fv
-
-
-def _override_keys(argv: Sequence[str]) -> list[str]:
-    return [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-
-
-def _unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str | None:
-    """A clear message if `key` ("config.optim.lrr") is not a field of `config`, else None."""
-    node: Any = config
-    parts = key.split(".")[1:]
-    for i, part in enumerate(parts):
-        if isinstance(node, ml_collections.ConfigDict) and part in node:
-            node = node[part]
-            continue
-        where = ".".join(["config", *parts[:i]])
-        if not isinstance(node, ml_collections.ConfigDict):
-            return f"unknown config key '{key}': '{where}' is a value, not a group"
-        known = sorted(node.keys())
-        close = difflib.get_close_matches(part, known, n=1)
-        hint = f" Did you mean '{where}.{close[0]}'?" if close else ""
-        return (f"unknown config key '{key}'.{hint} Fields of '{where}': {', '.join(known)} "
-                "(see sorted_jax/training/train_config.py)")
-    return None
-
-
-def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
-    """(config with overrides applied, workdir) from `argv` (argv[0] is the program name)."""
-    argv = list(argv)
-    fv = _flag_values(argv)
-    try:
-        rest = fv(argv)
-    except (AttributeError, KeyError, flags.Error) as e:
-        # ml_collections reports an unknown override as a bare KeyError: find it and explain.
-        plain = [a for a in argv if not a.startswith("--config.")]
-        base = _flag_values(plain)
-        try:
-            base(plain)
-            config = base.config
-        except Exception:  # the config file itself is broken: its own message is the best
-            config = None
-        if config is not None:
-            for key in _override_keys(argv):
-                msg = _unknown_key_message(config, key)
-                if msg:
-                    raise TrainConfigError(msg) from None
-        raise TrainConfigError(f"bad command line: {e}") from None
-    if len(rest) > 1:
-        raise TrainConfigError(f"unexpected arguments {rest[1:]}; use --config=... "
-                               "--workdir=... [--config.key=value ...]")
-    if fv.config is None:
-        raise TrainConfigError("--config is required, e.g. --config=configs/tiny.py")
-    if not fv.workdir:
-        raise TrainConfigError("--workdir is required: where checkpoints and logs go")
-    return fv.config, fv.workdir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +74,7 @@ def check_static(c: ml_collections.ConfigDict) -> None:
         if not ok:
             raise TrainConfigError(msg)
 
+    check_ranges(c)  # every number of the schema in its range, the error naming its field
     for name in ("batch_size", "grad_accum", "log_every", "loss_rows_per_chunk"):
         need(int(c[name]) >= 1, f"{name} must be >= 1, got {c[name]}")
     for name in ("num_steps", "eval_every", "eval_batches", "eval_batch_size",
@@ -189,9 +126,6 @@ def check_static(c: ml_collections.ConfigDict) -> None:
     need(c.optim.lr > 0, f"optim.lr must be > 0, got {c.optim.lr}")
     need(c.data.template in TEMPLATE_NAMES,
          f"data.template must be one of {sorted(TEMPLATE_NAMES)}, got {c.data.template!r}")
-    need(not (c.data.packing and c.data.buckets.strip()),
-         f"data.packing=True packs every row to max_len: data.buckets={c.data.buckets!r} does "
-         "not apply; set one of them")
     need(len(tuple(c.mesh.shape)) == 3,
          f"mesh.shape needs 3 entries (data, fsdp, tensor), got {tuple(c.mesh.shape)} (a "
          "--config.mesh.shape override given twice is concatenated by ml_collections)")
@@ -217,7 +151,15 @@ def requested_model_config(c: ml_collections.ConfigDict) -> LlamaConfig | None:
     overrides = {k: int(c.model[k]) for k in MODEL_OVERRIDES if int(c.model[k])}
     if not c.model.preset:
         if overrides:
-            raise TrainConfigError(f"model overrides {overrides} need a model.preset")
+            keys = tuple(f"model.{k}" for k in overrides)
+            first = next(iter(overrides))
+            raise TrainConfigError(
+                f"model.preset is empty (the architecture then comes from init_from's "
+                f"weights), but "
+                f"{', '.join(f'model.{k}={v}' for k, v in overrides.items())} "
+                f"{'is' if len(keys) == 1 else 'are'} set: overrides apply to a preset. Set "
+                f"{'it' if len(keys) == 1 else 'them'} to 0 to take the architecture from the "
+                f"weights (e.g. --config.model.{first}=0), or set model.preset", fields=keys)
         return None
     return preset(c.model.preset).replace(**overrides)
 
@@ -318,6 +260,13 @@ class RunSpec:
     mesh_shape: tuple[int, int, int]
     rules: Rules
     resume_note: str | None = None  # newer checkpoints passed over, and why
+    # the workdir's writer lock (process 0), held until `release()` or the process ends
+    lock: WriterLock | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def release(self) -> None:
+        """Let another run write the workdir."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def resuming(self) -> bool:
@@ -384,7 +333,8 @@ class RunSpec:
             raise TrainConfigError(
                 f"the tokenizer {self.tokenizer_spec!r} has {tokenizer.vocab_size} ids but "
                 f"the model's vocab_size is {mc.vocab_size}: ids past the embedding would be "
-                "silently clamped; use a matching tokenizer or set model.vocab_size")
+                "silently clamped; use a matching tokenizer or set model.vocab_size",
+                fields=("data.tokenizer", "model.vocab_size"))
 
 
 def is_train_workdir(path: Path) -> bool:
@@ -392,42 +342,80 @@ def is_train_workdir(path: Path) -> bool:
     return (path / TRAIN_CONFIG_FILE).is_file() and not (path / model_io.PARAMS_DIR).exists()
 
 
-def claim_workdir(c: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+def claim_workdir(c: ml_collections.ConfigDict, workdir: str | Path,
+                  lock: bool = True) -> destinations.Destination:
     """The workdir, refused unless it is new, empty or a training workdir (which resumes),
-    and not one of the run's inputs (init_from, data files, the tokenizer)."""
+    not one of the run's inputs (init_from, data files, the tokenizer), and not being written
+    by another run: with `lock`, its writer lock is taken (`destinations`)."""
     inputs = [c.init_from, c.data.tokenizer]
     inputs += [s for s in (c.data.train, c.data.eval) if s and spec_kind(s) == "file"]
-    dest = destinations.claim_dir(workdir, flag="--workdir", command=COMMAND, inputs=inputs,
-                                  resume=True, recognise=is_train_workdir)
-    return dest.path
+    return destinations.claim_dir(workdir, flag="--workdir", command=COMMAND, inputs=inputs,
+                                  resume=True, recognise=is_train_workdir, lock=lock)
 
 
-def resolve(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSpec:
-    """Validate `config` and resolve it for `workdir` (reads only config and tokenizer files)."""
+def claim(config: ml_collections.ConfigDict, workdir: str | Path, *,
+          lock: bool = True) -> destinations.Destination:
+    """The first half of `resolve`: the config's own checks and the workdir's claim (with
+    `lock`, its writer lock). No collective runs here (nothing Orbax), so in a multi-process
+    run the processes can agree on it before going on (`distributed.on_every_process`)."""
+    check_static(config)
+    if lora_spec(config) is not None and not config.init_from:  # (not in check_static: --plan
+        raise TrainConfigError(                                  # needs no weights)
+            f"lora.rank={config.lora.rank} trains adapters on a frozen base: set init_from to "
+            "it (a model dir, HF dir, GGUF file or workdir)")
+    return claim_workdir(config, workdir, lock)
+
+
+def resolve(config: ml_collections.ConfigDict, workdir: str | Path, *, lock: bool = True,
+            claimed: destinations.Destination | None = None) -> RunSpec:
+    """Validate `config` and resolve it for `workdir` (reads only config and tokenizer files).
+
+    With `lock` (process 0 of a run; the others pass False) the workdir's writer lock is taken
+    before the step to resume from is chosen, and held by the spec (`RunSpec.release`).
+    `claimed`: the workdir already claimed (`claim`)."""
     c = config
-    check_static(c)
-    if lora_spec(c) is not None and not c.init_from:  # (not in check_static: --plan needs none)
-        raise TrainConfigError(f"lora.rank={c.lora.rank} trains adapters on a frozen base: set "
-                               "init_from to it (a model dir, HF dir, GGUF file or workdir)")
-    wd = claim_workdir(c, workdir)
+    dest = claim(c, workdir, lock=lock) if claimed is None else claimed
+    try:
+        return _resolve(c, dest)
+    except BaseException:
+        dest.release()
+        raise
+
+
+def _resolve(c: ml_collections.ConfigDict, dest: destinations.Destination) -> RunSpec:
+    wd = dest.path
     resume_step, resume_note = resume_choice(wd, int(c.resume_step))
     mc, source = resolve_model_config(c, wd, resume_step is not None)
     big_l = mc.num_hidden_layers
     text = c.exit_weights.strip()  # a scheme name, or numbers
     weights_spec = text if text[:1].isalpha() else parse_floats(text, "exit_weights")
-    exits, weights = soft.resolve_exit_set(c.exits, weights_spec, big_l)
-    eval_exits = soft.resolve_exits(c.eval_exits, big_l) if c.eval_exits.strip() else exits
+    try:
+        exits, weights = soft.resolve_exit_set(c.exits, weights_spec, big_l)
+    except UserError as e:
+        fields = ("exits", "exit_weights") if text else ("exits",)
+        said = f"exits={c.exits!r}" + (f", exit_weights={text!r}" if text else "")
+        raise TrainConfigError(f"{said}: {e} (model: {source})", fields=fields) from None
+    try:
+        eval_exits = soft.resolve_exits(c.eval_exits, big_l) if c.eval_exits.strip() else exits
+    except UserError as e:
+        raise TrainConfigError(f"eval_exits={c.eval_exits!r}: {e} (model: {source})",
+                               fields=("eval_exits",)) from None
     if c.exit_adapters != "none" and resume_step is None:
         adapted = tuple(e for e in exits if e < big_l)
         if not adapted:
             raise TrainConfigError(f"exit_adapters={c.exit_adapters!r} needs exits below the last "
-                                   f"layer ({big_l}), got exits={list(exits)}")
+                                   f"layer ({big_l}), got exits={list(exits)}",
+                                   fields=("exit_adapters", "exits"))
         mc = mc.replace(exit_adapters=adapted)
     lora_run.check_model(lora_spec(c), mc)
     if c.max_len > mc.max_position_embeddings:
         raise TrainConfigError(f"max_len={c.max_len} exceeds the model's "
-                               f"max_position_embeddings={mc.max_position_embeddings}")
+                               f"max_position_embeddings={mc.max_position_embeddings}",
+                               fields=("max_len",))
     buckets = parse_ints(c.data.buckets, "data.buckets")
+    if buckets is not None and min(buckets, default=1) < 1:
+        raise TrainConfigError(f"data.buckets must be positive lengths, got {c.data.buckets!r}",
+                               fields=("data.buckets",))
     return RunSpec(
         config=ml_collections.FrozenConfigDict(c), workdir=wd, resume_step=resume_step,
         model_config=mc, model_source=source, exits=tuple(exits),
@@ -435,4 +423,4 @@ def resolve(config: ml_collections.ConfigDict, workdir: str | Path) -> RunSpec:
         tokenizer_spec=tokenizer_spec(c, wd, resume_step is not None),
         buckets=None if buckets is None else tuple(buckets),
         mesh_shape=tuple(int(x) for x in c.mesh.shape), rules=rules_from_config(c.mesh.rules),
-        resume_note=resume_note)
+        resume_note=resume_note, lock=dest.lock)

@@ -116,7 +116,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.template = "alpaca"
     c.data.buckets = ""  # padded sequence lengths, e.g. "128,256,512"; "" = powers of two
     # Pack several examples into each max_len row (segment ids, per-example positions);
-    # evaluation stays unpacked. Excludes data.buckets.
+    # evaluation stays unpacked. data.buckets then pads the evaluation batches only (a note).
     c.data.packing = False
     c.data.shuffle = True
     c.data.max_records = 0  # > 0: use only the first N train records (smoke runs)
@@ -133,9 +133,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-5
     c.optim.schedule = "cosine"  # cosine | linear | constant (after warmup)
-    c.optim.warmup_ratio = 0.03  # of the total steps, used when warmup_steps < 0
+    c.optim.warmup_ratio = 0.03  # in [0, 1]: of the total steps, used when warmup_steps < 0
     c.optim.warmup_steps = -1
-    c.optim.end_lr_ratio = 0.0
+    c.optim.end_lr_ratio = 0.0  # in [0, 1]: the final lr as a fraction of lr
     c.optim.weight_decay = 0.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
@@ -152,7 +152,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batches = 0  # 0 = the whole held-out set
     c.eval_batch_size = 0  # 0 = the micro-batch size (batch_size / grad_accum)
     c.checkpoint_every = 500  # steps; a checkpoint is also written at the end and on SIGTERM
-    c.keep_checkpoints = 3  # newest N kept; 0 = keep all
+    c.keep_checkpoints = 3  # newest N kept, and always the newest healthy one; 0 = keep all
     # Resuming: -1 = the newest intact checkpoint (damaged or diverged newer steps are passed
     # over, with a message); N = resume from step N (later steps are moved to set_aside/).
     c.resume_step = -1

@@ -116,12 +116,20 @@ class StopSignals:
         if signum == signal.SIGINT:  # a second Ctrl-C aborts at once
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def install(self) -> None:
+    def install(self) -> str | None:
+        """Handle SIGTERM / SIGINT from now on; a warning to show when that is impossible (a
+        run started off the main thread: a preemption would then save nothing)."""
+        missed = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread: no handlers
-                pass
+            except ValueError:  # Python handles signals in the main thread only
+                missed.append(signal.Signals(sig).name)
+        if not missed:
+            return None
+        return (f"not running in the main thread, so {' and '.join(missed)} cannot be handled: "
+                "a preemption will stop the run without saving a checkpoint (only the "
+                "checkpoint_every saves are kept); run training in the main thread")
 
     def uninstall(self) -> None:
         for sig, old in self._old.items():

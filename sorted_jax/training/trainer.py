@@ -1,7 +1,9 @@
 """The training run behind `python -m sorted_jax.train`: `Trainer(config, workdir).train()`.
 
-A `Trainer` is everything a run needs, validated and built in `__init__`: the resolved spec
-(`run_spec.resolve`: every check that needs no device), then the mesh and batch sizes, the
+A `Trainer` is everything a run needs, validated and built in `__init__`: the workdir claimed
+and locked (`run_spec.claim`: process 0 takes its writer lock, every process agrees before going
+on; `train()` releases it), the resolved spec (`run_spec.resolve`: every check that needs no
+device), then the mesh and batch sizes, the
 tokenizer and data (`run_data`), then the jitted steps (`train_step.SoftSteps`) and the train
 state (restored from the workdir, loaded from init_from, or freshly initialised). Nothing is
 compiled before the config, the workdir and the data have been checked.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,17 +38,18 @@ from jax.experimental import multihost_utils
 
 from sorted_jax.core import errors
 from sorted_jax.core.errors import NonFiniteLossError, TrainConfigError
-from sorted_jax.data import DataError, DataIterator, EvalIterator, PackedIterator, load_tokenizer
-from sorted_jax.evaluation import reports
+from sorted_jax.data import DataError, load_tokenizer
 from sorted_jax.io import model_io
 from sorted_jax.model import modeling
 from sorted_jax.model.modeling import DTYPES, EXIT_ADAPTERS
 from sorted_jax.objective import soft
+from sorted_jax.parallel.distributed import on_every_process
 from sorted_jax.parallel.sharding import MeshError, check_batch_size, make_mesh
 from sorted_jax.training import checkpoint_integrity, frozen, metrics_log, run_spec, run_status
 from sorted_jax.training.checkpoint import Checkpointer, CheckpointError
+from sorted_jax.training.exit_report import ExitReport
 from sorted_jax.training.lora_run import base_param_dtype, fresh_state, lora_spec, setup_base
-from sorted_jax.training.run_data import load_data
+from sorted_jax.training.run_data import load_data, make_iterators
 from sorted_jax.training.run_spec import RunSpec, mu_dtype_of
 from sorted_jax.training.train_loop import Hooks, StepInfo, StopSignals, Window
 from sorted_jax.training.train_step import (
@@ -78,10 +82,24 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict | RunSpec,
                  workdir: str | Path | None = None):
-        spec = config if isinstance(config, RunSpec) else run_spec.resolve(config, workdir)
-        self.spec, self.cfg, self.workdir = spec, spec.config, spec.workdir
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.is_main = self.process_index == 0
+        if isinstance(config, RunSpec):
+            spec = config
+        else:  # process 0 alone takes the workdir's writer lock: one lock per run. If one
+            # process is refused (another run holds the workdir), every one stops at once.
+            dest = on_every_process(lambda: run_spec.claim(config, workdir, lock=self.is_main),
+                                    lambda d: d.release())
+            spec = run_spec.resolve(config, workdir, claimed=dest)
+        try:
+            self._setup(spec)
+        except BaseException:
+            spec.release()
+            raise
+
+    def _setup(self, spec: RunSpec) -> None:
+        self.spec, self.cfg, self.workdir = spec, spec.config, spec.workdir
+        self._progress: metrics_log.Progress | None = None
         self.resume_step, self.resume_note = spec.resume_step, spec.resume_note
         self.model_config, self.model_source = spec.model_config, spec.model_source
         self.exits, self.exit_weights = spec.exits, spec.exit_weights
@@ -93,14 +111,14 @@ class Trainer:
         # checkpoints before anything is written (`_lora_base`: the part of it that trains).
         self._lora_base, self.lora_record = setup_base(self.cfg, self.steps, self.eval_steps,
                                                        self.workdir, self.resume_step)
-        self._progress: metrics_log.Progress | None = None
         if self.is_main:
             spec.write_files()
             for line in self.data.write_stats(self.workdir, self.cfg.max_len):
                 self.note(line)
         self._set_aside_newer_steps()
         self.checkpointer = Checkpointer(self.workdir, keep=self.cfg.keep_checkpoints,
-                                         async_save=self.cfg.async_checkpointing)
+                                         async_save=self.cfg.async_checkpointing,
+                                         on_saved=self._saved)
         self.state, self.start_step = self._initial_state()
         if self.steps.teacher is not None:
             self.steps.set_teacher(frozen.load_teacher(self.cfg, self.steps.teacher_shardings))
@@ -116,7 +134,8 @@ class Trainer:
         self.interrupted: str | None = None
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._last_train: dict[str, Any] = {}
-        self._eval_points: dict[int, Mapping[str, Any]] | None = None  # step -> eval metrics
+        self.exit_report = ExitReport(self.workdir, self.model_config.num_hidden_layers,
+                                      self.exits)
 
     # -- setup -------------------------------------------------------------------------------
     def _setup_mesh(self) -> None:
@@ -139,26 +158,18 @@ class Trainer:
 
     def _setup_data(self) -> None:
         """Tokenizer, records and this process's iterators; the run's length in steps."""
-        c, spec = self.cfg, self.spec
+        spec = self.spec
         self.tokenizer = load_tokenizer(spec.tokenizer_spec)
         spec.check_tokenizer(self.tokenizer)
-        self.data = load_data(c, self.tokenizer)
-        where = dict(process_index=self.process_index, process_count=self.process_count)
-        buckets = None if spec.buckets is None else list(spec.buckets)
-        try:
-            if c.data.packing:
-                self.train_iter = PackedIterator(self.data.train, c.batch_size, seed=c.seed,
-                                                 shuffle=c.data.shuffle,
-                                                 source=f"data.train={c.data.train!r}", **where)
-            else:
-                self.train_iter = DataIterator(self.data.train, c.batch_size, seed=c.seed,
-                                               shuffle=c.data.shuffle, buckets=buckets, **where)
-            self.eval_iter = None if self.data.eval is None else EvalIterator(
-                self.data.eval, self.eval_batch_size, buckets=buckets, **where)
-        except DataError as e:
-            raise e.prefixed("data: ") from None
+        self.data = load_data(self.cfg, self.tokenizer)
+        self.train_iter, self.eval_iter = make_iterators(
+            self.cfg, self.data, spec.buckets, self.eval_batch_size, self.process_index,
+            self.process_count, self.note)
         self.steps_per_epoch = self.train_iter.steps_per_epoch
         self.total_steps = spec.total_steps(self.steps_per_epoch)
+        if spec.warmup_steps(self.total_steps) > self.total_steps:
+            self.note(f"warning: the warmup (optim.warmup_steps / warmup_ratio) is longer than "
+                      f"the run's {self.total_steps} steps: the lr never reaches optim.lr")
 
     def _setup_steps(self) -> None:
         """The model, the optimizer and the jitted train / eval steps (traced, not compiled)."""
@@ -196,6 +207,8 @@ class Trainer:
             return
         if self.resume_note:
             self.note(f"warning: {self.resume_note}")
+        if self.process_count > 1:  # every process has read the checkpoints it chose from
+            multihost_utils.sync_global_devices("sorted_jax: resume step chosen")
         if self.is_main:
             checkpoint_integrity.set_aside_after(self.workdir, self.resume_step)
         if self.process_count > 1:
@@ -269,18 +282,8 @@ class Trainer:
         if self.logger:
             self.logger.write(step, "eval", metrics)
             self.logger.flush()
-            self._plot_history()[step] = metrics
-            reports.plot_exit_losses(sorted(self._plot_history().items()),
-                                         self.workdir / metrics_log.EXIT_PLOT_FILE)
+            self.exit_report.add_eval(step, metrics)
         return metrics
-
-    def _plot_history(self) -> dict[int, Mapping[str, Any]]:
-        """Eval points of this workdir by step: earlier launches' read from metrics.jsonl once
-        (a later line wins a step), this launch's added as they come."""
-        if self._eval_points is None:
-            rows = metrics_log.read_metrics(self.workdir, "eval")
-            self._eval_points = {r["step"]: r for r in rows}
-        return self._eval_points
 
     # -- the loop ----------------------------------------------------------------------------
     def _non_finite(self, what: str) -> None:
@@ -298,7 +301,12 @@ class Trainer:
         meta.update(self.lora_record.to_meta() if self.lora_record else {})  # the adapters' base
         if self.checkpointer.save(step, self.state, self.train_iter.state_dict(), meta):
             self._unchecked = step
-            self.note(f"checkpoint: step {step}")
+
+    def _saved(self, step: int) -> None:
+        """A checkpoint is on disk (committed): say so, and record it in run_status.json (a
+        kill -9 later leaves "running" at this step)."""
+        self.note(f"checkpoint: step {step}")
+        self._status(run_status.RUNNING, step=step)
 
     def _fetch(self, step: int, metrics: Any, tokens: Any) -> StepInfo:
         """Step `step`'s metrics on the host. They are the loss and gradient norm *at the
@@ -374,13 +382,17 @@ class Trainer:
                   needs_state=True, pauses=window)
         return hooks
 
-    def _status(self, status: str, reason: str = "") -> None:
+    def _status(self, status: str, reason: str = "", step: int | None = None) -> None:
         if self.is_main:
             with contextlib.suppress(OSError):  # a full disk: the error itself says more
-                run_status.write(self.workdir, status, self.step, self.total_steps, reason)
+                run_status.write(self.workdir, status, self.step if step is None else step,
+                                 self.total_steps, reason)
 
     def train(self) -> dict[str, Any]:
-        self._stop.install()
+        """Run the loop; the workdir's writer lock is released at the end, however it ends."""
+        warning = self._stop.install()
+        if warning:
+            self.note(f"warning: {warning}")
         self._progress = metrics_log.Progress(self.total_steps, self.start_step, self.is_main)
         launch_t0 = time.time()
         self._status(run_status.RUNNING)
@@ -392,6 +404,10 @@ class Trainer:
                     f"could not write to {self.workdir} at step {self.step} ({e}); the run "
                     f"stopped. {self.checkpointer.last_good_text()} Fix the cause (e.g. free "
                     "disk space) and re-run the same command to resume.") from None
+            result["wall_time_s"] = time.time() - launch_t0
+            if self.is_main:
+                (self.workdir / metrics_log.FINAL_METRICS_FILE).write_text(
+                    json.dumps(result, indent=2) + "\n")
         except BaseException as e:
             self._status(run_status.FAILED, f"{type(e).__name__}: {errors.one_line(e)[:500]}")
             raise
@@ -401,13 +417,12 @@ class Trainer:
         finally:
             self._progress.close()
             self._stop.uninstall()
-            self.checkpointer.close()
-            if self.logger:
-                self.logger.close()
-        result["wall_time_s"] = time.time() - launch_t0
-        if self.is_main:
-            (self.workdir / metrics_log.FINAL_METRICS_FILE).write_text(
-                json.dumps(result, indent=2) + "\n")
+            try:  # a save that failed in the background is raised (or, if failing, said)
+                self.checkpointer.close(failing=sys.exc_info()[1])
+            finally:
+                if self.logger:
+                    self.logger.close()
+                self.spec.release()
         return result
 
     def _loop(self) -> dict[str, Any]:
@@ -450,18 +465,7 @@ class Trainer:
         result["eval"] = final_eval
         result["train"] = {k: v for k, v in last_train.items() if k not in ("step", "split")}
         if self.is_main:
-            self._write_report(step, final_eval, last_train)
+            table = self.exit_report.write_final(step, final_eval, last_train)
+            self._progress.close()
+            print("\n" + table, flush=True)
         return result
-
-    def _write_report(self, step: int, final_eval: Mapping[str, Any] | None,
-                      last_train: Mapping[str, Any]) -> None:
-        table = reports.exit_table(
-            final_eval, last_train, num_layers=self.model_config.num_hidden_layers,
-            title=f"Per-exit metrics at step {step} (exits {','.join(map(str, self.exits))}; "
-                  "eval = held-out split)")
-        (self.workdir / metrics_log.EXIT_TABLE_FILE).write_text(table)
-        if final_eval is None:  # otherwise the eval at this step has just plotted
-            reports.plot_exit_losses(sorted(self._plot_history().items()),
-                                     self.workdir / metrics_log.EXIT_PLOT_FILE)
-        self._progress.close()
-        print("\n" + table, flush=True)

@@ -238,8 +238,7 @@ INSTRUCTION = {"instruction": "Say hi.", "output": "hi"}
     ([GOOD], [], ":1: record 0 is a chat record (messages): it needs template 'chat', not 'plain'"),
     ([INSTRUCTION] * 3, ["--config.data.packing=True", "--config.data.buckets="],
      "cannot be packed into one global batch: its 3 examples pack into 1 rows"),
-    ([INSTRUCTION] * 3, ["--config.data.packing=True"],
-     "data.packing=True packs every row to max_len: data.buckets='48' does not apply"),
+    # (packing with data.buckets set is no longer refused: test_rough_edges.py)
 ])
 def test_bad_chat_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, records, extra,
                                                             message):

@@ -182,6 +182,8 @@ def test_failed_async_save_stops_the_run_with_one_message(tmp_path):
     assert err.startswith("sorted_jax.train: error: could not save step 4"), err
     assert "The last good checkpoint is step 2" in err, err
     assert model_io.workdir_steps(wd) == [2]
+    # "checkpoint: step N" once N is on disk, never for the save that failed
+    assert "checkpoint: step 2" in proc.stdout and "checkpoint: step 4" not in proc.stdout
     status = run_status.read(wd)
     assert status["status"] == run_status.FAILED and status["step"] < 12
 

@@ -148,3 +148,34 @@ def test_lazy_imports_only_for_heavy_optional_packages():
 def test_errors_is_the_lowest_module():
     graph = _graph()
     assert graph["sorted_jax.core.errors"] == set()
+
+
+# The layers of docs/architecture.md, lowest first: a package imports its own row or lower.
+LAYERS = {"core": 0, "model": 1, "data": 1, "parallel": 1, "tools": 1, "objective": 2, "io": 3,
+          "training": 4, "decoding": 5, "evaluation": 5, "serving": 5}
+
+
+def _package(module: str) -> str | None:
+    """The subpackage a module belongs to; None for `sorted_jax` itself and the commands."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_packages_import_only_their_own_layer_or_lower():
+    graph = _graph()
+    commands = {m for m in graph if m.count(".") == 1 and _package(m) is None}
+    assert {"sorted_jax.train", "sorted_jax.serve"} <= commands
+    upward, into_commands = [], []
+    for module, targets in graph.items():
+        here = _package(module)
+        for target in targets:
+            if target in commands:
+                into_commands.append(f"{module} -> {target}")
+            elif here is not None and _package(target) is not None \
+                    and LAYERS[_package(target)] > LAYERS[here]:
+                upward.append(f"{module} -> {target}")
+    assert not into_commands, "the library imports a command: " + ", ".join(into_commands)
+    assert not upward, "imports that go up a layer: " + ", ".join(upward)
+    # every subpackage is placed in a layer (a new one must be added to LAYERS and the docs)
+    packages = {m.split(".")[1] for m in graph if m.count(".") >= 2}
+    assert packages <= set(LAYERS), packages - set(LAYERS)

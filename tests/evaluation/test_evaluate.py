@@ -26,8 +26,8 @@ from sorted_jax.data import (
     tokenize_records,
 )
 from sorted_jax.data.tokenizers import ByteTokenizer, save_tokenizer_files
-from sorted_jax.evaluation import evaluator, reports
-from sorted_jax.io import model_io
+from sorted_jax.evaluation import evaluator
+from sorted_jax.io import ict_dir, model_io, reports
 from sorted_jax.model.layers import rms_norm
 from sorted_jax.model.modeling import make_model
 from sorted_jax.parallel.sharding import make_mesh
@@ -56,7 +56,7 @@ def dirs(tmp_path_factory):
     model_io.save_model_dir(root / "model", params, CFG)
     save_tokenizer_files("builtin", root / "model")
     heads = ict_heads.init_heads(params, CFG, (1, 2, 4))
-    ict_heads.save_ict_dir(root / "ict", params, CFG, heads, "builtin", {"template": "plain"})
+    ict_dir.save_ict_dir(root / "ict", params, CFG, heads, "builtin", {"template": "plain"})
     return root, params
 
 

@@ -16,7 +16,7 @@ import sorted_jax.objective.heads as ict_heads
 from sorted_jax import ict
 from sorted_jax.data import EvalIterator, builtin_records, tokenize_records
 from sorted_jax.data.tokenizers import ByteTokenizer
-from sorted_jax.io import model_io
+from sorted_jax.io import ict_dir, model_io
 from sorted_jax.model.modeling import make_model
 from sorted_jax.objective import soft
 from sorted_jax.training.ict_trainer import IctTrainer
@@ -112,14 +112,14 @@ def test_cli_writes_loadable_artifact(sft_dir, tmp_path, capsys):
     got, cfg = model_io.load_model_dir(out)
     assert cfg == CFG
     chex.assert_trees_all_equal(got, src)
-    heads = ict_heads.load_heads(out, CFG)
+    heads = ict_dir.load_heads(out, CFG)
     assert heads is not None and heads.exits == (2, 4)
     init = ict_heads.init_heads(src, CFG, (2, 4))
     assert not np.array_equal(heads.lm_head_kernel, init.lm_head_kernel)
-    meta = ict_heads.read_meta(out)
+    meta = ict_dir.read_meta(out)
     assert meta["exits"] == [2, 4] and meta["template"] == "plain" and meta["num_steps"] == 6
     assert [h["step"] for h in meta["history"]] == [1, 3, 6]
-    assert ict_heads.load_heads(sft_dir, CFG) is None
+    assert ict_dir.load_heads(sft_dir, CFG) is None
     # a second run refuses to overwrite, and an ICT dir is not an SFT model to start from
     rc = ict.main(["--ckpt", str(out), "--data", "builtin", "--out", str(tmp_path / "x"),
                    "--num-steps", "1", "--mesh", "1,1,1"])
@@ -131,12 +131,12 @@ def test_bad_heads_dir(sft_dir, tmp_path):
 
     d = tmp_path / "broken"
     shutil.copytree(sft_dir, d)
-    model_io.save_params(d / ict_heads.HEADS_DIR, {"norm_scale": np.ones((1, 32), np.float32)})
+    model_io.save_params(d / ict_dir.HEADS_DIR, {"norm_scale": np.ones((1, 32), np.float32)})
     with pytest.raises(ict_heads.IctError, match="ict.json"):
-        ict_heads.load_heads(d, CFG)
-    (d / ict_heads.ICT_FILE).write_text('{"exits": [2]}')
+        ict_dir.load_heads(d, CFG)
+    (d / ict_dir.ICT_FILE).write_text('{"exits": [2]}')
     with pytest.raises(ict_heads.IctError, match="lacks"):
-        ict_heads.load_heads(d, CFG)
+        ict_dir.load_heads(d, CFG)
     bad = ict_heads.IctHeads((2,), np.ones((1, 32)), np.ones((1, 16, 264)))
     with pytest.raises(ict_heads.IctError, match="lm_head_kernel has shape"):
         ict_heads.check_heads(bad, CFG)

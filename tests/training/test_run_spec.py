@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from sorted_jax.core.errors import TrainConfigError
+from sorted_jax.core.errors import ModelIOError, TrainConfigError
 from sorted_jax.data import save_tokenizer_files
+from sorted_jax.io import run_settings
 from sorted_jax.model.config import preset
-from sorted_jax.training import run_settings, run_spec
+from sorted_jax.training import run_spec
 
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
 SOFT_7B = (12, 16, 20, 24, 28, 32)  # the paper's exit sets (Sec. 4)
@@ -23,6 +24,8 @@ EXPECTED = {  # config file -> (preset, exits, eval exits, the last exit's weigh
     "tiny.py": ("tiny", (2, 4, 6, 8), (2, 4, 6, 8), None),  # None: the paper's uniform mean
     "tiny_pretrain.py": ("tiny", (8,), (2, 4, 6, 8), None),  # the pretrained-then-SoFT demo
     "tiny_finetune.py": ("tiny", (2, 4, 6, 8), (2, 4, 6, 8), None),
+    # the real-model recipe (SmolLM2-135M-Instruct on the Alpaca demo records, chat template)
+    "smollm2_alpaca.py": ("smollm2-135m", (6, 12, 18, 24, 30), (6, 12, 18, 24, 30), None),
     "soft_7b.py": ("llama2-7b", SOFT_7B, SOFT_7B, 0.5),  # the chosen recipe: exit_weights=last
     "sft_7b.py": ("llama2-7b", (32,), SOFT_7B, None),
     "soft_13b.py": ("llama2-13b", SOFT_13B, SOFT_13B, 0.5),
@@ -66,7 +69,9 @@ def test_config_file_resolves(config_file, tmp_path):
     c = spec.config
     assert c.max_len <= spec.model_config.max_position_embeddings
     assert c.batch_size % c.grad_accum == 0
-    if name != "tiny":  # the paper's recipe: Alpaca, lr 2e-5 cosine, 2 epochs, batch 32
+    if name == "smollm2-135m":  # a CPU-sized real-model recipe: chat template, short rows
+        assert (c.data.template, c.max_len, c.data.eval) == ("chat", 128, "runs/real/eval.json")
+    elif name != "tiny":  # the paper's recipe: Alpaca, lr 2e-5 cosine, 2 epochs, batch 32
         lr = 2e-4 if c.lora.rank else 2e-5  # LoRA's adapters start at zero: its usual rate
         assert (c.data.train, c.data.template, c.optim.lr, c.optim.schedule, c.epochs,
                 c.batch_size) == ("tfds:stanford_alpaca", "alpaca", lr, "cosine", 2.0, 32)
@@ -87,7 +92,8 @@ def test_resolution_errors_are_train_config_errors(tmp_path):
     with pytest.raises(TrainConfigError, match="exit_weights must be comma-separated numbers"):
         run_spec.resolve(config, workdir)
     config, workdir = run_spec.parse_args([*argv, "--config.model.preset="])
-    with pytest.raises(TrainConfigError, match="need a model.preset"):
+    with pytest.raises(TrainConfigError, match="model.vocab_size=264 is set: overrides apply to a "
+                       "preset"):
         run_spec.resolve(config, workdir)
 
 
@@ -108,5 +114,8 @@ def test_recorded_settings_read_back(tmp_path):
     ict = run_settings.read_run_settings(tmp_path, {"data": "d.json", "holdout": 3, "buckets": [8]})
     assert (ict.data, ict.eval_holdout, ict.buckets, ict.train_exits) == ("d.json", 3, [8], None)
     (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / run_settings.TRAIN_CONFIG_FILE).write_text(json.dumps([1, 2]))
     assert run_settings.read_run_settings(tmp_path / "broken") == run_settings.RunSettings()
+    # a record that cannot be read is refused, not silently replaced by the defaults
+    (tmp_path / "broken" / run_settings.TRAIN_CONFIG_FILE).write_text(json.dumps([1, 2]))
+    with pytest.raises(ModelIOError, match="is not a training config"):
+        run_settings.read_run_settings(tmp_path / "broken")

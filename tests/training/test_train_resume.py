@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -179,3 +180,92 @@ def test_two_processes_match_one(tmp_path, cache_dir, reference):
     kernel = restored.params["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.mesh.shape == {"data": 1, "fsdp": 2, "tensor": 2}
     assert not kernel.sharding.is_fully_replicated
+
+
+# Process 1 is slow to choose its resume step; both log when things happen.
+SLOW_SECOND = textwrap.dedent("""
+    import json, sys, time
+    import jax
+    from sorted_jax import train
+    from sorted_jax.training import checkpoint_integrity as ci
+
+    log = open(sys.argv[1], "a")
+    choose, set_aside = ci.choose_resume_step, ci.set_aside_after
+
+    def slow_choose(*args, **kwargs):
+        out = choose(*args, **kwargs)
+        if jax.process_index() == 1:
+            time.sleep(8)
+        log.write(json.dumps({"event": "chose", "process": jax.process_index(),
+                              "t": time.time()}) + "\\n")
+        log.flush()
+        return out
+
+    def logged_set_aside(*args, **kwargs):
+        log.write(json.dumps({"event": "set_aside", "t": time.time()}) + "\\n")
+        log.flush()
+        return set_aside(*args, **kwargs)
+
+    ci.choose_resume_step, ci.set_aside_after = slow_choose, logged_set_aside
+    sys.exit(train.main(["train", *sys.argv[2:]]))
+""")
+
+
+def two_processes(wd, cache_dir, *extra, script=None, log=None):
+    port = free_port()
+    args = [command(wd, cache_dir, *extra, "--config.mesh.shape=2,1,1",
+                    "--config.distributed.enabled=True",
+                    f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                    "--config.distributed.num_processes=2",
+                    f"--config.distributed.process_id={i}") for i in range(2)]
+    if script is not None:  # the same arguments, through `script`
+        args = [[sys.executable, "-c", script, str(log), *a[3:]] for a in args]
+    procs = [subprocess.Popen(a, cwd=REPO, env=env_one_device(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for a in args]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
+
+
+def test_two_processes_one_lock_and_a_barrier_before_set_aside(tmp_path, cache_dir):
+    """A 2-process run takes one workdir lock (process 0's): held by another writer, both
+    processes stop at once, process 0 naming the holder. A 2-process resume that sets a damaged
+    step aside waits until every process has chosen its step: a slow process 1 does not find
+    the step dirs moving under it."""
+    from sorted_jax.io import destinations
+
+    wd = tmp_path / "run"
+    steps = ["--config.num_steps=10", "--config.checkpoint_every=5"]
+    for rc, out, err in two_processes(wd, cache_dir, *steps):
+        assert rc == 0, out[-2000:] + err[-3000:]
+    assert model_io.workdir_steps(wd) == [5, 10]
+
+    held = destinations.claim_dir(wd, flag="--workdir", command="sorted_jax.train",
+                                  resume=True)
+    try:
+        (rc0, out0, err0), (rc1, out1, err1) = two_processes(wd, cache_dir, *steps)
+    finally:
+        held.release()
+    assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
+    assert f"is being written by sorted_jax.train (PID {os.getpid()}" in err0, err0[-2000:]
+    assert "process(es) [0] of this run refused to start" in err1, err1[-2000:]
+
+    state = wd / "checkpoints" / "10" / "state"
+    biggest = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(biggest.stat().st_size // 2)
+    log = tmp_path / "events.jsonl"
+    for rc, out, err in two_processes(wd, cache_dir, *steps, script=SLOW_SECOND, log=log):
+        assert rc == 0, out[-2000:] + err[-3000:]
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    chose = {e["process"]: e["t"] for e in events if e["event"] == "chose"}
+    (aside,) = [e["t"] for e in events if e["event"] == "set_aside"]
+    assert set(chose) == {0, 1} and aside > chose[1], events  # after the slow one chose
+    assert model_io.workdir_steps(wd) == [5, 10]
+    assert len(list((wd / "set_aside").glob("*/10"))) == 1

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from sorted_jax.training.metrics_log import exit_values
+from sorted_jax.objective.metric_keys import exit_values
 
 # exp() of a larger loss overflows a float; such a model is noise anyway.
 MAX_LOG_PERPLEXITY = 50.0

@@ -2,7 +2,7 @@
 run: a training workdir's `train_config.json` (the full config of its latest launch) and an
 SFT+ICT dir's `ict.json`. A field is None when the run did not record it.
 
-    settings = read_run_settings(path, heads.read_meta(path))
+    settings = read_run_settings(path, ict_dir.read_meta(path))
     settings.max_len, settings.template, settings.buckets   # defaults for evaluate and ict
 """
 
@@ -13,6 +13,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from sorted_jax.core.errors import ModelIOError
 
 TRAIN_CONFIG_FILE = "train_config.json"  # the full training config of a workdir's latest launch
 
@@ -61,7 +63,7 @@ class RunSettings:
 
     @classmethod
     def from_ict_meta(cls, m: Mapping[str, Any]) -> RunSettings:
-        """From an SFT+ICT dir's `ict.json` (its heads' exits are `heads.head_exits`)."""
+        """From an SFT+ICT dir's `ict.json` (its heads' exits are `ict_dir.head_exits`)."""
         return cls(
             data=m.get("data"), template=m.get("template"), max_len=m.get("max_len"),
             batch_size=m.get("batch_size"), lr=m.get("lr"), dtype=m.get("dtype"),
@@ -73,17 +75,21 @@ def read_run_settings(path: str | Path, ict_meta: Mapping[str, Any] | None = Non
                       ) -> RunSettings:
     """The settings recorded in `path`: its `ict.json` (`ict_meta`, already read) when it is an
     SFT+ICT dir, else its `train_config.json`; empty settings when it has neither (a converted
-    model dir) or the file is not a JSON object."""
+    model dir). A `train_config.json` that cannot be read is refused (`ModelIOError`): silently
+    using the defaults instead would evaluate with another template, length and exits."""
     if ict_meta:
         return RunSettings.from_ict_meta(ict_meta)
     f = Path(path) / TRAIN_CONFIG_FILE
     if not f.is_file():
         return RunSettings()
+    fix = ("it records how the run was trained (template, max_len, exits): restore it (re-run "
+           "`train` on the workdir rewrites it), or move it away to use the defaults")
     try:
-        c = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return RunSettings()
+        c = json.loads(f.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelIOError(f"{f} cannot be read ({type(e).__name__}: {e}); {fix}") from None
     if not isinstance(c, Mapping) or not all(
             isinstance(c.get(k, {}), Mapping) for k in ("data", "optim")):
-        return RunSettings()
+        raise ModelIOError(f"{f} is not a training config (a JSON object with 'data' and "
+                           f"'optim' groups); {fix}")
     return RunSettings.from_train_config(c)

@@ -3,6 +3,7 @@
     python -m sorted_jax.convert hf-to-orbax --hf HF_DIR_OR_GGUF --out MODEL_DIR [--dtype float32]
     python -m sorted_jax.convert orbax-to-hf --ckpt MODEL_DIR_OR_WORKDIR --out HF_DIR \
         [--exit-layer K] [--step N] [--dtype bfloat16] [--shard-size 2GB]
+    python -m sorted_jax.convert orbax-to-hf --ckpt LORA_WORKDIR --out ADAPTER_DIR --peft
 
 The command only parses flags; the work is in `sorted_jax.io`: `conversion` (both directions,
 their output checks), `hf_checkpoint` + `hf_weights` (reading an HF dir tensor by tensor),
@@ -19,8 +20,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sorted_jax.core.errors import run_cli
-from sorted_jax.io.conversion import hf_to_orbax, orbax_to_hf
+from sorted_jax.core.errors import UsageError, run_cli
+from sorted_jax.io.conversion import hf_to_orbax, orbax_to_hf, orbax_to_peft
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dtype of the written tensors (default: as stored)")
     o2h.add_argument("--shard-size", default="2GB",
                      help="max bytes per safetensors shard, e.g. 2GB, 500MB (default 2GB)")
+    o2h.add_argument("--peft", action="store_true",
+                     help="a LoRA run: write its adapters as an HF PEFT adapter dir (for the "
+                          "base it started from) instead of the merged model")
     o2h.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     o2h.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -63,6 +67,11 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "hf-to-orbax":
         out = hf_to_orbax(args.hf, args.out, args.dtype, args.allow_pickle, args.overwrite,
                           not args.no_progress)
+    elif args.peft:
+        if args.exit_layer is not None:
+            raise UsageError("--peft writes the adapters of the whole base; --exit-layer applies "
+                             "to the merged export (drop --peft)")
+        out = orbax_to_peft(args.ckpt, args.out, args.step, args.dtype, args.overwrite)
     else:
         out = orbax_to_hf(args.ckpt, args.out, args.exit_layer, args.step, args.dtype,
                           args.shard_size, args.overwrite, not args.no_progress)

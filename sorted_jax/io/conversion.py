@@ -3,7 +3,9 @@
 - `hf_to_orbax`: an HF LLaMA dir or a GGUF file -> a model dir (`hf_checkpoint` / `gguf_file`
   read, `model_io` writes; a GGUF's tokenizer is written as HF tokenizer files).
 - `orbax_to_hf`: any checkpoint (`artifacts.inspect`: a model dir, training workdir, HF dir or
-  GGUF file) -> an HF dir, whole or the depth-k sub-model (`hf_export`).
+  GGUF file) -> an HF dir, whole or the depth-k sub-model (`hf_export`); a LoRA run's workdir
+  is its merged model.
+- `orbax_to_peft`: a LoRA run's workdir -> an HF PEFT adapter dir (`peft_export`).
 
 `--out` is claimed first (`destinations.claim_dir`): never an input or inside one, and
 `overwrite` replaces only a dir this command wrote. Outputs are written into a temp sibling
@@ -15,7 +17,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sorted_jax.io import artifacts, destinations, gguf_file, hf_export, ict_dir, model_io
+from sorted_jax.io import (
+    artifacts,
+    destinations,
+    gguf_file,
+    hf_export,
+    ict_dir,
+    model_io,
+    peft_export,
+)
 from sorted_jax.io.destinations import atomic_dir
 from sorted_jax.io.hf_checkpoint import read_hf_checkpoint
 from sorted_jax.io.model_io import (
@@ -78,3 +88,13 @@ def orbax_to_hf(ckpt: str | Path, out_dir: str | Path, exit_layer: int | None = 
                                                    exit_layer)
     return hf_export.write_export(out, views, sub_config, dtype, shard_size, art.tokenizer_dir,
                                   overwrite, progress)
+
+
+def orbax_to_peft(ckpt: str | Path, out_dir: str | Path, step: int | None = None,
+                  dtype: Any = None, overwrite: bool = False) -> Path:
+    """A LoRA run's adapters -> an HF PEFT adapter dir for the base it was trained on."""
+    out = destinations.claim_dir(out_dir, flag="--out", command=ORBAX_TO_HF, inputs=[ckpt],
+                                 overwrite=overwrite)
+    trained, record, _ = peft_export.lora_record(
+        model_io.require_filesystem_path(ckpt, "--ckpt"), step)
+    return peft_export.write_peft(out, trained, record, resolve_dtype(dtype))

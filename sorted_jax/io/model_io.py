@@ -47,7 +47,7 @@ from absl import logging as absl_logging
 
 from sorted_jax.core.errors import ModelIOError
 from sorted_jax.data.tokenizers import save_tokenizer_files
-from sorted_jax.io import gguf_file, hf_checkpoint
+from sorted_jax.io import gguf_file, hf_checkpoint, lora_merge
 from sorted_jax.io.destinations import atomic_dir, require_filesystem_path, url_scheme
 from sorted_jax.io.param_tree import (
     check_params,
@@ -57,6 +57,7 @@ from sorted_jax.io.param_tree import (
     resolve_dtype,
     unflatten,
 )
+from sorted_jax.model import lora
 from sorted_jax.model.config import ConfigError, LlamaConfig
 
 CONFIG_FILE = "config.json"
@@ -347,10 +348,19 @@ def workdir_steps(workdir: PathLike) -> list[int]:
         return sorted(mngr.all_steps())
 
 
+def read_workdir_meta(workdir: PathLike, step: int) -> dict:
+    """The `meta` item of a workdir's checkpoint `step` (the run's record of that step)."""
+    with contextlib.closing(_manager(Path(workdir).absolute() / CHECKPOINTS_DIR)) as mngr:
+        args = ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
+        return dict(mngr.restore(step, args=args)[META_ITEM] or {})
+
+
 def load_workdir_params(workdir: PathLike, step: int | None = None, dtype: Any = None,
-                        shardings: Any = None) -> tuple[dict, LlamaConfig, int]:
+                        shardings: Any = None, merge_lora: bool = True
+                        ) -> tuple[dict, LlamaConfig, int]:
     """(params, config, step) from a training workdir; only `params` is read from disk (as
-    numpy, or as `jax.Array`s in `shardings`)."""
+    numpy, or as `jax.Array`s in `shardings`). A LoRA run's are its base with the adapters
+    merged in (`lora_merge`; `merge_lora=False`: the adapters as saved)."""
     wd = Path(workdir).absolute()
     config = _read_config_json(wd)
     ckpt_dir = wd / CHECKPOINTS_DIR
@@ -381,6 +391,17 @@ def load_workdir_params(workdir: PathLike, step: int | None = None, dtype: Any =
                     partial_restore=True)}))
             return restored[STATE_ITEM]["params"]
 
+        where = f"step {step} of {wd}"
+        if lora.has_adapters(_unbox(tree["params"])):
+            trained = _unbox(_restore_leafwise(restore, tree["params"], None))
+            record = lora_merge.BaseRecord.from_meta(read_workdir_meta(wd, step), where)
+            if not merge_lora or record is None:
+                return trained, config, step
+            base, _, _ = load_params(lora_merge.require_base_path(record, where))
+            params = lora_merge.merged(base, trained, record, where, resolve_dtype(dtype),
+                                       shardings)
+            check_params(params, config, where=where)
+            return params, config, step
         check_params(_unbox(tree["params"]), config, where=f"params of step {step} in {ckpt_dir}")
         try:
             params = _restore_leafwise(restore, tree["params"], resolve_dtype(dtype), shardings)

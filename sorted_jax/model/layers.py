@@ -20,8 +20,10 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from sorted_jax.model import lora
 from sorted_jax.model.config import LlamaConfig, rope_inv_freq
 from sorted_jax.model.kv_cache import write_slots
+from sorted_jax.model.lora import LoraSpec
 from sorted_jax.parallel import sharding
 
 Array = jax.Array
@@ -33,6 +35,9 @@ Dtype = Any
 BATCH, LENGTH = "batch", "length"
 ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
     "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
+
+
+DTYPES_BY_NAME = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def normal_init(std: float, names: tuple[str, ...]) -> Callable[..., Array]:
@@ -81,6 +86,9 @@ class Projection(nn.Module):
 
     `nn.DenseGeneral` initialises a flat kernel and reshapes it, which breaks logical-axis
     constraints under a mesh; a kernel created in its final shape carries its names cleanly.
+    With `lora` the kernel is a frozen base weight (`lora.frozen_einsum`; stored as codes +
+    scales when the base is quantised) and, when `target` is one of the spec's targets, the
+    projection adds the low-rank update `(x @ A) @ B * alpha / r` (`sorted_jax.model.lora`).
     """
 
     shape: tuple[int, ...]
@@ -88,12 +96,41 @@ class Projection(nn.Module):
     names: tuple[str, ...]
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoraSpec | None = None
+    target: str = ""  # this projection's LoRA target name (q, k, v, o, gate, up, down)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", normal_init(0.02, self.names), self.shape,
-                            self.param_dtype)
-        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        x = x.astype(self.dtype)
+        spec = self.lora
+        if spec is None:
+            kernel = self.param("kernel", normal_init(0.02, self.names), self.shape,
+                                self.param_dtype)
+            return jnp.einsum(self.equation, x, kernel.astype(self.dtype))
+        axis = self.names.index("embed")
+        if self.has_variable("params", lora.KERNEL_Q):  # a quantised base
+            parts = (self.get_variable("params", lora.KERNEL_Q),
+                     self.get_variable("params", lora.KERNEL_SCALE))
+            kind = spec.base_dtype
+        else:
+            parts = (self.param("kernel", normal_init(0.02, self.names), self.shape,
+                                self.param_dtype),)
+            kind = None
+        y = lora.frozen_einsum(self.equation, x, parts, kind, axis)
+        if self.target not in spec.targets:
+            return y
+        eq_a, eq_b, n_in = lora.adapter_equations(self.equation)
+        r, adt = spec.rank, DTYPES_BY_NAME[spec.adapter_dtype]
+        a = self.param(lora.LORA_A, lora.kaiming_uniform_a((*self.names[:n_in], lora.RANK_AXIS)),
+                       (*self.shape[:n_in], r), adt)
+        b = self.param(lora.LORA_B, nn.with_logical_partitioning(
+            nn.initializers.zeros, (lora.RANK_AXIS, *self.names[n_in:])),
+            (r, *self.shape[n_in:]), adt)
+        if spec.dropout > 0 and self.has_rng("dropout"):  # training: the step gives the rng
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - spec.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+        low = jnp.einsum(eq_a, x, a.astype(self.dtype))
+        return y + (jnp.einsum(eq_b, low, b.astype(self.dtype)) * spec.scaling).astype(y.dtype)
 
 
 @flax.struct.dataclass
@@ -112,6 +149,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: str = "xla"
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: Array, inputs: AttentionInputs, cache: tuple[Array, Array] | None,
@@ -123,7 +161,8 @@ class Attention(nn.Module):
         def proj(name: str, heads: int, head_axis: str) -> Projection:
             return Projection((cfg.hidden_size, heads, dh), "btd,dhk->bthk",
                               ("embed", head_axis, "head_dim"), dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=name)
+                              param_dtype=self.param_dtype, lora=self.lora,
+                              target=lora.TARGET_OF[name], name=name)
 
         q = proj("q_proj", n, "heads")(x)
         kk = proj("k_proj", k, "kv_heads")(x)
@@ -152,7 +191,8 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, (BATCH, LENGTH, ACT_HEADS, "head_dim"))
         out = Projection((n, dh, cfg.hidden_size), "bthk,hkd->btd",
                          ("heads", "head_dim", "embed"), dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="o_proj")(out)
+                         param_dtype=self.param_dtype, lora=self.lora, target="o",
+                         name="o_proj")(out)
         return checkpoint_name(out, "attention_out"), cache
 
 
@@ -212,19 +252,20 @@ class MLP(nn.Module):
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
 
-        def dense(name: str, features: int, names: tuple[str, str]) -> nn.Dense:
-            return nn.Dense(features, use_bias=False, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=name,
-                            kernel_init=normal_init(0.02, names))
+        def dense(name: str, shape: tuple[int, int], names: tuple[str, str]) -> Projection:
+            eq = "btd,df->btf" if names[0] == "embed" else "btf,fd->btd"
+            return Projection(shape, eq, names, dtype=self.dtype, param_dtype=self.param_dtype,
+                              lora=self.lora, target=lora.TARGET_OF[name], name=name)
 
-        gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-        up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        gate = dense("gate_proj", (d, f), ("embed", "mlp"))(x)
+        up = dense("up_proj", (d, f), ("embed", "mlp"))(x)
         h = nn.with_logical_constraint(nn.silu(gate) * up, (BATCH, LENGTH, ACT_MLP))
-        out = dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h)
+        out = dense("down_proj", (f, d), ("mlp", "embed"))(h)
         return checkpoint_name(out, "mlp_out")
-

@@ -43,6 +43,7 @@ from sorted_jax.model.layers import (
     normal_init,
     rotary_cos_sin,
 )
+from sorted_jax.model.lora import LoraSpec
 
 Array = jax.Array
 Dtype = Any
@@ -114,6 +115,7 @@ class DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, carry: tuple, layer_inputs: LayerInputs) -> tuple[tuple, None]:
@@ -123,10 +125,10 @@ class DecoderLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.with_logical_constraint(h, (BATCH, LENGTH, ACT_EMBED))
         attn_out, cache = Attention(cfg, implementation=self.attention_impl, name="self_attn",
-                                    **kw)(RMSNorm(cfg.rms_norm_eps, name="input_layernorm",
-                                                  **kw)(h), inputs, cache, layer)
+                                    lora=self.lora, **kw)(
+            RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(h), inputs, cache, layer)
         h = h + attn_out
-        mlp_out = MLP(cfg, name="mlp", **kw)(
+        mlp_out = MLP(cfg, name="mlp", lora=self.lora, **kw)(
             RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(h))
         h = nn.with_logical_constraint(h + mlp_out, (BATCH, LENGTH, ACT_EMBED))
         if exit_buf is not None:
@@ -181,6 +183,8 @@ class Llama(nn.Module):
     attention_impl: str = "xla"
     remat_policy: str = "none"
     scan_unroll: int = 1
+    # LoRA adapters on a frozen (possibly quantised) base: `sorted_jax.model.lora`.
+    lora: LoraSpec | None = None
 
     def setup(self) -> None:
         cfg = self.config
@@ -196,11 +200,11 @@ class Llama(nn.Module):
             block = nn.remat(DecoderLayer, policy=remat_policies()[self.remat_policy],
                              prevent_cse=False)
         stack = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
             in_axes=nn.broadcast, length=cfg.num_hidden_layers, unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"})
         self.layers = stack(cfg, attention_impl=resolve_attention_impl(
-            self.attention_impl, self.dtype), name="layers", **kw)
+            self.attention_impl, self.dtype), lora=self.lora, name="layers", **kw)
         self.norm = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = LMHead(cfg.vocab_size, name="lm_head", **kw)
@@ -310,9 +314,10 @@ class Llama(nn.Module):
 
 def make_model(config: LlamaConfig, *, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, attention_impl: str = "xla",
-               remat_policy: str = "none", scan_unroll: int = 1) -> Llama:
+               remat_policy: str = "none", scan_unroll: int = 1,
+               lora: LoraSpec | None = None) -> Llama:
     return Llama(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                 remat_policy=remat_policy, scan_unroll=scan_unroll)
+                 remat_policy=remat_policy, scan_unroll=scan_unroll, lora=lora)
 
 
 EXIT_ADAPTERS = "exit_adapters"  # params key of the exit adapters' layer stack

@@ -6,20 +6,38 @@ of the real train step on abstract inputs. On a CPU host, planning for N acceler
 (fake) devices: `plan_in_subprocess` starts a Python with
 `--xla_force_host_platform_device_count=N`. CPU compilation approximates GPU/TPU temporaries
 (fusion decisions differ), so treat the figure as a plan, not a promise.
+
+Two things XLA:CPU compiles differently from a GPU would hide the answer for a GPU run, so a plan
+made on a CPU for one (`gpu_estimate`) compiles the step a second time without them and reports
+both figures: (1) attention: XLA's attention materialises the `[B, H, T, T]` scores (2 GiB per
+buffer for 4 x 2048 tokens and 32 heads, several live in the backward pass) where cuDNN's flash
+attention keeps `[B, H, T]` statistics, so the second compile swaps in a stand-in with the same
+inputs and output and no `[T, T]` array (`flash_attention_standin`); (2) a frozen bf16 / fp32
+LoRA base: XLA:CPU has no bf16 dot, and the f32 convert it adds is hoisted out of the layer scan
+onto the whole stack (a phantom fp32 copy of the base), so the second compile holds the base as
+int8 codes dequantised per layer (the real per-layer slices are smaller still). One more
+XLA:CPU artefact is measured, not removed: it updates and reads the scan's saved bf16 layer
+inputs `[L, B, T, D]` through f32 copies of the whole stack; `cpu_upcast_bytes` sums the f32
+converts of bf16 `[L, ...]` stacks in the compiled program, and the GPU estimate subtracts them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+
+from sorted_jax.tools import hlo_stats
 
 GiB = 2**30
 
@@ -40,6 +58,11 @@ class MemoryPlan:
     compiled_output_bytes: float
     device_memory_bytes: float | None = None
     teacher_bytes: float = 0.0  # per device: an anchored run's frozen teacher (in the arguments)
+    frozen_bytes: float = 0.0  # per device: a LoRA run's frozen base (in the arguments)
+    # What XLA:CPU compiled, when `compiled_temp_bytes` is the GPU estimate (module docstring),
+    # and the f32 copies of bf16 layer stacks it makes that the estimate leaves out.
+    cpu_temp_bytes: float | None = None
+    cpu_upcast_bytes: float = 0.0
 
     @property
     def total_bytes(self) -> float:
@@ -59,10 +82,18 @@ class MemoryPlan:
             ("optimizer state / device", f"{self.opt_state_bytes / GiB:.2f} GiB"),
             *([("frozen teacher / device", f"{self.teacher_bytes / GiB:.2f} GiB")]
               if self.teacher_bytes else []),
+            *([("frozen base / device", f"{self.frozen_bytes / GiB:.2f} GiB")]
+              if self.frozen_bytes else []),
             ("step arguments (state + batch) / device",
              f"{self.compiled_argument_bytes / GiB:.2f} GiB"),
-            ("step temporaries (grads, activations) / device",
+            ("step temporaries (grads, activations) / device" if self.cpu_temp_bytes is None
+             else "step temporaries on a GPU (flash attention) / device",
              f"{self.compiled_temp_bytes / GiB:.2f} GiB"),
+            *([("  as XLA:CPU compiles them (XLA attention)",
+                f"{self.cpu_temp_bytes / GiB:.2f} GiB"),
+               ("  XLA:CPU's f32 copies of bf16 layer stacks (left out)",
+                f"{self.cpu_upcast_bytes / GiB:.2f} GiB")]
+              if self.cpu_temp_bytes is not None else []),
             ("total / device", f"{self.total_bytes / GiB:.2f} GiB"),
         ]
         if self.device_memory_bytes is not None:
@@ -89,20 +120,70 @@ def _sharded_bytes(abstract: Any, shardings: Any) -> float:
     return total
 
 
+@contextlib.contextmanager
+def flash_attention_standin() -> Iterator[None]:
+    """While lowering: `jax.nn.dot_product_attention` replaced by an elementwise stand-in with
+    its inputs and output and no `[B, H, T, S]` array, for the memory of flash attention."""
+    real = jax.nn.dot_product_attention
+
+    def standin(query, key, value, *args, **kwargs):
+        rep = query.shape[2] // key.shape[2]
+        k, v = (jnp.repeat(x, rep, axis=2) for x in (key, value))
+        return (query * k + v).astype(query.dtype)
+
+    jax.nn.dot_product_attention = standin
+    try:
+        yield
+    finally:
+        jax.nn.dot_product_attention = real
+
+
+def upcast_stack_bytes(hlo_text: str, num_layers: int) -> float:
+    """Bytes of the distinct f32 arrays `[L, ...]` made by converting a bf16 one of the same
+    shape (XLA:CPU's upcasts of stacked layer buffers; a GPU computes on them in bf16)."""
+    program = hlo_stats.Program.parse(hlo_text)
+    shapes = set()
+    for comp, insts in program.computations.items():
+        for inst in insts:
+            if inst.opcode != "convert" or not inst.operands:
+                continue
+            out = inst.shapes
+            src = program.shape_of(comp, inst.operands[0].lstrip("%"))
+            if (len(out) == 1 and out[0][0] == "f32" and len(out[0][1]) > 1
+                    and out[0][1][0] == num_layers and src is not None
+                    and src.startswith("bf16[") and hlo_stats.parse_shape(src)[1] == out[0][1]):
+                shapes.add(out[0][1])
+    return float(sum(4 * math.prod(s) for s in shapes))
+
+
 def plan_steps(steps: Any, batch_shape: tuple[int, int],
-               device_memory_gib: float | None = None) -> MemoryPlan:
-    """Plan for a built `train_step.SoftSteps` (its mesh, rules, remat, exits) and a batch."""
+               device_memory_gib: float | None = None, gpu_estimate: Any = None
+               ) -> MemoryPlan:
+    """Plan for a built `train_step.SoftSteps` (its mesh, rules, remat, exits) and a batch.
+
+    `gpu_estimate`: the same step built for the GPU estimate (module docstring), a separate
+    `SoftSteps` (its own jit, traced under the attention stand-in)."""
     abstract, shardings = steps.abstract_state, steps.state_shardings
     params = _sharded_bytes(abstract.params, shardings.params)
     opt = _sharded_bytes(abstract.opt_state, shardings.opt_state)
     teacher = 0.0 if steps.teacher is None else _sharded_bytes(
         steps.abstract_teacher, steps.teacher_shardings)
+    frozen = 0.0 if steps.abstract_frozen is None else _sharded_bytes(
+        steps.abstract_frozen, steps.frozen_shardings)
     mem = steps.lower_train_step(batch_shape).compile().memory_analysis()
+    temp, cpu_temp = float(mem.temp_size_in_bytes), None
+    upcast = 0.0
+    if gpu_estimate is not None:
+        with flash_attention_standin():
+            lowered = gpu_estimate.lower_train_step(batch_shape)
+        compiled = lowered.compile()
+        upcast = upcast_stack_bytes(compiled.as_text(), steps.model.config.num_hidden_layers)
+        temp, cpu_temp = float(compiled.memory_analysis().temp_size_in_bytes) - upcast, temp
     return MemoryPlan(
         devices=steps.mesh.devices.size, mesh=dict(steps.mesh.shape),
-        params_bytes=params, opt_state_bytes=opt, teacher_bytes=teacher,
+        params_bytes=params, opt_state_bytes=opt, teacher_bytes=teacher, frozen_bytes=frozen,
         compiled_argument_bytes=float(mem.argument_size_in_bytes),
-        compiled_temp_bytes=float(mem.temp_size_in_bytes),
+        compiled_temp_bytes=temp, cpu_temp_bytes=cpu_temp, cpu_upcast_bytes=upcast,
         compiled_output_bytes=float(mem.output_size_in_bytes),
         device_memory_bytes=None if device_memory_gib is None else device_memory_gib * GiB)
 

@@ -12,10 +12,12 @@ step's arguments and its compiled temporaries for the configured mesh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from sorted_jax.core.errors import TrainConfigError
@@ -25,7 +27,7 @@ from sorted_jax.model.modeling import DTYPES, EXIT_ADAPTERS
 from sorted_jax.objective import soft
 from sorted_jax.parallel import sharding
 from sorted_jax.tools import memory_planner as planner
-from sorted_jax.training import frozen, run_spec
+from sorted_jax.training import frozen, lora_run, run_spec
 from sorted_jax.training.train_step import SoftSteps, make_optimizer
 
 
@@ -43,15 +45,31 @@ def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) 
     mesh = sharding.make_mesh(tuple(c.mesh.shape))
     rules = sharding.rules_from_config(c.mesh.rules)
     sharding.check_batch_size(c.batch_size, mesh, rules, c.grad_accum)
-    model = modeling.make_model(mc, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
-                                attention_impl=c.attention_impl, remat_policy=c.remat_policy)
-    tx, _ = make_optimizer(lr=c.optim.lr, total_steps=1000, mu_dtype=run_spec.mu_dtype_of(c),
-                           clip_norm=c.optim.clip_norm or None)
-    steps = SoftSteps(model, exits, tx, mesh, rules, grad_accum=c.grad_accum,
-                      rows_per_chunk=c.loss_rows_per_chunk,
-                      trainable_keys=(EXIT_ADAPTERS,) if c.exit_adapters != "none" else None,
-                      teacher=frozen.teacher_model(c, mc),
-                      anchor_weights=frozen.anchor_weights(c, tuple(exits)))
+    spec = lora_run.lora_spec(c)
+    lora_run.check_model(spec, mc)
+
+    def build(spec: Any) -> SoftSteps:
+        model = modeling.make_model(mc, dtype=DTYPES[c.dtype],
+                                    param_dtype=lora_run.base_param_dtype(c, spec),
+                                    attention_impl=c.attention_impl,
+                                    remat_policy=c.remat_policy, lora=spec)
+        tx, _ = make_optimizer(lr=c.optim.lr, total_steps=1000,
+                               mu_dtype=run_spec.mu_dtype_of(c),
+                               clip_norm=c.optim.clip_norm or None)
+        return SoftSteps(model, exits, tx, mesh, rules, grad_accum=c.grad_accum,
+                         rows_per_chunk=c.loss_rows_per_chunk,
+                         trainable_keys=(EXIT_ADAPTERS,) if c.exit_adapters != "none" else None,
+                         teacher=frozen.teacher_model(c, mc),
+                         anchor_weights=frozen.anchor_weights(c, tuple(exits)))
+
+    steps = build(spec)
+    # Planned on a CPU for a GPU run: also compiled without XLA:CPU's attention scores and bf16
+    # upcasts (`memory_planner`'s docstring).
+    half = jnp.dtype(DTYPES[c.dtype]).itemsize < 4
+    gpu = jax.default_backend() == "cpu" and half and c.attention_impl in ("auto", "cudnn")
+    float_base = spec is not None and not spec.quantised
+    estimate = build(dataclasses.replace(spec, base_dtype="int8") if float_base else spec) \
+        if gpu else None
     gib = None
     if device_memory:
         key = device_memory.lower()
@@ -62,7 +80,7 @@ def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) 
             raise TrainConfigError(
                 f"--plan_device_memory={device_memory!r}: give GiB or one of "
                 f"{', '.join(planner.DEVICE_MEMORY_GIB)}") from None
-    return planner.plan_steps(steps, (c.batch_size, c.max_len), gib), mc, exits
+    return planner.plan_steps(steps, (c.batch_size, c.max_len), gib, estimate), mc, exits
 
 
 def pop_plan_flags(argv: list[str]) -> tuple[list[str], dict[str, Any] | None]:
@@ -99,7 +117,11 @@ def run_plan(config: ml_collections.ConfigDict, argv: list[str], opts: dict[str,
         return 0
     p, mc, exits = plan_memory(config, opts.get("plan_device_memory"))
     tips = planner.suggestions(p, config.remat_policy, config.optim.mu_dtype)
-    header = (f"plan: {mc.num_params() / 1e9:.2f}B params, exits {list(exits)}, batch "
+    spec = lora_run.lora_spec(config)
+    lora_text = "" if spec is None else (
+        f"LoRA rank {spec.rank} on {','.join(spec.targets)} over a frozen {spec.base_dtype} "
+        "base, ")
+    header = (f"plan: {mc.num_params() / 1e9:.2f}B params, {lora_text}exits {list(exits)}, batch "
               f"{config.batch_size} x {config.max_len} (grad_accum {config.grad_accum}), remat "
               f"{config.remat_policy}, {config.dtype} compute / {config.param_dtype} params, "
               f"{p.devices} device(s)")

@@ -42,8 +42,9 @@ from sorted_jax.model.exit_adapters import INITS
 from sorted_jax.model.modeling import DTYPES
 from sorted_jax.objective import soft
 from sorted_jax.parallel.sharding import Rules, rules_from_config
-from sorted_jax.training import checkpoint_integrity
+from sorted_jax.training import checkpoint_integrity, lora_run
 from sorted_jax.training.config_checks import check_ranges
+from sorted_jax.training.lora_run import lora_spec
 from sorted_jax.training.run_args import parse_args
 
 __all__ = ["ARCH_FIELDS", "COMMAND", "MODEL_OVERRIDES", "SCHEDULES", "TOKENIZER_DIR", "RunSpec",
@@ -110,6 +111,9 @@ def check_static(c: ml_collections.ConfigDict) -> None:
     if c.exit_adapters != "none":
         need(bool(c.init_from), f"exit_adapters={c.exit_adapters!r} trains adapters on a frozen "
              "trunk: set init_from to the trunk (a base model or a finished SFT run)")
+    if lora_spec(c) is not None:
+        need(c.exit_adapters == "none", "lora.rank > 0 and exit_adapters are two ways to keep "
+             "the base frozen: use one of them")
     need(c.optim.mu_dtype == "" or c.optim.mu_dtype in DTYPES,
          f"optim.mu_dtype must be '' or one of {sorted(DTYPES)}, got {c.optim.mu_dtype!r}")
     need(c.attention_impl in modeling.ATTENTION_IMPLEMENTATIONS,
@@ -315,7 +319,7 @@ class RunSpec:
         """Top-level config fields that matter for a resumed run and differ from `saved` (the
         train config a checkpoint was written with)."""
         now = json.loads(self.config.to_json_best_effort())
-        return [k for k in ("exits", "seed", "batch_size", "max_len", "data", "model")
+        return [k for k in ("exits", "seed", "batch_size", "max_len", "data", "model", "lora")
                 if k in saved and saved[k] != now.get(k)]
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
@@ -355,6 +359,10 @@ def claim(config: ml_collections.ConfigDict, workdir: str | Path, *,
     `lock`, its writer lock). No collective runs here (nothing Orbax), so in a multi-process
     run the processes can agree on it before going on (`distributed.on_every_process`)."""
     check_static(config)
+    if lora_spec(config) is not None and not config.init_from:  # (not in check_static: --plan
+        raise TrainConfigError(                                  # needs no weights)
+            f"lora.rank={config.lora.rank} trains adapters on a frozen base: set init_from to "
+            "it (a model dir, HF dir, GGUF file or workdir)")
     return claim_workdir(config, workdir, lock)
 
 
@@ -399,6 +407,7 @@ def _resolve(c: ml_collections.ConfigDict, dest: destinations.Destination) -> Ru
                                    f"layer ({big_l}), got exits={list(exits)}",
                                    fields=("exit_adapters", "exits"))
         mc = mc.replace(exit_adapters=adapted)
+    lora_run.check_model(lora_spec(c), mc)
     if c.max_len > mc.max_position_embeddings:
         raise TrainConfigError(f"max_len={c.max_len} exceeds the model's "
                                f"max_position_embeddings={mc.max_position_embeddings}",

@@ -70,6 +70,24 @@ def default_config() -> ml_collections.ConfigDict:
     # Where an exit adapter starts: "next" = a copy of the layer right after its exit, "last"
     # = a copy of the last layer.
     c.exit_adapter_init = "next"
+    # LoRA / QLoRA (docs/lora.md, "SoFT on one GPU"): init_from's weights are a frozen base
+    # and every targeted projection of every layer learns a low-rank update
+    # W + (alpha / rank) A @ B (A: rank x in, B: out x rank; B starts at 0, so step 0 is the
+    # base). Only the adapters train (no gradient, optimizer state or master copy of the base),
+    # and checkpoints hold only them; every command reads the run's workdir with the adapters
+    # merged into the base. rank 0 = full fine-tuning (the default).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # the update's scale is alpha / rank (PEFT's lora_alpha)
+    c.lora.dropout = 0.0  # dropout on the adapters' input while training
+    # Comma-separated projections that get adapters: any of q,k,v,o,gate,up,down.
+    c.lora.targets = "q,k,v,o,gate,up,down"
+    # How the frozen base is held: bfloat16 | float32, or quantised QLoRA-style in blocks of 64
+    # along the model width with an fp32 absmax each: int8 (8.5 bits per weight), nf4 or int4
+    # (4.5 bits; nf4 is QLoRA's NormalFloat). Embeddings, norms and head stay bfloat16.
+    # Adapters train in param_dtype.
+    c.lora.base_dtype = "bfloat16"
+    c.lora.train_norms = False  # also train the layer norms and the final norm
 
     c.seed = 0  # parameter init and the data shuffle order
     c.dtype = "bfloat16"  # compute dtype
@@ -193,4 +211,25 @@ def alpaca_config(preset: str, exits: str, eval_exits: str = "") -> ml_collectio
     c.eval_batches = 0
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
+    return c
+
+
+def one_gpu_lora_config(preset: str, exits: str, base_dtype: str) -> ml_collections.ConfigDict:
+    """The paper's recipe (`alpaca_config`, exit weights `last`) as LoRA on one device: rank-16
+    adapters (alpha 32) on every projection over a frozen `base_dtype` base, fp32 adapters,
+    lr 2e-4 (LoRA's usual rate: the adapters start at zero), micro-batches of 4 rows of up to
+    2048 tokens (x 8 accumulated = 32), full remat (docs/lora.md: SoFT on one GPU)."""
+    c = alpaca_config(preset, exits)
+    c.exit_weights = "last"
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
+    c.lora.targets = "q,k,v,o,gate,up,down"
+    c.lora.base_dtype = base_dtype
+    c.param_dtype = "float32"
+    c.optim.lr = 2e-4
+    c.max_len = 2048  # rows are padded to a power of two, up to this
+    c.batch_size = 32
+    c.grad_accum = 8
+    c.remat_policy = "full"
+    c.mesh.shape = (1, 1, 1)
     return c

@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 from sorted_jax.core import errors
 from sorted_jax.core.errors import NonFiniteLossError, TrainConfigError
 from sorted_jax.data import DataError, load_tokenizer
-from sorted_jax.io import model_io, reports
+from sorted_jax.io import model_io
 from sorted_jax.model import modeling
 from sorted_jax.model.modeling import DTYPES, EXIT_ADAPTERS
 from sorted_jax.objective import soft
@@ -47,6 +47,8 @@ from sorted_jax.parallel.distributed import on_every_process
 from sorted_jax.parallel.sharding import MeshError, check_batch_size, make_mesh
 from sorted_jax.training import checkpoint_integrity, frozen, metrics_log, run_spec, run_status
 from sorted_jax.training.checkpoint import Checkpointer, CheckpointError
+from sorted_jax.training.exit_report import ExitReport
+from sorted_jax.training.lora_run import base_param_dtype, fresh_state, lora_spec, setup_base
 from sorted_jax.training.run_data import load_data, make_iterators
 from sorted_jax.training.run_spec import RunSpec, mu_dtype_of
 from sorted_jax.training.train_loop import Hooks, StepInfo, StopSignals, Window
@@ -105,6 +107,10 @@ class Trainer:
         self._setup_mesh()
         self._setup_data()
         self._setup_steps()
+        # A LoRA run's frozen base placed in the steps, checked against a resumed run's
+        # checkpoints before anything is written (`_lora_base`: the part of it that trains).
+        self._lora_base, self.lora_record = setup_base(self.cfg, self.steps, self.eval_steps,
+                                                       self.workdir, self.resume_step)
         if self.is_main:
             spec.write_files()
             for line in self.data.write_stats(self.workdir, self.cfg.max_len):
@@ -128,7 +134,8 @@ class Trainer:
         self.interrupted: str | None = None
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._last_train: dict[str, Any] = {}
-        self._eval_points: dict[int, Mapping[str, Any]] | None = None  # step -> eval metrics
+        self.exit_report = ExitReport(self.workdir, self.model_config.num_hidden_layers,
+                                      self.exits)
 
     # -- setup -------------------------------------------------------------------------------
     def _setup_mesh(self) -> None:
@@ -167,9 +174,10 @@ class Trainer:
     def _setup_steps(self) -> None:
         """The model, the optimizer and the jitted train / eval steps (traced, not compiled)."""
         c, o = self.cfg, self.cfg.optim
+        spec = lora_spec(c)
         self.model = modeling.make_model(
-            self.model_config, dtype=DTYPES[c.dtype], param_dtype=DTYPES[c.param_dtype],
-            attention_impl=c.attention_impl, remat_policy=c.remat_policy)
+            self.model_config, dtype=DTYPES[c.dtype], param_dtype=base_param_dtype(c, spec),
+            attention_impl=c.attention_impl, remat_policy=c.remat_policy, lora=spec)
         tx, schedule = make_optimizer(
             lr=o.lr, total_steps=self.total_steps,
             warmup_steps=self.spec.warmup_steps(self.total_steps), schedule=o.schedule,
@@ -183,7 +191,8 @@ class Trainer:
                                distill_weight=float(c.distill_weight),
                                trainable_keys=(EXIT_ADAPTERS,) if c.exit_adapters != "none"
                                else None, teacher=frozen.teacher_model(c, self.model_config),
-                               anchor_weights=frozen.anchor_weights(c, self.exits))
+                               anchor_weights=frozen.anchor_weights(c, self.exits),
+                               dropout_seed=c.seed)
         self.eval_steps = self.steps if self.eval_exits == self.exits else SoftSteps(
             self.model, self.eval_exits, tx, self.mesh, self.rules,
             rows_per_chunk=c.loss_rows_per_chunk)
@@ -230,8 +239,12 @@ class Trainer:
                           "checkpoint was written with different values)")
             self.note(f"resuming {self.workdir} from step {self.resume_step} (data epoch "
                      f"{self.train_iter.epoch}, example {self.train_iter.index})"
-                     + ("; init_from ignored" if c.init_from else ""))
+                     + ("; init_from ignored" if c.init_from and not self.lora_record else ""))
             return state, self.resume_step
+        if self.lora_record is not None:
+            state, note = fresh_state(self.steps, self._lora_base, c)
+            self.note(note)
+            return state, 0
         if c.exit_adapters != "none":
             params = frozen.load_trunk_with_adapters(c, self.model_config,
                                                      self.steps.params_shardings)
@@ -269,18 +282,8 @@ class Trainer:
         if self.logger:
             self.logger.write(step, "eval", metrics)
             self.logger.flush()
-            self._plot_history()[step] = metrics
-            reports.plot_exit_losses(sorted(self._plot_history().items()),
-                                         self.workdir / metrics_log.EXIT_PLOT_FILE)
+            self.exit_report.add_eval(step, metrics)
         return metrics
-
-    def _plot_history(self) -> dict[int, Mapping[str, Any]]:
-        """Eval points of this workdir by step: earlier launches' read from metrics.jsonl once
-        (a later line wins a step), this launch's added as they come."""
-        if self._eval_points is None:
-            rows = metrics_log.read_metrics(self.workdir, "eval")
-            self._eval_points = {r["step"]: r for r in rows}
-        return self._eval_points
 
     # -- the loop ----------------------------------------------------------------------------
     def _non_finite(self, what: str) -> None:
@@ -294,9 +297,9 @@ class Trainer:
     def _save(self, step: int) -> None:
         if not bool(self._params_finite(self.state.params)):
             self._non_finite(f"the parameters became non-finite at step {step}")
-        if self.checkpointer.save(step, self.state, self.train_iter.state_dict(),
-                                  self.spec.checkpoint_meta(step, self.total_steps,
-                                                            self.process_count)):
+        meta = self.spec.checkpoint_meta(step, self.total_steps, self.process_count)
+        meta.update(self.lora_record.to_meta() if self.lora_record else {})  # the adapters' base
+        if self.checkpointer.save(step, self.state, self.train_iter.state_dict(), meta):
             self._unchecked = step
 
     def _saved(self, step: int) -> None:
@@ -462,18 +465,7 @@ class Trainer:
         result["eval"] = final_eval
         result["train"] = {k: v for k, v in last_train.items() if k not in ("step", "split")}
         if self.is_main:
-            self._write_report(step, final_eval, last_train)
+            table = self.exit_report.write_final(step, final_eval, last_train)
+            self._progress.close()
+            print("\n" + table, flush=True)
         return result
-
-    def _write_report(self, step: int, final_eval: Mapping[str, Any] | None,
-                      last_train: Mapping[str, Any]) -> None:
-        table = reports.exit_table(
-            final_eval, last_train, num_layers=self.model_config.num_hidden_layers,
-            title=f"Per-exit metrics at step {step} (exits {','.join(map(str, self.exits))}; "
-                  "eval = held-out split)")
-        (self.workdir / metrics_log.EXIT_TABLE_FILE).write_text(table)
-        if final_eval is None:  # otherwise the eval at this step has just plotted
-            reports.plot_exit_losses(sorted(self._plot_history().items()),
-                                     self.workdir / metrics_log.EXIT_PLOT_FILE)
-        self._progress.close()
-        print("\n" + table, flush=True)

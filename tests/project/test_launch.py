@@ -30,7 +30,8 @@ LAUNCH = REPO / "launch"
 TPU = LAUNCH / "tpu_pod.sh"
 SLURM = LAUNCH / "gpu_slurm.sbatch"
 LOCAL = LAUNCH / "gpu_local.sh"
-SCRIPTS = [TPU, SLURM, LOCAL]
+LAUNCHERS = [TPU, SLURM, LOCAL]  # the launch/ scripts: --dry-run and SORTED_JAX_WORKDIR
+SCRIPTS = [*LAUNCHERS, *sorted((REPO / "bench").glob("*.sh"))]  # bench/ scripts: shellcheck too
 TPU_COMMANDS = ["create", "setup", "train", "tail", "status", "stop", "delete"]
 TRAIN = ["-m", "sorted_jax.train"]
 
@@ -130,7 +131,7 @@ def test_shellcheck(script):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", LAUNCHERS, ids=lambda p: p.name)
 def test_help(script, fake):
     out = run(script, "--help", fake=fake).stdout
     assert "--dry-run" in out and "SORTED_JAX_WORKDIR" in out

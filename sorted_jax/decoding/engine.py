@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sorted_jax.core.errors import DecodeError
+from sorted_jax.decoding.costs import SpecCosts, measure
 from sorted_jax.decoding.options import (
     MODES,
     PAPER_THRESHOLDS,
@@ -93,6 +94,7 @@ from sorted_jax.decoding.results import (
     SpeculativeStats,
 )
 from sorted_jax.decoding.sampling import SamplingParams
+from sorted_jax.decoding.speculative import SPECULATION
 from sorted_jax.decoding.state import Control, LadderCounts
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.objective.soft import default_exits  # the exit set SoFT trains by default
@@ -117,10 +119,17 @@ class Decoder:
     def __init__(self, params: dict, config: LlamaConfig, *, dtype: Any = jnp.float32,
                  cache_dtype: Any = None, attention_impl: str = "xla", max_draft: int = 8,
                  ee_chunk: int = 8, pad_multiple: int = 8, spec_commit: str = "per-row",
-                 compiler_options: dict[str, Any] | None = None):
+                 speculation: str = "dynamic", spec_costs: SpecCosts | None = None,
+                 ee_patience: int = 8, compiler_options: dict[str, Any] | None = None):
         if spec_commit not in SPEC_COMMITS:
             raise DecodeError(f"spec_commit must be one of {', '.join(SPEC_COMMITS)}, got "
                               f"{spec_commit!r}")
+        if speculation not in SPECULATION:
+            raise DecodeError(f"speculation must be one of {', '.join(SPECULATION)}, got "
+                              f"{speculation!r}")
+        if not isinstance(ee_patience, int) or ee_patience < 0:
+            raise DecodeError(f"ee_patience must be an integer >= 0 (0 = check every token), "
+                              f"got {ee_patience!r}")
         if max_draft < 1:
             raise DecodeError(f"max_draft must be >= 1, got {max_draft}")
         if ee_chunk < 1:
@@ -130,7 +139,9 @@ class Decoder:
         self.cache_dtype = dtype if cache_dtype is None else cache_dtype
         self.attention_impl = attention_impl
         self.max_draft, self.ee_chunk, self.pad_multiple = max_draft, ee_chunk, pad_multiple
-        self.spec_commit = spec_commit
+        self.spec_commit, self.speculation = spec_commit, speculation
+        self.spec_costs, self.ee_patience = spec_costs, ee_patience
+        self.measured_costs: dict[tuple, SpecCosts] = {}  # (programs, batch, slots, program)
         self.compiler_options = tuple(sorted((compiler_options or {}).items()))
         self.last_stats: DecodeStats | None = None
 
@@ -151,7 +162,7 @@ class Decoder:
         return Programs.make(self.config, route, greedy=greedy, dtype=self.dtype,
                              cache_dtype=self.cache_dtype, attention_impl=self.attention_impl,
                              ee_chunk=self.ee_chunk, max_draft=self.max_draft,
-                             spec_commit=self.spec_commit,
+                             spec_commit=self.spec_commit, speculation=self.speculation,
                              compiler_options=self.compiler_options)
 
     def _check_prompts(self, prompts: Any) -> list[list[int]]:
@@ -204,11 +215,33 @@ class Decoder:
         sp = SamplingParams.make(opts.temperature if opts.temperature > 0 else 1.0, opts.top_k,
                                  opts.top_p)
         th = np.asarray([*route.thresholds, 0.0], np.float32)
+        progs = self.programs(route, opts.greedy)
+        widths = progs.widths if route.kind == "speculative" else (1,)
         ctl = Control(sp, jnp.asarray(np.asarray([*opts.eos_ids(self.config), -1], np.int32)),
-                      jnp.asarray(opts.max_new_tokens, jnp.int32), jnp.asarray(th))
+                      jnp.asarray(opts.max_new_tokens, jnp.int32), jnp.asarray(th),
+                      draft_cost=jnp.ones((), jnp.float32),
+                      verify_cost=jnp.ones((len(widths),), jnp.float32),
+                      force_drafts=jnp.asarray(-1, jnp.int32),
+                      ee_patience=jnp.asarray(self.ee_patience, jnp.int32))
         inputs = (jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(pos),
                   jax.random.PRNGKey(opts.seed), ctl)
-        return route, self.programs(route, opts.greedy), self.params, ctl, inputs, slots
+        return route, progs, self.params, ctl, inputs, slots
+
+    def _costed(self, progs: Programs, st: Any, ctl: Control, program: str) -> Control:
+        """`ctl` with the speculative round's costs (dynamic speculation): `spec_costs` if
+        given, else measured once per (programs, batch, slots) through `program`."""
+        if progs.kind != "speculative" or progs.speculation != "dynamic":
+            return ctl
+        costs = self.spec_costs
+        if costs is None:
+            key = (progs, st.last.shape[0], st.out.shape[1], program)
+            if key not in self.measured_costs:
+                self.measured_costs[key] = measure(progs, self.params, st, ctl,
+                                                   getattr(progs, program))
+            costs = self.measured_costs[key]
+        draft, verify = costs.at(progs.widths)
+        return ctl.replace(draft_cost=jnp.asarray(draft, jnp.float32),
+                           verify_cost=jnp.asarray(verify))
 
     # -- decoding ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
@@ -222,7 +255,8 @@ class Decoder:
         t0 = time.perf_counter()
         opts = self.options(options, **kwargs)
         route, progs, params, ctl, inputs, slots = self._start(prompts, opts)
-        st = progs.loop(params, progs.prefill(params, *inputs, slots=slots), ctl)
+        st = progs.prefill(params, *inputs, slots=slots)
+        st = progs.loop(params, st, self._costed(progs, st, ctl, "loop"))
         out, length, counts = jax.device_get((st.out, st.length, st.stats))
         tokens = [out[i, :length[i]].tolist() for i in range(out.shape[0])]
         return GenerationResult(tokens, _stats(opts.mode, route, counts, tokens,
@@ -234,8 +268,9 @@ class Decoder:
         `advance`): what a server streams from. Takes `generate`'s options."""
         opts = self.options(options, **kwargs)
         route, progs, params, ctl, inputs, slots = self._start(prompts, opts)
-        return BatchRun(self, opts, route, progs, params, ctl,
-                        progs.prefill(params, *inputs, slots=slots))
+        st = progs.prefill(params, *inputs, slots=slots)
+        return BatchRun(self, opts, route, progs, params, self._costed(progs, st, ctl, "step"),
+                        st)
 
     def memory(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
                **kwargs: Any) -> DecodeMemory:
@@ -259,6 +294,7 @@ class Decoder:
         opts = self.options(options, **kwargs)
         route, progs, params, ctl, inputs, slots = self._start([prompt], opts)
         st = progs.prefill(params, *inputs, slots=slots)
+        ctl = self._costed(progs, st, ctl, "step")
         sent = 0
         while True:
             length, done = jax.device_get((st.length[0], st.done[0]))
@@ -292,11 +328,18 @@ class BatchRun:
         self._first = True
         self._first_rows: set[int] = set()
 
-    def advance(self) -> list[list[int]]:
+    def advance(self, drafts: int | None = None) -> list[list[int]]:
         """New ids per row since the last call (the prefill's first token on the first, and
-        on a row's first after `insert`)."""
+        on a row's first after `insert`). `drafts` (speculative): draft exactly that many
+        tokens this round (0: a plain full-model step) instead of what the policy picks."""
         if not self._first and not self.done.all() and not self._first_rows:
-            self._st = self._progs.step(self._params, self._st, self._ctl)
+            ctl = self._ctl
+            if drafts is not None:
+                if self.route.kind != "speculative" or not 0 <= drafts <= self._progs.max_draft:
+                    raise DecodeError(f"drafts must be in 0..{self._progs.max_draft} and only "
+                                      f"for a speculative batch, got {drafts!r}")
+                ctl = ctl.replace(force_drafts=jnp.asarray(drafts, jnp.int32))
+            self._st = self._progs.step(self._params, self._st, ctl)
         self._first = False
         self._first_rows.clear()
         length, done = jax.device_get((self._st.length, self._st.done))
@@ -366,7 +409,7 @@ def _stats(mode: str, route: Route, raw: Any, tokens: list[list[int]], seconds: 
         committed_drafts=int(raw.committed_drafts), full_passes=rounds + 1,
         committed_per_row=tuple(int(x) for x in raw.row_committed),
         rounds_per_row=tuple(int(x) for x in raw.row_rounds),
-        draft_passes=int(raw.draft_passes),
+        draft_passes=int(raw.draft_passes), plain_rounds=int(raw.plain_rounds),
         tokens_per_full_pass=total / (sum(int(x) for x in raw.row_rounds) + len(tokens)))
 
 
@@ -374,6 +417,7 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
              **kwargs: Any) -> GenerationResult:
     """One-shot `Decoder(params, config).generate(prompts, **kwargs)`."""
     dec_keys = ("dtype", "cache_dtype", "attention_impl", "max_draft", "ee_chunk",
-                "pad_multiple", "spec_commit", "compiler_options")
+                "pad_multiple", "spec_commit", "speculation", "spec_costs", "ee_patience",
+                "compiler_options")
     dec_kw = {k: kwargs.pop(k) for k in dec_keys if k in kwargs}
     return Decoder(params, config, **dec_kw).generate(prompts, **kwargs)

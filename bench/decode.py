@@ -222,7 +222,7 @@ def batched(params, cfg, dec: Decoder, args, drafts, what: str) -> int:
     plain full-model greedy decoding at several batch sizes, in one interleaved run; memory."""
     kw = dict(dtype=jnp.dtype(args.dtype), max_draft=args.max_draft)
     always = Decoder(params, cfg, speculation="always", **kw)
-    every = Decoder(params, cfg, ee_patience=0, **kw)
+    every = Decoder(params, cfg, ee_min_saving=0.0, **kw)
     n, reps = args.new_tokens, args.repeats
     k = drafts[len(drafts) // 2]
     big_l = cfg.num_hidden_layers

@@ -7,7 +7,7 @@ decoder and batch shape, or given (deterministic runs, tests).
 `measure` times single rounds of the compiled program the caller runs (`loop` or `step`)
 from a real prefilled state, with the number of drafts forced (`Control.force_drafts`): n = 0
 (a plain step, width 1), n = w - 1 for every compiled width w, and one more draft count at the
-widest width, whose difference gives one draft pass. Each is the best of a few interleaved
+widest width, whose difference gives one draft pass. Each is the best of several interleaved
 repeats, so a busy machine inflates all of them alike.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 from sorted_jax.core.errors import DecodeError
 from sorted_jax.decoding.speculative import width_index
 
-REPEATS = 3
+REPEATS = 5  # interleaved timings of every draft count; the best is kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,42 +59,48 @@ class SpecCosts:
         return cls(k / big_l, {w: (k + (big_l - k) * w) / big_l for w in widths})
 
 
-def measure(progs: Any, params: dict, st: Any, ctl: Any, run: Callable) -> SpecCosts:
+def measure(progs: Any, params: dict, st: Any, ctl: Any, run: Callable, *,
+            per_call: bool) -> SpecCosts:
     """Costs of `progs`' rounds at the shape of the prefilled state `st` (kept: each timed
     round runs on a copy), timed through `run(params, state, ctl)` (`progs.loop` or
-    `progs.step`; one round each, since `max_new` is set to 2)."""
+    `progs.step`; one round each, since `max_new` is set to 2). `per_call`: the caller pays
+    one call per round (`step`, streaming), so the call's fixed cost belongs to every round;
+    else (`loop`) a call that runs no round is timed and taken off."""
     widths, wd = progs.widths, progs.max_draft
-    counts = sorted({0, *(w - 1 for w in widths if w > 1)})
-    last = widths[-1] - 2  # a second draft count in the widest width: one draft pass apart
-    pair = last >= 1 and width_index(widths, wd)[last] == len(widths) - 1
-    if pair:
-        counts = sorted({*counts, last})
+    counts = {0, *(w - 1 for w in widths if w > 1)}
+    # two draft counts in the widest width, as far apart as it allows: one draft pass is
+    # their time difference over their count difference
+    lo, hi = (widths[-2] if len(widths) > 1 else 1), widths[-1] - 1
+    pair = hi > lo >= 1 and width_index(widths, wd)[lo] == len(widths) - 1
+    counts = sorted(counts | ({lo} if pair else set()))
     base = ctl.replace(max_new=jnp.asarray(2, jnp.int32))
+    idle = jax.tree.map(lambda x: x.copy(), st).replace(done=st.done | True)
 
-    def once(n: int) -> float:
-        copy = jax.tree.map(lambda x: x.copy(), st)
-        ctl_n = base.replace(force_drafts=jnp.asarray(n, jnp.int32))
+    def once(n: int | None) -> float:
+        copy = jax.tree.map(lambda x: x.copy(), idle if n is None else st)
+        ctl_n = base.replace(force_drafts=jnp.asarray(0 if n is None else n, jnp.int32))
         jax.block_until_ready((copy, ctl_n))
         t0 = time.perf_counter()
         jax.block_until_ready(run(params, copy, ctl_n))
         return time.perf_counter() - t0
 
-    for n in counts:  # compile / warm up
-        once(n)
-    best = {n: once(n) for n in counts}
-    for _ in range(REPEATS - 1):
-        for n in counts:
+    timed = [*counts] if per_call else [None, *counts]
+    best = {n: once(n) for n in timed}  # the first call of each compiles / warms up
+    for _ in range(REPEATS):
+        for n in timed:
             best[n] = min(best[n], once(n))
-    plain = best[0]
+    fixed = 0.0 if per_call else best.pop(None)
+    t = {n: max(v - fixed, 1e-9) for n, v in best.items()}
+    plain = t[0]
     if pair:
-        draft = best[last + 1] - best[last]
+        draft = (t[hi] - t[lo]) / (hi - lo)
     else:  # no two draft counts share a width: split by layers
         k, big_l = progs.bounds[0][1], progs.bounds[-1][1]
         draft = plain * k / big_l
     draft = max(draft, 0.02 * plain)
     verify, floor = {}, plain
     for w in widths:
-        t = plain if w == 1 else best[w - 1] - (w - 1) * draft
-        floor = max(floor, t)  # a wider pass never costs less than a narrower one
+        c = plain if w == 1 else t[w - 1] - (w - 1) * draft
+        floor = max(floor, c)  # a wider pass never costs less than a narrower one
         verify[w] = floor / plain
     return SpecCosts(draft / plain, verify)

@@ -120,16 +120,16 @@ class Decoder:
                  cache_dtype: Any = None, attention_impl: str = "xla", max_draft: int = 8,
                  ee_chunk: int = 8, pad_multiple: int = 8, spec_commit: str = "per-row",
                  speculation: str = "dynamic", spec_costs: SpecCosts | None = None,
-                 ee_patience: int = 8, compiler_options: dict[str, Any] | None = None):
+                 ee_min_saving: float = 0.2, compiler_options: dict[str, Any] | None = None):
         if spec_commit not in SPEC_COMMITS:
             raise DecodeError(f"spec_commit must be one of {', '.join(SPEC_COMMITS)}, got "
                               f"{spec_commit!r}")
         if speculation not in SPECULATION:
             raise DecodeError(f"speculation must be one of {', '.join(SPECULATION)}, got "
                               f"{speculation!r}")
-        if not isinstance(ee_patience, int) or ee_patience < 0:
-            raise DecodeError(f"ee_patience must be an integer >= 0 (0 = check every token), "
-                              f"got {ee_patience!r}")
+        if not 0 <= ee_min_saving <= 1:
+            raise DecodeError(f"ee_min_saving must be in [0, 1] (0 = check every token), got "
+                              f"{ee_min_saving!r}")
         if max_draft < 1:
             raise DecodeError(f"max_draft must be >= 1, got {max_draft}")
         if ee_chunk < 1:
@@ -140,7 +140,7 @@ class Decoder:
         self.attention_impl = attention_impl
         self.max_draft, self.ee_chunk, self.pad_multiple = max_draft, ee_chunk, pad_multiple
         self.spec_commit, self.speculation = spec_commit, speculation
-        self.spec_costs, self.ee_patience = spec_costs, ee_patience
+        self.spec_costs, self.ee_min_saving = spec_costs, ee_min_saving
         self.measured_costs: dict[tuple, SpecCosts] = {}  # (programs, batch, slots, program)
         self.compiler_options = tuple(sorted((compiler_options or {}).items()))
         self.last_stats: DecodeStats | None = None
@@ -222,10 +222,14 @@ class Decoder:
                       draft_cost=jnp.ones((), jnp.float32),
                       verify_cost=jnp.ones((len(widths),), jnp.float32),
                       force_drafts=jnp.asarray(-1, jnp.int32),
-                      ee_patience=jnp.asarray(self.ee_patience, jnp.int32))
+                      ee_min_saved=jnp.asarray(self._min_saved(route), jnp.int32))
         inputs = (jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(pos),
                   jax.random.PRNGKey(opts.seed), ctl)
         return route, progs, self.params, ctl, inputs, slots
+
+    def _min_saved(self, route: Route) -> int:
+        """`ee_min_saving` of the route's layers, in `Programs._watch`'s units (x 256)."""
+        return int(np.ceil(self.ee_min_saving * route.bounds[-1][1] * 256))
 
     def _costed(self, progs: Programs, st: Any, ctl: Control, program: str) -> Control:
         """`ctl` with the speculative round's costs (dynamic speculation): `spec_costs` if
@@ -237,7 +241,8 @@ class Decoder:
             key = (progs, st.last.shape[0], st.out.shape[1], program)
             if key not in self.measured_costs:
                 self.measured_costs[key] = measure(progs, self.params, st, ctl,
-                                                   getattr(progs, program))
+                                                   getattr(progs, program),
+                                                   per_call=program == "step")
             costs = self.measured_costs[key]
         draft, verify = costs.at(progs.widths)
         return ctl.replace(draft_cost=jnp.asarray(draft, jnp.float32),
@@ -332,13 +337,13 @@ class BatchRun:
         """New ids per row since the last call (the prefill's first token on the first, and
         on a row's first after `insert`). `drafts` (speculative): draft exactly that many
         tokens this round (0: a plain full-model step) instead of what the policy picks."""
+        ctl = self._ctl
+        if drafts is not None:
+            if self.route.kind != "speculative" or not 0 <= drafts <= self._progs.max_draft:
+                raise DecodeError(f"drafts must be in 0..{self._progs.max_draft} and only for "
+                                  f"a speculative batch, got {drafts!r}")
+            ctl = ctl.replace(force_drafts=jnp.asarray(drafts, jnp.int32))
         if not self._first and not self.done.all() and not self._first_rows:
-            ctl = self._ctl
-            if drafts is not None:
-                if self.route.kind != "speculative" or not 0 <= drafts <= self._progs.max_draft:
-                    raise DecodeError(f"drafts must be in 0..{self._progs.max_draft} and only "
-                                      f"for a speculative batch, got {drafts!r}")
-                ctl = ctl.replace(force_drafts=jnp.asarray(drafts, jnp.int32))
             self._st = self._progs.step(self._params, self._st, ctl)
         self._first = False
         self._first_rows.clear()
@@ -417,7 +422,7 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
              **kwargs: Any) -> GenerationResult:
     """One-shot `Decoder(params, config).generate(prompts, **kwargs)`."""
     dec_keys = ("dtype", "cache_dtype", "attention_impl", "max_draft", "ee_chunk",
-                "pad_multiple", "spec_commit", "speculation", "spec_costs", "ee_patience",
+                "pad_multiple", "spec_commit", "speculation", "spec_costs", "ee_min_saving",
                 "compiler_options")
     dec_kw = {k: kwargs.pop(k) for k in dec_keys if k in kwargs}
     return Decoder(params, config, **dec_kw).generate(prompts, **kwargs)

@@ -33,7 +33,7 @@ from sorted_jax.decoding.state import (
 from sorted_jax.model.config import LlamaConfig
 
 Array = jax.Array
-EE_STRETCH_MIN, EE_STRETCH_MAX = 8, 64  # early exit: tokens a row goes unchecked (`_watch`)
+EE_STRETCH_MIN, EE_STRETCH_MAX = 8, 64  # early exit: steps a batch goes unchecked (`_watch`)
 
 
 def _freeze(x: Any) -> Any:
@@ -191,7 +191,8 @@ class Programs:
             done=jnp.zeros((b,), bool), key=key,
             draft_len=jnp.full((b,), min(4, self.max_draft), jnp.int32),
             accept=jnp.tile(jnp.asarray([[1.0, 2.0]], jnp.float32), (b, 1)),
-            plain=jnp.asarray([0, PROBE_MIN], jnp.int32), ee_watch=jnp.zeros((b, 3), jnp.int32),
+            plain=jnp.asarray([0, PROBE_MIN], jnp.int32),
+            ee_watch=jnp.asarray([256 * self.bounds[-1][1], 0, 0], jnp.int32),
             stats=stats)
         return st.replace(**commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl))
 
@@ -216,9 +217,9 @@ class Programs:
     # -- fixed / early exit ------------------------------------------------------------------
     def _ladder_step(self, params, st: DecodeState, ctl: Control) -> DecodeState:
         """One token: segment after segment, each row stopping at its first exit whose
-        confidence passes (`engine`). A row checks only while `ee_watch` says so (below), and
-        an exit's head runs only when some unfinished row checks there and its threshold can
-        pass (<= 1): a batch that checks nowhere runs the full model's layers plus one head."""
+        confidence passes (`engine`). The batch checks only while `ee_watch` says checks pay
+        (below), and an exit's head runs only when the batch checks and the exit's threshold
+        can pass (<= 1): an unchecked step runs the full model's layers plus one head."""
         stk = self.stack
         m = len(stk.bounds)
         key, k_sel = jax.random.split(st.key)
@@ -234,7 +235,8 @@ class Programs:
         else:
             hbuf[0] = jax.lax.dynamic_update_slice_in_dim(hbuf[0], h, cur, axis=1)
             slot_pos = caches[0].positions
-            check = active & ((st.ee_watch[:, 1] == 0) | (ctl.ee_patience <= 0))
+            checking = (st.ee_watch[1] == 0) | (ctl.ee_min_saved <= 0)
+            check = active & checking
             shape = (st.last.shape[0], stk.config.vocab_size)
 
             def checked(s, x):
@@ -269,8 +271,10 @@ class Programs:
                 caches[s], acaches[s], hout, logits, decided, exit_idx = carry
                 if has_out:
                     hbuf[s] = hout
-            st = st.replace(ee_watch=self._watch(st.ee_watch, check, active,
-                                                 exit_idx < m - 1, ctl.ee_patience))
+            deepest = jnp.max(jnp.where(active, self.exit_layers[exit_idx], 0))
+            saved = jnp.where(jnp.any(active), self.bounds[-1][1] - deepest, 0)
+            st = st.replace(ee_watch=self._watch(st.ee_watch, checking, saved,
+                                                 ctl.ee_min_saved))
         tok = select(k_sel, logits, ctl.sampling, self.greedy)
         st = st.replace(caches=tuple(caches), acaches=tuple(acaches), hbuf=tuple(hbuf), key=key,
                         stats=self._exit_stats(st.stats, exit_idx, active))
@@ -278,24 +282,22 @@ class Programs:
         return st.replace(last=tok, pos=st.pos + 1, **upd)
 
     @staticmethod
-    def _watch(watch: Array, check: Array, active: Array, early: Array, patience: Array
-               ) -> Array:
-        """Each row's check schedule, `ee_watch` (misses, unchecked left, stretch), per
-        token: after `patience` checked tokens in a row went to the last exit, the row goes
-        unchecked for a stretch (EE_STRETCH_MIN tokens, doubling up to EE_STRETCH_MAX while
-        the one checked token after it misses too); an early exit resets both. Unchecked
-        tokens come from the last exit (the full model's token); the schedule depends on the
-        row alone, so a row decodes the same in any batch."""
-        misses, left, stretch = watch[:, 0], watch[:, 1], watch[:, 2]
-        missed = jnp.where(early, 0, misses + 1)
-        trip = (patience > 0) & (missed >= patience)
+    def _watch(watch: Array, checking: Array, saved: Array, min_saved: Array) -> Array:
+        """The batch's check schedule `ee_watch` = (mean, left, stretch), per step. A checked
+        step skipped `saved` layers for the whole batch (a segment runs while any unfinished
+        row has not exited); mean = (3 mean + 256 saved) // 4, starting at all L layers.
+        When the mean falls below `min_saved` the checks cost more than they save: the batch
+        runs unchecked steps (the full model's tokens) for a stretch of EE_STRETCH_MIN steps,
+        then checks one step (a probe, whose saving replaces the mean); the stretch doubles
+        up to EE_STRETCH_MAX while probes fail and resets when checks pay again. Integer
+        arithmetic: a schedule is exactly reproducible (tests replay it)."""
+        mean, left, stretch = watch[0], watch[1], watch[2]
+        mean = jnp.where(stretch > 0, 256 * saved, (3 * mean + 256 * saved) // 4)
+        low = mean < min_saved
         longer = jnp.clip(2 * stretch, EE_STRETCH_MIN, EE_STRETCH_MAX)
-        after_check = jnp.stack([jnp.where(trip, patience - 1, missed),
-                                 jnp.where(trip, longer, 0),
-                                 jnp.where(early, 0, jnp.where(trip, longer, stretch))], axis=1)
-        unchecked = jnp.stack([misses, jnp.maximum(left - 1, 0), stretch], axis=1)
-        return jnp.where(check[:, None], after_check,
-                         jnp.where(active[:, None], unchecked, watch)).astype(jnp.int32)
+        after_check = jnp.stack([mean, jnp.where(low, longer, 0), jnp.where(low, longer, 0)])
+        unchecked = jnp.stack([watch[0], jnp.maximum(left - 1, 0), stretch])
+        return jnp.where(checking, after_check, unchecked).astype(jnp.int32)
 
     def _flush(self, s, params, cache, acache, hin, hout, slot_pos, cur, has_out):
         """Run segment s over its pending slots [cache.index, cur]; returns the current

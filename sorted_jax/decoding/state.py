@@ -37,9 +37,9 @@ class Control:
     draft_cost: Array  # [] float32
     verify_cost: Array  # [num_widths] float32
     force_drafts: Array  # [] int32: >= 0 drafts exactly this many every round; -1 = the policy
-    # early exit: after this many checked tokens in a row went to the last exit, a row skips
-    # its checks for a while (`ee_watch`); 0 = check every token (the paper's rule)
-    ee_patience: Array  # [] int32
+    # early exit: the batch checks its exits while they skip at least this many layers per
+    # step (x 256, `programs.Programs._watch`); 0 = check every token (the paper's rule)
+    ee_min_saved: Array  # [] int32
 
 
 @flax.struct.dataclass
@@ -57,8 +57,8 @@ class DecodeState:
     draft_len: Array  # [B] speculative adaptive window, per row ("always" drafting)
     accept: Array  # [B, 2] float32 speculative: decayed (accepted, accepted + rejected) per row
     plain: Array  # [2] int32 speculative: (plain rounds in a row, plain rounds before a probe)
-    ee_watch: Array  # [B, 3] int32 early exit: (checked tokens in a row that went to the last
-    #                  exit, tokens left to go unchecked, the current unchecked stretch)
+    ee_watch: Array  # [3] int32 early exit: (layers the batch's checked steps skipped, a
+    #                  decayed mean x 256; steps left unchecked; the current unchecked stretch)
     stats: LadderCounts | SpecCounts
 
 

@@ -21,14 +21,18 @@ layers a..b-1 of the one stacked copy of the weights, with its own `KVCache` (sa
   the full model) and `[k, L)`. Verification *reuses* the draft's work: the draft wrote layers
   [0, k)'s K/V for the last committed token and the drafts d_1..d_{n-1} and kept their
   layer-k hidden states; the verify pass runs layers [0, k) for d_n alone, then layers [k, L)
-  once over all n + 1 tokens (a fixed-width chunk of `max_draft + 1`, padding masked).
-  Rejected tokens are rolled back by moving both caches' `index` back.
+  once over all n + 1 tokens (the narrowest compiled width >= n + 1, padding masked).
+  Rejected tokens are rolled back by moving both caches' `index` back. How many tokens a
+  round drafts (0: a plain full-model step) is `speculative.plan_drafts`' choice ("dynamic",
+  the default: only when the measured costs and the rows' acceptance say it pays) or each
+  row's adaptive window ("always").
 
 Early exit decides with the top-1 probability of the plain softmax (T = 1) of each exit's
 logits, then picks the token from the chosen exit's logits with the sampling settings. The
 first generated token (from the prefill, where every layer runs anyway) follows the same rule.
 In a batch, a deeper segment runs when any unfinished row still needs it; rows that already
-exited keep their token.
+exited keep their token. The batch checks only while its checks skip enough layers
+(`ee_min_saving`; `Programs._watch`), else it runs unchecked full-depth steps for a stretch.
 
 **Batches** are left-padded to a common prompt length P (padding slots hold position -1 in the
 cache, so they are never attended); row b's tokens keep their own positions 0, 1, .... Fixed
@@ -46,11 +50,12 @@ exit emits each token, never any hidden state. Deferred work is batched with the
 token (one pass over several tokens costs about one token's weight reads on an accelerator).
 
 **Speculative batching policy: per row.** Each row has its own cache length (`KVCache.index`
-is `[B]`), output offset and adaptive draft window (start 4, +2 when the row accepted every
-draft, else -1, in [1, max_draft], never past max_new_tokens). A round drafts until the longest
-window of an unfinished row is full; row b's verifier accepts a_b of its n_b drafts and the row
-commits those a_b drafts plus its correction / bonus token, so rows advance by different
-amounts and finish independently. Rejected drafts' K/V stay in slots past the row's length,
+is `[B]`), output offset, acceptance and (always-draft) adaptive window (start 4, +2 when the
+row accepted every draft, else -1, in [1, max_draft], never past max_new_tokens). A round
+drafts until the longest window of an unfinished row is full (dynamic: every row drafts the
+round's n); row b's verifier accepts a_b of its n_b drafts and the row commits those a_b
+drafts plus its correction / bonus token, so rows advance by different amounts and finish
+independently. Rejected drafts' K/V stay in slots past the row's length,
 which attention masks by that length (they are overwritten later, never attended). Greedy
 output equals the full model's row by row, and sampled output is distributed as the full
 model's (each row's acceptance is the standard rejection rule on its own prefix).

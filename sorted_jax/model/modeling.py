@@ -73,18 +73,16 @@ DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
 
 
 def resolve_attention_impl(impl: str, dtype: Dtype) -> str:
-    """`auto`: cuDNN's fused attention on a GPU in half precision (its fast case), the
-    blockwise plain-JAX attention on CPU (`sorted_jax.model.blockwise_attention`: no fused
-    kernel there, and XLA's reference materialises `[B, H, T, T]`), else XLA's reference."""
+    """`auto`: cuDNN's fused attention on a GPU in half precision (its fast case), else XLA's
+    reference. `blockwise` (`sorted_jax.model.blockwise_attention`: no `[B, H, T, T]` scores)
+    is chosen by name only: `auto` would take it on CPU once a same-run `bench/train_step.py`
+    A/B shows it faster there, which has not been measured yet (docs/training.md)."""
     if impl not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
-        backend = jax.default_backend()
-        if backend == "cpu":
-            return "blockwise"
         half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-        return "cudnn" if backend == "gpu" and half else "xla"
+        return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
     return impl
 
 

@@ -227,6 +227,7 @@ class Decoder:
                       draft_cost=jnp.ones((), jnp.float32),
                       verify_cost=jnp.ones((len(widths),), jnp.float32),
                       force_drafts=jnp.asarray(-1, jnp.int32),
+                      spec_finish=jnp.asarray(False),
                       ee_min_saved=jnp.asarray(self._min_saved(route), jnp.int32))
         inputs = (jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(pos),
                   jax.random.PRNGKey(opts.seed), ctl)
@@ -266,7 +267,8 @@ class Decoder:
         opts = self.options(options, **kwargs)
         route, progs, params, ctl, inputs, slots = self._start(prompts, opts)
         st = progs.prefill(params, *inputs, slots=slots)
-        st = progs.loop(params, st, self._costed(progs, st, ctl, "loop"))
+        ctl = self._costed(progs, st, ctl, "loop").replace(spec_finish=jnp.asarray(True))
+        st = progs.loop(params, st, ctl)
         out, length, counts = jax.device_get((st.out, st.length, st.stats))
         tokens = [out[i, :length[i]].tolist() for i in range(out.shape[0])]
         return GenerationResult(tokens, _stats(opts.mode, route, counts, tokens,

@@ -11,13 +11,16 @@ follows the drafts instead of always being max_draft + 1.
 
 * each row's acceptance alpha_b = accepted / (accepted + rejected) drafts, both counts decayed
   by `ACCEPT_DECAY` per round (start: one accepted in two);
-* a row expects sum_{i<=n} alpha_b^i tokens from n drafts (greedy acceptance stops at the first
-  rejection), at most what it still has to make;
-* a round of n drafts costs n * draft_cost + verify_cost[w(n)], relative to a plain step, as
-  measured for the batch's shape (`costs.measure`) or given;
+* a row expects E_b(n) = sum_{i<=n} alpha_b^i tokens from n drafts (greedy acceptance stops at
+  the first rejection), at most the r_b it still has to make;
+* a round of n drafts costs c(n) = n * draft_cost + verify_cost[w(n)], relative to a plain
+  step, as measured for the batch's shape (`costs.measure`) or given;
 
-and takes the n with the most tokens per unit of cost over the unfinished rows (ties: fewer
-drafts). While plain steps win nothing is observed, so after `gap` plain rounds one round
+and takes the best n over the unfinished rows: for a fixed batch (`generate`, which runs until
+its slowest row ends) the most min_b E_b(n) / r_b per unit of cost (the batch's finishing
+time), else (rows join as others leave: serving) the most sum_b E_b(n) per unit of cost.
+Drafting must beat a plain step by DRAFT_MARGIN, against measurement noise; ties go to fewer
+drafts. While plain steps win nothing is observed, so after `gap` plain rounds one round
 probes (drafts the best n > 0); the gap doubles up to `PROBE_MAX` while probes do not switch
 back, and resets when drafting wins on its own. "always" drafts every round with each row's
 adaptive window and verifies at max_draft + 1 (the old behaviour, kept to reproduce old
@@ -39,6 +42,7 @@ Array = jax.Array
 SPECULATION = ("dynamic", "always")
 ACCEPT_DECAY = 0.7  # per round: about the last three rounds' drafts dominate
 PROBE_MIN, PROBE_MAX = 4, 64  # plain rounds before a probe
+DRAFT_MARGIN = 1.1  # drafting's estimated rate must be this much above a plain step's
 
 
 def verify_widths(max_draft: int, speculation: str) -> tuple[int, ...]:
@@ -66,9 +70,11 @@ def plan_drafts(progs: Any, st: DecodeState, ctl: Control, active: Array
     alpha = st.accept[:, 0] / st.accept[:, 1]
     ns = jnp.arange(wd + 1)
     tokens = jnp.minimum(jnp.cumsum(alpha[:, None] ** ns, axis=1), rem[:, None])  # [B, n]
-    gain = jnp.sum(jnp.where(active[:, None], tokens, 0.0), axis=0)
+    throughput = jnp.sum(jnp.where(active[:, None], tokens, 0.0), axis=0)
+    finish = jnp.min(jnp.where(active[:, None], tokens / rem[:, None], jnp.inf), axis=0)
+    gain = jnp.where(ctl.spec_finish & jnp.any(active), finish, throughput)
     cost = ns * ctl.draft_cost + ctl.verify_cost[width_index(progs.widths, wd)]
-    rate = gain / cost
+    rate = gain / cost / jnp.where(ns > 0, DRAFT_MARGIN, 1.0)
     best = jnp.argmax(rate).astype(jnp.int32)
     run, gap = st.plain[0], st.plain[1]
     probe = (best == 0) & (run >= gap)

@@ -37,6 +37,8 @@ class Control:
     draft_cost: Array  # [] float32
     verify_cost: Array  # [num_widths] float32
     force_drafts: Array  # [] int32: >= 0 drafts exactly this many every round; -1 = the policy
+    spec_finish: Array  # [] bool: the policy minimises the batch's finishing time (a fixed
+    #                     batch, `generate`), else maximises tokens per second (rows that join)
     # early exit: the batch checks its exits while they skip at least this many layers per
     # step (x 256, `programs.Programs._watch`); 0 = check every token (the paper's rule)
     ee_min_saved: Array  # [] int32

@@ -21,7 +21,7 @@ from sorted_jax.core.errors import DecodeError
 from sorted_jax.decoding import Decoder
 from sorted_jax.decoding.costs import SpecCosts
 from sorted_jax.decoding.programs import EE_STRETCH_MAX, EE_STRETCH_MIN
-from sorted_jax.decoding.speculative import PROBE_MAX, PROBE_MIN, plan_drafts
+from sorted_jax.decoding.speculative import DRAFT_MARGIN, PROBE_MAX, PROBE_MIN, plan_drafts
 from sorted_jax.model.modeling import make_model
 
 MAX_NEW, MAX_LEN = 20, 32
@@ -133,31 +133,39 @@ def test_measured_costs_and_always(params):
 
 def test_plan_drafts_picks_the_best_rate_and_probes(params):
     """The policy's arithmetic on a real prefilled state: tokens per unit of cost over the
-    unfinished rows, ties to fewer drafts; probes after `gap` plain rounds, doubling."""
+    unfinished rows (summed, or the slowest row's for a fixed batch's finishing time),
+    drafting held to DRAFT_MARGIN above a plain step, ties to fewer drafts; probes after
+    `gap` plain rounds, the gap doubling."""
     dec = decoder(params, spec_costs=MIDDLE)
     opts = dec.options(mode="speculative", draft_layer=2, **KW)
     _, progs, p, ctl, inputs, slots = dec._start(prompts_of(3, 2), opts)
     st = progs.prefill(p, *inputs, slots=slots)
     ctl = dec._costed(progs, st, ctl, "loop")
     active = jnp.asarray([True, True])
+    rem = MAX_NEW - 1  # both rows made their first token at the prefill
 
-    def plan(alpha, plain=(0, PROBE_MIN), act=active):
+    def plan(alpha, plain=(0, PROBE_MIN), act=active, finish=False):
         s = st.replace(accept=jnp.asarray([[a, 1.0] for a in alpha], jnp.float32),
                        plain=jnp.asarray(plain, jnp.int32))
-        n, nxt = plan_drafts(progs, s, ctl, act)
+        n, nxt = plan_drafts(progs, s, ctl.replace(spec_finish=jnp.asarray(finish)), act)
         return [int(x) for x in n], [int(x) for x in nxt]
 
-    def best(alpha):  # by hand: argmax over n of sum_b sum_{i<=n} alpha_b^i / cost(n)
+    def best(alpha, finish=False):  # by hand
         cost = {n: n * 0.25 + MIDDLE.verify[w] for n, w in
                 zip(range(7), (1, 2, 4, 4, 7, 7, 7), strict=True)}
-        rate = {n: sum(sum(a ** i for i in range(n + 1)) for a in alpha) / c
-                for n, c in cost.items()}
+        tokens = [[sum(a ** i for i in range(n + 1)) for n in range(7)] for a in alpha]
+        gain = {n: min(t[n] / rem for t in tokens) if finish else sum(t[n] for t in tokens)
+                for n in cost}
+        rate = {n: gain[n] / c / (DRAFT_MARGIN if n else 1.0) for n, c in cost.items()}
         return max(rate, key=lambda n: (rate[n], -n))
 
-    for alpha in ((0.95, 0.9), (0.6, 0.5), (0.9, 0.1), (0.99, 0.99)):
-        n, nxt = plan(alpha)
-        assert n == [best(alpha)] * 2, alpha
-        assert nxt == ([0, PROBE_MIN] if n[0] else [1, PROBE_MIN])
+    for alpha in ((0.95, 0.9), (0.6, 0.5), (0.9, 0.1), (0.99, 0.99), (0.99, 0.5)):
+        for finish in (False, True):
+            n, nxt = plan(alpha, finish=finish)
+            assert n == [best(alpha, finish)] * 2, (alpha, finish)
+            assert nxt == ([0, PROBE_MIN] if n[0] else [1, PROBE_MIN])
+    # the slowest row decides a fixed batch: drafting pays for the sum, not for the finish
+    assert plan((0.99, 0.5))[0][0] > 0 and plan((0.99, 0.5), finish=True)[0] == [0, 0]
     assert plan((0.1, 0.1)) == ([0, 0], [1, PROBE_MIN])  # plain
     n, nxt = plan((0.1, 0.1), plain=(PROBE_MIN, PROBE_MIN))  # gap reached: probe
     assert n[0] > 0 and nxt == [0, 2 * PROBE_MIN]

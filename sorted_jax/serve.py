@@ -63,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculation", default="dynamic", choices=("dynamic", "always"),
                    help="speculative: draft only when it pays (measured per batch shape), or "
                         "every round (the old behaviour)")
-    p.add_argument("--ee-min-saving", type=float, default=0.2,
+    p.add_argument("--ee-min-saving", type=float, default=0.0,
                    help="early exit: a batch checks its exits while they skip this fraction of "
-                        "the layers, else runs full-depth stretches; 0 = check every token (the "
-                        "paper's rule: the same tokens in any batch)")
+                        "the layers, else runs full-depth stretches (tokens then depend on the "
+                        "batch); 0 = check every token, the paper's rule (default)")
     p.add_argument("--warmup", default="",
                    help="comma-separated MODE[:LAYER] (e.g. fixed,fixed:4,early-exit,"
                         "speculative:4; LAYER = exit_layer / draft_layer) whose greedy programs "

@@ -7,8 +7,9 @@ decoder and batch shape, or given (deterministic runs, tests).
 `measure` times single rounds of the compiled program the caller runs (`loop` or `step`)
 from a real prefilled state, with the number of drafts forced (`Control.force_drafts`): n = 0
 (a plain step, width 1), n = w - 1 for every compiled width w, and one more draft count at the
-widest width, whose difference gives one draft pass. Each is the best of several interleaved
-repeats, so a busy machine inflates all of them alike.
+widest width, whose difference gives one draft pass. Each repeat times every count back to
+back and gives one estimate of the costs; the median over repeats is kept, so a busy machine's
+bursts move single estimates, not the result.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from sorted_jax.core.errors import DecodeError
 from sorted_jax.decoding.speculative import width_index
 
-REPEATS = 5  # interleaved timings of every draft count; the best is kept
+REPEATS = 7  # back-to-back timings of every draft count; the median estimate is kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +86,21 @@ def measure(progs: Any, params: dict, st: Any, ctl: Any, run: Callable, *,
         return time.perf_counter() - t0
 
     timed = [*counts] if per_call else [None, *counts]
-    best = {n: once(n) for n in timed}  # the first call of each compiles / warms up
-    for _ in range(REPEATS):
-        for n in timed:
-            best[n] = min(best[n], once(n))
-    fixed = 0.0 if per_call else best.pop(None)
-    t = {n: max(v - fixed, 1e-9) for n, v in best.items()}
+    for n in timed:  # compile / warm up
+        once(n)
+    # one estimate per repeat from back-to-back timings (they share the machine's load), the
+    # median over repeats of each cost
+    estimates = [_costs(progs, {n: once(n) for n in timed}, per_call, pair, lo, hi)
+                 for _ in range(REPEATS)]
+    return SpecCosts(float(np.median([e[0] for e in estimates])),
+                     {w: float(np.median([e[1][w] for e in estimates])) for w in widths})
+
+
+def _costs(progs: Any, times: dict, per_call: bool, pair: bool, lo: int, hi: int
+           ) -> tuple[float, dict[int, float]]:
+    """(draft, verify by width) relative to a plain step, from one set of timings."""
+    fixed = 0.0 if per_call else times.pop(None)
+    t = {n: max(v - fixed, 1e-9) for n, v in times.items()}
     plain = t[0]
     if pair:
         draft = (t[hi] - t[lo]) / (hi - lo)
@@ -99,8 +109,8 @@ def measure(progs: Any, params: dict, st: Any, ctl: Any, run: Callable, *,
         draft = plain * k / big_l
     draft = max(draft, 0.02 * plain)
     verify, floor = {}, plain
-    for w in widths:
+    for w in progs.widths:
         c = plain if w == 1 else t[w - 1] - (w - 1) * draft
         floor = max(floor, c)  # a wider pass never costs less than a narrower one
         verify[w] = floor / plain
-    return SpecCosts(draft / plain, verify)
+    return draft / plain, verify

@@ -125,7 +125,7 @@ class Decoder:
                  cache_dtype: Any = None, attention_impl: str = "xla", max_draft: int = 8,
                  ee_chunk: int = 8, pad_multiple: int = 8, spec_commit: str = "per-row",
                  speculation: str = "dynamic", spec_costs: SpecCosts | None = None,
-                 ee_min_saving: float = 0.2, compiler_options: dict[str, Any] | None = None):
+                 ee_min_saving: float = 0.0, compiler_options: dict[str, Any] | None = None):
         if spec_commit not in SPEC_COMMITS:
             raise DecodeError(f"spec_commit must be one of {', '.join(SPEC_COMMITS)}, got "
                               f"{spec_commit!r}")

@@ -77,10 +77,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    # every early-exit token checked (the paper's rule): the same tokens in any batch, which
-    # test_concurrent_mixed_modes_equal_alone asserts (the default check schedule is the batch's)
-    srv = Server(model_dir, tmp_path_factory.mktemp("log") / "server.log", "--ee-min-saving",
-                 "0")
+    srv = Server(model_dir, tmp_path_factory.mktemp("log") / "server.log")
     yield srv
     srv.stop()
 

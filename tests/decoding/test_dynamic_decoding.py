@@ -61,8 +61,8 @@ KW = dict(max_new_tokens=MAX_NEW, max_len=MAX_LEN)
 def test_policy_switches_and_output_equals_full(params):
     """Under given costs the policy drafts, steps plainly, probes and switches back within
     one run, at different points of each row's own sequence (prompts of different lengths);
-    every row equals the full model's greedy output."""
-    switched = 0
+    every row equals the full model's greedy output. Cheaper drafting, fewer plain rounds."""
+    switched, plain = 0, {}
     for costs, draft in ((CHEAP, 2), (MIDDLE, 3), (DEAR, 2), (MIDDLE, 1)):
         dec = decoder(params, spec_costs=costs)
         prompts = prompts_of(draft, 6)
@@ -72,13 +72,11 @@ def test_policy_switches_and_output_equals_full(params):
         s = spec.stats
         rounds = s.full_passes - 1
         switched += 0 < s.plain_rounds < rounds
-        if costs is CHEAP:
-            # plain only at the end, where every unfinished row has one token left to make
-            assert s.plain_rounds <= 2 and s.drafted > 0
-        if costs is DEAR:
-            assert s.plain_rounds > rounds / 2  # mostly plain steps, with probes
-            assert s.drafted > 0
+        plain[costs is CHEAP, costs is DEAR] = s.plain_rounds / rounds
+        assert s.drafted > 0  # drafting won somewhere, or a probe drafted
         assert not dec.measured_costs  # given costs: nothing timed
+    assert plain[True, False] < plain[False, True]
+    assert plain[False, True] > 0.5  # dear drafting: mostly plain steps, with probes
     assert switched >= 2
 
 

@@ -3,17 +3,20 @@
     python bench/decode.py                          # tiny random model (16 layers, width 256)
     python bench/decode.py --layers 8 --new-tokens 64 --batch 4
     python bench/decode.py --ckpt MODEL_DIR --prompt "Give three tips for staying healthy."
-    python bench/decode.py --sections batched --batches 1,4,16   # per-row vs lockstep vs full
+    python bench/decode.py --sections batched --batches 1,4,16   # vs plain greedy, per batch
 
-`batched`: tokens/s of greedy self-speculative decoding with per-row commit (each row keeps
-its own accepted drafts) vs lockstep (every row cut at the slowest row) vs the full model, at
-each batch size (prompts of different lengths), and the compiled decode loop's memory
-(`Decoder.memory`) against params + state. `rounds` = batch verify passes + prefill and
-`drafts` = batch draft passes over the whole run (deterministic; the cost of a round is about
-`drafts * k + W * (L - k)` layer-tokens on a compute-bound CPU, W = max_draft + 1, and one
-weight read of each on a memory-bound accelerator). "before" adds the per-layout copies of the layer
-weights the decoder used to hold (every segment's sliced layers: all L layers for a
-speculative layout).
+`batched`: tokens/s of greedy self-speculative decoding (dynamic, the default: drafts only
+when the measured costs and the acceptance say it pays; and always-draft, the old behaviour),
+and of early exit with the paper's thresholds (every token checked, the default; and the batch
+check schedule, `ee_min_saving` 0.2) against plain full-model greedy decoding, at each batch size
+(prompts of different lengths), one interleaved run; and the compiled decode loop's memory
+(`Decoder.memory`) against params + state. `plain/rounds`: rounds of the dynamic run that
+drafted nothing, of all its rounds; `measured costs`: the dynamic decoder's measurement of one
+draft pass and of a verify pass per width, relative to a plain step (`decoding.costs`). A round
+of n drafts verified at width W costs about `n * k + W * (L - k)` layer-tokens on a
+compute-bound CPU, one weight read of each on a memory-bound accelerator. "before" adds the
+per-layout copies of the layer weights the decoder used to hold (every segment's sliced
+layers: all L layers for a speculative layout).
 
 Every number is a per-token decode time: (time(prefill + N tokens) - time(prefill + 1 token))
 / (N - 1), best of `--repeats` runs after a warm-up (compilation excluded). `max_new_tokens` is
@@ -83,8 +86,10 @@ def measure(dec: Decoder, prompts, n: int, repeats: int, runs: dict[str, dict]
     max_len = int(np.ceil((max(len(p) for p in prompts) + n) / 64) * 64) + 64
 
     def timed(m, kw):
+        kw = dict(kw)
+        d = kw.pop("decoder", dec)  # a run may name its own decoder (other decoder settings)
         t0 = time.perf_counter()
-        r = dec.generate(prompts, max_new_tokens=m, eos_id=[], max_len=max_len, **kw)
+        r = d.generate(prompts, max_new_tokens=m, eos_id=[], max_len=max_len, **kw)
         return time.perf_counter() - t0, r
 
     stats = {label: timed(n, kw)[1].stats for label, kw in runs.items()}  # compile, warm up
@@ -212,19 +217,24 @@ def main(argv=None) -> int:
 
 
 def batched(params, cfg, dec: Decoder, args, drafts, what: str) -> int:
-    """Per-row vs lockstep speculative vs full greedy at several batch sizes; memory."""
-    lock = Decoder(params, cfg, dtype=jnp.dtype(args.dtype), max_draft=args.max_draft,
-                   spec_commit="lockstep")
+    """Speculative (dynamic, the default; and always-draft, the old behaviour) and early exit
+    (every token checked, the default; and the batch check schedule, `ee_min_saving` 0.2)
+    against plain full-model greedy decoding at several batch sizes, in one interleaved run;
+    memory."""
+    kw = dict(dtype=jnp.dtype(args.dtype), max_draft=args.max_draft)
+    always = Decoder(params, cfg, speculation="always", **kw)
+    sched = Decoder(params, cfg, ee_min_saving=0.2, **kw)
     n, reps = args.new_tokens, args.repeats
     k = drafts[len(drafts) // 2]
+    big_l = cfg.num_hidden_layers
+    exits = _trained_exits(args.ckpt) if args.ckpt else default_exits(big_l)
     rng = np.random.default_rng(args.seed)
-    print(f"model: {what}; L={cfg.num_hidden_layers} D={cfg.hidden_size} V={cfg.vocab_size}; "
-          f"draft layer {k}, {n} new tokens, {args.dtype}, backend {jax.default_backend()} "
+    print(f"model: {what}; L={big_l} D={cfg.hidden_size} V={cfg.vocab_size}; draft layer {k}, "
+          f"max_draft {args.max_draft}; early exit at {list(exits)} with the paper's "
+          f"thresholds; {n} new tokens, {args.dtype}, backend {jax.default_backend()} "
           f"({os.cpu_count()} CPUs); best of {reps}; tokens/s = rows / s per decode step")
-    print(f"\n{'batch':>5} {'full tok/s':>10} {'per-row tok/s':>13} {'lockstep tok/s':>14} "
-          f"{'per-row/lock':>12} {'accept':>7} {'tok/pass row':>12} {'tok/pass lock':>13} "
-          f"{'rounds row/lock':>15} {'drafts row/lock':>15}")
     held_out = _held_out_prompts(args.ckpt, 16) if args.ckpt else None
+    spec_rows, ee_rows = [], []
     for b in [int(x) for x in args.batches.split(",")]:
         if held_out is not None:  # the checkpoint's own kind of prompt, different lengths
             prompts = [held_out[i % len(held_out)] for i in range(b)]
@@ -232,15 +242,37 @@ def batched(params, cfg, dec: Decoder, args, drafts, what: str) -> int:
             prompts = [[1] + rng.integers(3, cfg.vocab_size, int(rng.integers(
                 4, args.prompt_len + 1))).tolist() for _ in range(b)]
         spec = dict(mode="speculative", draft_layer=k)
-        res = measure(dec, prompts, n, reps, {"full": {}, "row": spec})
-        res_l = measure(lock, prompts, n, reps, {"lock": spec})
-        t_full, t_row, (t_lock, st_l) = res["full"][0], res["row"][0], res_l["lock"]
-        st_r = res["row"][1]
-        print(f"{b:>5} {b / t_full:>10.1f} {b / t_row:>13.1f} {b / t_lock:>14.1f} "
-              f"{t_lock / t_row:>12.2f} {st_r.acceptance_rate:>7.3f} "
-              f"{st_r.tokens_per_full_pass:>12.2f} {st_l.tokens_per_full_pass:>13.2f} "
-              f"{f'{st_r.full_passes}/{st_l.full_passes}':>15} "
-              f"{f'{st_r.draft_passes}/{st_l.draft_passes}':>15}")
+        ee = dict(mode="early-exit", exits=exits)
+        checks = dict(ee, thresholds=[1.0] * (len(exits) - 1))  # checked, (almost) never pass
+        res = measure(dec, prompts, n, reps, {
+            "full": {}, "dynamic": spec, "always": dict(spec, decoder=always),
+            "ee": ee, "ee sched": dict(ee, decoder=sched), "checks only": checks})
+        t = {label: b / r[0] for label, r in res.items()}
+        st_d, st_a = res["dynamic"][1], res["always"][1]
+        costs = [c for key, c in dec.measured_costs.items() if key[1] == b]
+        spec_rows.append((b, t, st_d, st_a, costs[-1] if costs else None))
+        ee_rows.append((b, t, res["ee"][1], res["ee sched"][1]))
+    print("\nself-speculative, greedy (output identical to the full model's)")
+    print(f"{'batch':>5} {'full tok/s':>10} {'dynamic':>8} {'dyn/full':>8} {'always':>8} "
+          f"{'alw/full':>8} {'accept dyn/alw':>14} {'plain/rounds dyn':>16} "
+          f"{'measured costs: draft; verify by width':>40}")
+    for b, t, st_d, st_a, c in spec_rows:
+        cost = "" if c is None else f"{c.draft:.2f}; " + " ".join(
+            f"{w}:{v:.2f}" for w, v in c.verify.items())
+        print(f"{b:>5} {t['full']:>10.1f} {t['dynamic']:>8.1f} {t['dynamic'] / t['full']:>8.2f} "
+              f"{t['always']:>8.1f} {t['always'] / t['full']:>8.2f} "
+              f"{f'{st_d.acceptance_rate:.2f}/{st_a.acceptance_rate:.2f}':>14} "
+              f"{f'{st_d.plain_rounds}/{st_d.full_passes - 1}':>16} {cost:>40}")
+    print(f"\nearly exit at {list(exits)}, paper thresholds: every token checked (default) and "
+          "the batch check schedule (ee_min_saving 0.2); 'checks only': every exit checked at "
+          "threshold 1.0 (nothing exits: the ladder and its checks, no saving)")
+    print(f"{'batch':>5} {'full tok/s':>10} {'ee':>8} {'ee/full':>8} {'avg exit':>8} "
+          f"{'sched tok':>9} {'sched/full':>10} {'avg exit':>8} {'checks only/full':>16}")
+    for b, t, st_e, st_v in ee_rows:
+        print(f"{b:>5} {t['full']:>10.1f} {t['ee']:>8.1f} {t['ee'] / t['full']:>8.2f} "
+              f"{st_e.avg_exit_layer:>8.2f} {t['ee sched']:>9.1f} "
+              f"{t['ee sched'] / t['full']:>10.2f} {st_v.avg_exit_layer:>8.2f} "
+              f"{t['checks only'] / t['full']:>16.2f}")
     print(f"\ndecode memory (compiled loop, batch 4, draft layer {k}; MiB)")
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
     print(f"{'layout':>24} {'params':>8} {'state':>8} {'temp':>8} {'copies':>8} {'peak':>8} "
@@ -262,6 +294,13 @@ def batched(params, cfg, dec: Decoder, args, drafts, what: str) -> int:
               f"{mib(m.weight_copies)} {mib(m.peak)} {mib(before)}")
     sys.stdout.flush()
     return 0
+
+
+def _trained_exits(ckpt: str) -> tuple[int, ...]:
+    """The exits the checkpoint was trained with (what `serve` / `generate` default to)."""
+    from sorted_jax.io import artifacts
+
+    return tuple(artifacts.inspect(ckpt).default_exits())
 
 
 def _held_out_prompts(ckpt: str, n: int) -> list[list[int]]:

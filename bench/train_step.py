@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "blockwise"])
     ap.add_argument("--remat", default="none", choices=list(modeling.REMAT_POLICY_NAMES))
     ap.add_argument("--rows-per-chunk", type=int, default=4096)
     ap.add_argument("--no-peer", action="store_true")

@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graceful-s", type=float, default=30.0,
                    help="on SIGTERM, how long in-flight requests may still run")
     p.add_argument("--max-draft", type=int, default=8, help="speculative: largest window")
+    p.add_argument("--speculation", default="dynamic", choices=("dynamic", "always"),
+                   help="speculative: draft only when it pays (measured per batch shape), or "
+                        "every round (the old behaviour)")
+    p.add_argument("--ee-min-saving", type=float, default=0.0,
+                   help="early exit: a batch checks its exits while they skip this fraction of "
+                        "the layers, else runs full-depth stretches (tokens then depend on the "
+                        "batch); 0 = check every token, the paper's rule (default)")
     p.add_argument("--warmup", default="",
                    help="comma-separated MODE[:LAYER] (e.g. fixed,fixed:4,early-exit,"
                         "speculative:4; LAYER = exit_layer / draft_layer) whose greedy programs "
@@ -82,7 +89,8 @@ def run(args: argparse.Namespace) -> None:
     settings = ServeSettings(max_batch=args.max_batch, max_queue=args.max_queue,
                              timeout_s=args.timeout_s)
     dec = Decoder(params, art.config, dtype=dtype, max_draft=args.max_draft,
-                  pad_multiple=settings.pad_multiple,
+                  pad_multiple=settings.pad_multiple, speculation=args.speculation,
+                  ee_min_saving=args.ee_min_saving,
                   compiler_options=FAST_COMPILE if args.fast_compile else None)
     scheduler = Scheduler(dec, tokenizer, settings, stop_ids(art.config, tokenizer.eos_id))
     if args.warmup:

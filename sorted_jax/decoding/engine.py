@@ -21,14 +21,18 @@ layers a..b-1 of the one stacked copy of the weights, with its own `KVCache` (sa
   the full model) and `[k, L)`. Verification *reuses* the draft's work: the draft wrote layers
   [0, k)'s K/V for the last committed token and the drafts d_1..d_{n-1} and kept their
   layer-k hidden states; the verify pass runs layers [0, k) for d_n alone, then layers [k, L)
-  once over all n + 1 tokens (a fixed-width chunk of `max_draft + 1`, padding masked).
-  Rejected tokens are rolled back by moving both caches' `index` back.
+  once over all n + 1 tokens (the narrowest compiled width >= n + 1, padding masked).
+  Rejected tokens are rolled back by moving both caches' `index` back. How many tokens a
+  round drafts (0: a plain full-model step) is `speculative.plan_drafts`' choice ("dynamic",
+  the default: only when the measured costs and the rows' acceptance say it pays) or each
+  row's adaptive window ("always").
 
 Early exit decides with the top-1 probability of the plain softmax (T = 1) of each exit's
 logits, then picks the token from the chosen exit's logits with the sampling settings. The
 first generated token (from the prefill, where every layer runs anyway) follows the same rule.
 In a batch, a deeper segment runs when any unfinished row still needs it; rows that already
-exited keep their token.
+exited keep their token. The batch checks only while its checks skip enough layers
+(`ee_min_saving`; `Programs._watch`), else it runs unchecked full-depth steps for a stretch.
 
 **Batches** are left-padded to a common prompt length P (padding slots hold position -1 in the
 cache, so they are never attended); row b's tokens keep their own positions 0, 1, .... Fixed
@@ -46,11 +50,12 @@ exit emits each token, never any hidden state. Deferred work is batched with the
 token (one pass over several tokens costs about one token's weight reads on an accelerator).
 
 **Speculative batching policy: per row.** Each row has its own cache length (`KVCache.index`
-is `[B]`), output offset and adaptive draft window (start 4, +2 when the row accepted every
-draft, else -1, in [1, max_draft], never past max_new_tokens). A round drafts until the longest
-window of an unfinished row is full; row b's verifier accepts a_b of its n_b drafts and the row
-commits those a_b drafts plus its correction / bonus token, so rows advance by different
-amounts and finish independently. Rejected drafts' K/V stay in slots past the row's length,
+is `[B]`), output offset, acceptance and (always-draft) adaptive window (start 4, +2 when the
+row accepted every draft, else -1, in [1, max_draft], never past max_new_tokens). A round
+drafts until the longest window of an unfinished row is full (dynamic: every row drafts the
+round's n); row b's verifier accepts a_b of its n_b drafts and the row commits those a_b
+drafts plus its correction / bonus token, so rows advance by different amounts and finish
+independently. Rejected drafts' K/V stay in slots past the row's length,
 which attention masks by that length (they are overwritten later, never attended). Greedy
 output equals the full model's row by row, and sampled output is distributed as the full
 model's (each row's acceptance is the standard rejection rule on its own prefix).
@@ -76,6 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sorted_jax.core.errors import DecodeError
+from sorted_jax.decoding.costs import SpecCosts, measure
 from sorted_jax.decoding.options import (
     MODES,
     PAPER_THRESHOLDS,
@@ -93,6 +99,7 @@ from sorted_jax.decoding.results import (
     SpeculativeStats,
 )
 from sorted_jax.decoding.sampling import SamplingParams
+from sorted_jax.decoding.speculative import SPECULATION
 from sorted_jax.decoding.state import Control, LadderCounts
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.objective.soft import default_exits  # the exit set SoFT trains by default
@@ -117,10 +124,17 @@ class Decoder:
     def __init__(self, params: dict, config: LlamaConfig, *, dtype: Any = jnp.float32,
                  cache_dtype: Any = None, attention_impl: str = "xla", max_draft: int = 8,
                  ee_chunk: int = 8, pad_multiple: int = 8, spec_commit: str = "per-row",
-                 compiler_options: dict[str, Any] | None = None):
+                 speculation: str = "dynamic", spec_costs: SpecCosts | None = None,
+                 ee_min_saving: float = 0.0, compiler_options: dict[str, Any] | None = None):
         if spec_commit not in SPEC_COMMITS:
             raise DecodeError(f"spec_commit must be one of {', '.join(SPEC_COMMITS)}, got "
                               f"{spec_commit!r}")
+        if speculation not in SPECULATION:
+            raise DecodeError(f"speculation must be one of {', '.join(SPECULATION)}, got "
+                              f"{speculation!r}")
+        if not 0 <= ee_min_saving <= 1:
+            raise DecodeError(f"ee_min_saving must be in [0, 1] (0 = check every token), got "
+                              f"{ee_min_saving!r}")
         if max_draft < 1:
             raise DecodeError(f"max_draft must be >= 1, got {max_draft}")
         if ee_chunk < 1:
@@ -130,7 +144,9 @@ class Decoder:
         self.cache_dtype = dtype if cache_dtype is None else cache_dtype
         self.attention_impl = attention_impl
         self.max_draft, self.ee_chunk, self.pad_multiple = max_draft, ee_chunk, pad_multiple
-        self.spec_commit = spec_commit
+        self.spec_commit, self.speculation = spec_commit, speculation
+        self.spec_costs, self.ee_min_saving = spec_costs, ee_min_saving
+        self.measured_costs: dict[tuple, SpecCosts] = {}  # (programs, batch, slots, program)
         self.compiler_options = tuple(sorted((compiler_options or {}).items()))
         self.last_stats: DecodeStats | None = None
 
@@ -151,7 +167,7 @@ class Decoder:
         return Programs.make(self.config, route, greedy=greedy, dtype=self.dtype,
                              cache_dtype=self.cache_dtype, attention_impl=self.attention_impl,
                              ee_chunk=self.ee_chunk, max_draft=self.max_draft,
-                             spec_commit=self.spec_commit,
+                             spec_commit=self.spec_commit, speculation=self.speculation,
                              compiler_options=self.compiler_options)
 
     def _check_prompts(self, prompts: Any) -> list[list[int]]:
@@ -204,11 +220,39 @@ class Decoder:
         sp = SamplingParams.make(opts.temperature if opts.temperature > 0 else 1.0, opts.top_k,
                                  opts.top_p)
         th = np.asarray([*route.thresholds, 0.0], np.float32)
+        progs = self.programs(route, opts.greedy)
+        widths = progs.widths if route.kind == "speculative" else (1,)
         ctl = Control(sp, jnp.asarray(np.asarray([*opts.eos_ids(self.config), -1], np.int32)),
-                      jnp.asarray(opts.max_new_tokens, jnp.int32), jnp.asarray(th))
+                      jnp.asarray(opts.max_new_tokens, jnp.int32), jnp.asarray(th),
+                      draft_cost=jnp.ones((), jnp.float32),
+                      verify_cost=jnp.ones((len(widths),), jnp.float32),
+                      force_drafts=jnp.asarray(-1, jnp.int32),
+                      spec_finish=jnp.asarray(False),
+                      ee_min_saved=jnp.asarray(self._min_saved(route), jnp.int32))
         inputs = (jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(pos),
                   jax.random.PRNGKey(opts.seed), ctl)
-        return route, self.programs(route, opts.greedy), self.params, ctl, inputs, slots
+        return route, progs, self.params, ctl, inputs, slots
+
+    def _min_saved(self, route: Route) -> int:
+        """`ee_min_saving` of the route's layers, in `Programs._watch`'s units (x 256)."""
+        return int(np.ceil(self.ee_min_saving * route.bounds[-1][1] * 256))
+
+    def _costed(self, progs: Programs, st: Any, ctl: Control, program: str) -> Control:
+        """`ctl` with the speculative round's costs (dynamic speculation): `spec_costs` if
+        given, else measured once per (programs, batch, slots) through `program`."""
+        if progs.kind != "speculative" or progs.speculation != "dynamic":
+            return ctl
+        costs = self.spec_costs
+        if costs is None:
+            key = (progs, st.last.shape[0], st.out.shape[1], program)
+            if key not in self.measured_costs:
+                self.measured_costs[key] = measure(progs, self.params, st, ctl,
+                                                   getattr(progs, program),
+                                                   per_call=program == "step")
+            costs = self.measured_costs[key]
+        draft, verify = costs.at(progs.widths)
+        return ctl.replace(draft_cost=jnp.asarray(draft, jnp.float32),
+                           verify_cost=jnp.asarray(verify))
 
     # -- decoding ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
@@ -222,7 +266,9 @@ class Decoder:
         t0 = time.perf_counter()
         opts = self.options(options, **kwargs)
         route, progs, params, ctl, inputs, slots = self._start(prompts, opts)
-        st = progs.loop(params, progs.prefill(params, *inputs, slots=slots), ctl)
+        st = progs.prefill(params, *inputs, slots=slots)
+        ctl = self._costed(progs, st, ctl, "loop").replace(spec_finish=jnp.asarray(True))
+        st = progs.loop(params, st, ctl)
         out, length, counts = jax.device_get((st.out, st.length, st.stats))
         tokens = [out[i, :length[i]].tolist() for i in range(out.shape[0])]
         return GenerationResult(tokens, _stats(opts.mode, route, counts, tokens,
@@ -234,8 +280,9 @@ class Decoder:
         `advance`): what a server streams from. Takes `generate`'s options."""
         opts = self.options(options, **kwargs)
         route, progs, params, ctl, inputs, slots = self._start(prompts, opts)
-        return BatchRun(self, opts, route, progs, params, ctl,
-                        progs.prefill(params, *inputs, slots=slots))
+        st = progs.prefill(params, *inputs, slots=slots)
+        return BatchRun(self, opts, route, progs, params, self._costed(progs, st, ctl, "step"),
+                        st)
 
     def memory(self, prompts: Sequence[Sequence[int]], options: DecodeOptions | None = None,
                **kwargs: Any) -> DecodeMemory:
@@ -259,6 +306,7 @@ class Decoder:
         opts = self.options(options, **kwargs)
         route, progs, params, ctl, inputs, slots = self._start([prompt], opts)
         st = progs.prefill(params, *inputs, slots=slots)
+        ctl = self._costed(progs, st, ctl, "step")
         sent = 0
         while True:
             length, done = jax.device_get((st.length[0], st.done[0]))
@@ -292,11 +340,18 @@ class BatchRun:
         self._first = True
         self._first_rows: set[int] = set()
 
-    def advance(self) -> list[list[int]]:
+    def advance(self, drafts: int | None = None) -> list[list[int]]:
         """New ids per row since the last call (the prefill's first token on the first, and
-        on a row's first after `insert`)."""
+        on a row's first after `insert`). `drafts` (speculative): draft exactly that many
+        tokens this round (0: a plain full-model step) instead of what the policy picks."""
+        ctl = self._ctl
+        if drafts is not None:
+            if self.route.kind != "speculative" or not 0 <= drafts <= self._progs.max_draft:
+                raise DecodeError(f"drafts must be in 0..{self._progs.max_draft} and only for "
+                                  f"a speculative batch, got {drafts!r}")
+            ctl = ctl.replace(force_drafts=jnp.asarray(drafts, jnp.int32))
         if not self._first and not self.done.all() and not self._first_rows:
-            self._st = self._progs.step(self._params, self._st, self._ctl)
+            self._st = self._progs.step(self._params, self._st, ctl)
         self._first = False
         self._first_rows.clear()
         length, done = jax.device_get((self._st.length, self._st.done))
@@ -366,7 +421,7 @@ def _stats(mode: str, route: Route, raw: Any, tokens: list[list[int]], seconds: 
         committed_drafts=int(raw.committed_drafts), full_passes=rounds + 1,
         committed_per_row=tuple(int(x) for x in raw.row_committed),
         rounds_per_row=tuple(int(x) for x in raw.row_rounds),
-        draft_passes=int(raw.draft_passes),
+        draft_passes=int(raw.draft_passes), plain_rounds=int(raw.plain_rounds),
         tokens_per_full_pass=total / (sum(int(x) for x in raw.row_rounds) + len(tokens)))
 
 
@@ -374,6 +429,7 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
              **kwargs: Any) -> GenerationResult:
     """One-shot `Decoder(params, config).generate(prompts, **kwargs)`."""
     dec_keys = ("dtype", "cache_dtype", "attention_impl", "max_draft", "ee_chunk",
-                "pad_multiple", "spec_commit", "compiler_options")
+                "pad_multiple", "spec_commit", "speculation", "spec_costs", "ee_min_saving",
+                "compiler_options")
     dec_kw = {k: kwargs.pop(k) for k in dec_keys if k in kwargs}
     return Decoder(params, config, **dec_kw).generate(prompts, **kwargs)

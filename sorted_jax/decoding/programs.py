@@ -20,34 +20,20 @@ import jax
 import jax.numpy as jnp
 
 from sorted_jax.decoding.options import Route
-from sorted_jax.decoding.sampling import (
-    greedy_accept,
-    probs_of,
-    select,
-    speculative_accept,
-    top1_prob,
+from sorted_jax.decoding.sampling import select, top1_prob
+from sorted_jax.decoding.speculative import PROBE_MIN, spec_round, verify_widths
+from sorted_jax.decoding.state import (
+    Control,
+    DecodeState,
+    LadderCounts,
+    SpecCounts,
+    Stack,
+    commit,
 )
-from sorted_jax.decoding.state import Control, DecodeState, LadderCounts, SpecCounts, Stack
 from sorted_jax.model.config import LlamaConfig
-from sorted_jax.model.kv_cache import write_slots
 
 Array = jax.Array
-
-
-def _commit(st: DecodeState, y: Array, count: Array, ctl: Control) -> dict:
-    """Append the first `count[b]` tokens of `y [B, W]` to each unfinished row b, at its own
-    offset `n[b]`; EOS / max_new stop rows. Finished rows do not move."""
-    active = ~st.done
-    count = jnp.broadcast_to(count, active.shape)
-    out = write_slots(st.out, y, st.n)  # past a row's length: never read
-    real = jnp.arange(y.shape[1])[None, :] < count[:, None]
-    is_eos = jnp.any(y[..., None] == ctl.eos, axis=-1) & real
-    has_eos = jnp.any(is_eos, axis=1)
-    first = jnp.argmax(is_eos, axis=1).astype(jnp.int32)
-    new_len = jnp.minimum(st.n + jnp.where(has_eos, first + 1, count), ctl.max_new)
-    n = st.n + jnp.where(active, count, 0)
-    return dict(out=out, length=jnp.where(active, new_len, st.length), n=n,
-                done=st.done | (active & has_eos) | (n >= ctl.max_new))
+EE_STRETCH_MIN, EE_STRETCH_MAX = 8, 64  # early exit: steps a batch goes unchecked (`_watch`)
 
 
 def _freeze(x: Any) -> Any:
@@ -77,6 +63,7 @@ class Programs:
     ee_chunk: int
     max_draft: int
     spec_commit: str = "per-row"  # speculative: "per-row" | "lockstep" (see `engine`)
+    speculation: str = "dynamic"  # speculative: "dynamic" | "always" (`speculative`)
     compiler_options: tuple[tuple[str, Any], ...] = ()
     config_key: tuple = dataclasses.field(init=False, repr=False)
 
@@ -86,17 +73,22 @@ class Programs:
     @classmethod
     def make(cls, config: LlamaConfig, route: Route, *, greedy: bool, dtype: Any, cache_dtype: Any,
              attention_impl: str, ee_chunk: int, max_draft: int, spec_commit: str = "per-row",
-             compiler_options: tuple = ()) -> Programs:
+             speculation: str = "dynamic", compiler_options: tuple = ()) -> Programs:
         ladder = route.kind == "ladder"
         return cls(config, route.bounds, route.kind, bool(greedy), jnp.dtype(dtype).name,
                    jnp.dtype(cache_dtype).name, attention_impl,
                    ee_chunk if ladder and len(route.bounds) > 1 else 0,
                    0 if ladder else max_draft, "" if ladder else spec_commit,
-                   tuple(compiler_options))
+                   "" if ladder else speculation, tuple(compiler_options))
 
     @functools.cached_property
     def stack(self) -> Stack:
         return Stack(self.config, self.bounds, jnp.dtype(self.dtype), self.attention_impl)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Speculative: the compiled verify widths (`speculative.verify_widths`)."""
+        return verify_widths(self.max_draft, self.speculation)
 
     @property
     def exit_layers(self) -> Array:
@@ -149,12 +141,13 @@ class Programs:
                                                    row.stats.row_committed),
                                  row_rounds=put(st.stats.row_rounds, row.stats.row_rounds))
         rows = {name: put(getattr(st, name), getattr(row, name)) for name in (
-            "last", "pos", "n", "out", "length", "done", "draft_len")}
+            "last", "pos", "n", "out", "length", "done", "draft_len", "accept")}
         return st.replace(caches=caches, acaches=acaches, stats=stats, **rows)
 
     def _advance(self, params, st: DecodeState, ctl: Control) -> DecodeState:
-        fn = self._ladder_step if self.kind == "ladder" else self._spec_round
-        return fn(params, st, ctl)
+        if self.kind == "ladder":
+            return self._ladder_step(params, st, ctl)
+        return spec_round(self, params, st, ctl)
 
     def _step(self, params, st: DecodeState, ctl: Control) -> DecodeState:
         return self._advance(params, st, ctl)
@@ -196,8 +189,12 @@ class Programs:
             last=tok, pos=positions[:, -1] + 1, n=jnp.zeros((b,), jnp.int32),
             out=jnp.zeros((b, slots), jnp.int32), length=jnp.zeros((b,), jnp.int32),
             done=jnp.zeros((b,), bool), key=key,
-            draft_len=jnp.full((b,), min(4, self.max_draft), jnp.int32), stats=stats)
-        return st.replace(**_commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl))
+            draft_len=jnp.full((b,), min(4, self.max_draft), jnp.int32),
+            accept=jnp.tile(jnp.asarray([[1.0, 2.0]], jnp.float32), (b, 1)),
+            plain=jnp.asarray([0, PROBE_MIN], jnp.int32),
+            ee_watch=jnp.asarray([256 * self.bounds[-1][1], 0, 0], jnp.int32),
+            stats=stats)
+        return st.replace(**commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl))
 
     def _choose_exit(self, logits_per_exit, ctl, decided):
         """First exit whose top-1 prob passes its threshold (the last always accepts)."""
@@ -219,6 +216,10 @@ class Programs:
 
     # -- fixed / early exit ------------------------------------------------------------------
     def _ladder_step(self, params, st: DecodeState, ctl: Control) -> DecodeState:
+        """One token: segment after segment, each row stopping at its first exit whose
+        confidence passes (`engine`). The batch checks only while `ee_watch` says checks pay
+        (below), and an exit's head runs only when the batch checks and the exit's threshold
+        can pass (<= 1): an unchecked step runs the full model's layers plus one head."""
         stk = self.stack
         m = len(stk.bounds)
         key, k_sel = jax.random.split(st.key)
@@ -228,12 +229,25 @@ class Programs:
         h, caches[0] = stk.run(0, params, stk.embed(params, st.last[:, None]),
                                st.pos[:, None], None, caches[0])
         ha, acaches[0] = stk.adapt(0, params, h, st.pos[:, None], None, acaches[0])
-        logits = stk.head(params, ha[:, 0])
         exit_idx = jnp.zeros(st.last.shape, jnp.int32)
-        if m > 1:
+        if m == 1:
+            logits = stk.head(params, ha[:, 0])
+        else:
             hbuf[0] = jax.lax.dynamic_update_slice_in_dim(hbuf[0], h, cur, axis=1)
             slot_pos = caches[0].positions
-            decided = (top1_prob(logits) >= ctl.thresholds[0]) | ~active
+            checking = (st.ee_watch[1] == 0) | (ctl.ee_min_saved <= 0)
+            check = active & checking
+            shape = (st.last.shape[0], stk.config.vocab_size)
+
+            def checked(s, x):
+                """(this exit's rows that pass, its logits: zeros where nobody checks)."""
+                need = jnp.any(check) & (ctl.thresholds[s] <= 1.0)
+                lg = jax.lax.cond(need, lambda x: stk.head(params, x),
+                                  lambda x: jnp.zeros(shape, jnp.float32), x)
+                return check & need & (top1_prob(lg) >= ctl.thresholds[s]), lg
+
+            decided, logits = checked(0, ha[:, 0])
+            decided = decided | ~active
             for s in range(1, m):
                 has_out = s < m - 1
 
@@ -242,12 +256,14 @@ class Programs:
                     cache, acache, hout, h_cur = self._flush(s, params, cache, acache,
                                                              hbuf[s - 1], hout, slot_pos, cur,
                                                              has_out)
-                    lg = stk.head(params, h_cur)
+                    if has_out:
+                        passed, lg = checked(s, h_cur)
+                    else:
+                        passed, lg = True, stk.head(params, h_cur)
                     take = ~decided
                     logits = jnp.where(take[:, None], lg, logits)
                     exit_idx = jnp.where(take, s, exit_idx)
-                    decided = decided | (top1_prob(lg) >= ctl.thresholds[s]) | (s == m - 1)
-                    return cache, acache, hout, logits, decided, exit_idx
+                    return cache, acache, hout, logits, decided | passed, exit_idx
 
                 carry = (caches[s], acaches[s], hbuf[s] if has_out else None, logits, decided,
                          exit_idx)
@@ -255,11 +271,33 @@ class Programs:
                 caches[s], acaches[s], hout, logits, decided, exit_idx = carry
                 if has_out:
                     hbuf[s] = hout
+            deepest = jnp.max(jnp.where(active, self.exit_layers[exit_idx], 0))
+            saved = jnp.where(jnp.any(active), self.bounds[-1][1] - deepest, 0)
+            st = st.replace(ee_watch=self._watch(st.ee_watch, checking, saved,
+                                                 ctl.ee_min_saved))
         tok = select(k_sel, logits, ctl.sampling, self.greedy)
         st = st.replace(caches=tuple(caches), acaches=tuple(acaches), hbuf=tuple(hbuf), key=key,
                         stats=self._exit_stats(st.stats, exit_idx, active))
-        upd = _commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl)
+        upd = commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl)
         return st.replace(last=tok, pos=st.pos + 1, **upd)
+
+    @staticmethod
+    def _watch(watch: Array, checking: Array, saved: Array, min_saved: Array) -> Array:
+        """The batch's check schedule `ee_watch` = (mean, left, stretch), per step. A checked
+        step skipped `saved` layers for the whole batch (a segment runs while any unfinished
+        row has not exited); mean = (3 mean + 256 saved) // 4, starting at all L layers.
+        When the mean falls below `min_saved` the checks cost more than they save: the batch
+        runs unchecked steps (the full model's tokens) for a stretch of EE_STRETCH_MIN steps,
+        then checks one step (a probe, whose saving replaces the mean); the stretch doubles
+        up to EE_STRETCH_MAX while probes fail and resets when checks pay again. Integer
+        arithmetic: a schedule is exactly reproducible (tests replay it)."""
+        mean, left, stretch = watch[0], watch[1], watch[2]
+        mean = jnp.where(stretch > 0, 256 * saved, (3 * mean + 256 * saved) // 4)
+        low = mean < min_saved
+        longer = jnp.clip(2 * stretch, EE_STRETCH_MIN, EE_STRETCH_MAX)
+        after_check = jnp.stack([mean, jnp.where(low, longer, 0), jnp.where(low, longer, 0)])
+        unchecked = jnp.stack([watch[0], jnp.maximum(left - 1, 0), stretch])
+        return jnp.where(checking, after_check, unchecked).astype(jnp.int32)
 
     def _flush(self, s, params, cache, acache, hin, hout, slot_pos, cur, has_out):
         """Run segment s over its pending slots [cache.index, cur]; returns the current
@@ -299,89 +337,6 @@ class Programs:
                                       (cache, acache, hout, h0))
 
         return jax.lax.cond(cache.index == cur, single, chunked, None)
-
-    # -- self-speculative --------------------------------------------------------------------
-    def _spec_round(self, params, st: DecodeState, ctl: Control) -> DecodeState:
-        """One draft + verify round; every row keeps its own cache length (`KVCache.index`
-        `[B]`), draft window and output offset (module `engine` docstring)."""
-        stk, wd, greedy = self.stack, self.max_draft, self.greedy
-        key, k_draft, k_acc = jax.random.split(st.key, 3)
-        active = ~st.done
-        lo, hi = st.caches
-        alo = st.acaches[0]  # the draft's exit adapter (None: the draft is the bare exit)
-        b = st.last.shape[0]
-        rows = jnp.arange(b)
-        cur = lo.index  # [B]
-        n = jnp.clip(jnp.minimum(st.draft_len, ctl.max_new - st.n), 1, wd)  # [B]
-        n_max = jnp.max(jnp.where(active, n, 1))
-        d, v = stk.config.hidden_size, stk.config.vocab_size
-
-        def draft_body(c):
-            j, cache, acache, tok, hb, drafts, qs, k = c
-            h, cache = stk.run(0, params, stk.embed(params, tok[:, None]),
-                               (st.pos + j)[:, None], None, cache)
-            hb = jax.lax.dynamic_update_slice_in_dim(hb, h, j, axis=1)
-            ha, acache = stk.adapt(0, params, h, (st.pos + j)[:, None], None, acache)
-            lg = stk.head(params, ha[:, 0])
-            k, sk = jax.random.split(k)
-            tok = select(sk, lg, ctl.sampling, greedy)
-            drafts = jax.lax.dynamic_update_slice_in_dim(drafts, tok[:, None], j, axis=1)
-            if not greedy:
-                qs = jax.lax.dynamic_update_slice_in_dim(
-                    qs, probs_of(lg, ctl.sampling)[:, None], j, axis=1)
-            return j + 1, cache, acache, tok, hb, drafts, qs, k
-
-        # Rows draft until the longest window is full; a row's drafts past its own window are
-        # never verified, and their K/V lie past its length (masked, then overwritten).
-        init = (jnp.zeros((), jnp.int32), lo, alo, st.last,
-                jnp.zeros((b, wd + 1, d), stk.dtype), jnp.zeros((b, wd), jnp.int32),
-                None if greedy else jnp.zeros((b, wd, v), jnp.float32), k_draft)
-        _, lo, alo, _, hb, drafts, qs, _ = jax.lax.while_loop(lambda c: c[0] < n_max,
-                                                              draft_body, init)
-        # Verify: layers [0, k) for each row's last draft d_n (at its own slot cur + n), then
-        # layers [k, L) for the last committed token + n drafts at once (padding masked).
-        d_n = jnp.take_along_axis(drafts, (n - 1)[:, None], axis=1)
-        h, lo = stk.run(0, params, stk.embed(params, d_n), (st.pos + n)[:, None], None,
-                        lo.replace(index=cur + n))
-        if alo is not None:  # the adapter's K/V of d_n too, so its cache keeps pace
-            _, alo = stk.adapt(0, params, h, (st.pos + n)[:, None], None,
-                               alo.replace(index=cur + n))
-        hb = hb.at[rows, n].set(h[:, 0])
-        idx = jnp.arange(wd + 1)
-        valid = idx[None, :] <= n[:, None]
-        hv, hi = stk.run(1, params, hb, st.pos[:, None] + idx, valid, hi)
-        logits = stk.head(params, hv)  # [B, W, V]
-        if greedy:
-            a, corr = greedy_accept(logits, drafts, n)
-        else:
-            a, corr = speculative_accept(k_acc, probs_of(logits, ctl.sampling), qs, drafts, n)
-        if self.spec_commit == "lockstep":  # every row stops where the slowest row did
-            cut = jnp.broadcast_to(jnp.min(jnp.where(active, a, wd)), (b,))
-            all_in = jnp.broadcast_to(jnp.all(jnp.where(active, a >= n, True)), (b,))
-        else:
-            cut, all_in = a, a >= n
-        count = cut + 1
-        d_pad = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
-        # token at position cut + 1: the row's next accepted draft (lockstep, a > cut), else
-        # its correction / bonus token
-        nxt = jnp.where(a > cut, jnp.take_along_axis(d_pad, cut[:, None], axis=1)[:, 0], corr)
-        y = jnp.where(idx[None, :] < cut[:, None], d_pad, nxt[:, None])
-        act = active.astype(jnp.int32)
-        old = st.stats
-        stats = SpecCounts(rounds=old.rounds + 1, drafted=old.drafted + jnp.sum(n * act),
-                           accepted=old.accepted + jnp.sum(a * act),
-                           committed_drafts=old.committed_drafts + jnp.sum(cut * act),
-                           draft_passes=old.draft_passes + n_max + 1,
-                           row_committed=old.row_committed + cut * act,
-                           row_rounds=old.row_rounds + act)
-        grown = jnp.clip(jnp.where(all_in, st.draft_len + 2, st.draft_len - 1), 1, wd)
-        step = jnp.where(active, count, 0)
-        st = st.replace(caches=(lo.replace(index=cur + step), hi.replace(index=cur + step)),
-                        acaches=(None if alo is None else alo.replace(index=cur + step), None),
-                        key=key, stats=stats,
-                        draft_len=jnp.where(active, grown, st.draft_len))
-        upd = _commit(st, y, count, ctl)
-        return st.replace(last=jnp.where(active, nxt, st.last), pos=st.pos + step, **upd)
 
 
 @functools.cache

@@ -64,7 +64,8 @@ class SpeculativeStats(DecodeStats):
     `full_passes` = verify rounds of the batch + the prefill; `committed_drafts` = drafts
     kept; `committed_per_row` / `rounds_per_row`: drafts kept and verify rounds of each row
     (per-row commit lets rows of a batch keep different counts); `tokens_per_full_pass`:
-    tokens over the rows' own full-model passes (their verify rounds + the prefill)."""
+    tokens over the rows' own full-model passes (their verify rounds + the prefill);
+    `plain_rounds`: rounds that drafted nothing (dynamic speculation's plain steps)."""
 
     draft_layer: int
     drafted: int
@@ -76,11 +77,13 @@ class SpeculativeStats(DecodeStats):
     tokens_per_full_pass: float
     committed_per_row: tuple[int, ...] = ()
     rounds_per_row: tuple[int, ...] = ()
+    plain_rounds: int = 0
 
     def merge(self, other: DecodeStats) -> SpeculativeStats:
         assert isinstance(other, SpeculativeStats), other
         summed = {k: getattr(self, k) + getattr(other, k) for k in (
-            "tokens", "drafted", "accepted", "full_passes", "committed_drafts", "draft_passes")}
+            "tokens", "drafted", "accepted", "full_passes", "committed_drafts", "draft_passes",
+            "plain_rounds")}
         rate = summed["accepted"] / summed["drafted"] if summed["drafted"] else 0.0
         return dataclasses.replace(
             self, acceptance_rate=rate, **summed,

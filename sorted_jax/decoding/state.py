@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from sorted_jax.decoding.sampling import SamplingParams
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.model.exit_adapters import adapter_index
-from sorted_jax.model.kv_cache import KVCache
+from sorted_jax.model.kv_cache import KVCache, write_slots
 from sorted_jax.model.modeling import EXIT_ADAPTERS, make_model, run_layer_range
 
 Array = jax.Array
@@ -32,6 +32,16 @@ class Control:
     eos: Array  # [E] int32 (-1 entries never match)
     max_new: Array  # [] int32
     thresholds: Array  # [num_segments] float32 (early exit; the last entry is ignored)
+    # speculative, dynamic (`speculative.plan_drafts`): the cost of one draft pass and of a
+    # verify pass at each compiled width, relative to a plain full-model step (width 1 = 1.0)
+    draft_cost: Array  # [] float32
+    verify_cost: Array  # [num_widths] float32
+    force_drafts: Array  # [] int32: >= 0 drafts exactly this many every round; -1 = the policy
+    spec_finish: Array  # [] bool: the policy minimises the batch's finishing time (a fixed
+    #                     batch, `generate`), else maximises tokens per second (rows that join)
+    # early exit: the batch checks its exits while they skip at least this many layers per
+    # step (x 256, `programs.Programs._watch`); 0 = check every token (the paper's rule)
+    ee_min_saved: Array  # [] int32
 
 
 @flax.struct.dataclass
@@ -46,7 +56,11 @@ class DecodeState:
     length: Array  # [B] generated length per row (stops growing when the row is done)
     done: Array  # [B]
     key: Array
-    draft_len: Array  # [B] speculative adaptive window, per row
+    draft_len: Array  # [B] speculative adaptive window, per row ("always" drafting)
+    accept: Array  # [B, 2] float32 speculative: decayed (accepted, accepted + rejected) per row
+    plain: Array  # [2] int32 speculative: (plain rounds in a row, plain rounds before a probe)
+    ee_watch: Array  # [3] int32 early exit: (layers the batch's checked steps skipped, a
+    #                  decayed mean x 256; steps left unchecked; the current unchecked stretch)
     stats: LadderCounts | SpecCounts
 
 
@@ -69,11 +83,28 @@ class SpecCounts:
     draft_passes: Array
     row_committed: Array  # [B] drafts committed per row
     row_rounds: Array  # [B] verify rounds per row (while it was unfinished)
+    plain_rounds: Array  # [] rounds that drafted nothing (a plain full-model step)
 
     @classmethod
     def zeros(cls, batch: int) -> SpecCounts:
         z, zb = jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32)
-        return cls(z, z, z, z, z, zb, zb)
+        return cls(z, z, z, z, z, zb, zb, z)
+
+
+def commit(st: DecodeState, y: Array, count: Array, ctl: Control) -> dict:
+    """Append the first `count[b]` tokens of `y [B, W]` to each unfinished row b, at its own
+    offset `n[b]`; EOS / max_new stop rows. Finished rows do not move."""
+    active = ~st.done
+    count = jnp.broadcast_to(count, active.shape)
+    out = write_slots(st.out, y, st.n)  # past a row's length: never read
+    real = jnp.arange(y.shape[1])[None, :] < count[:, None]
+    is_eos = jnp.any(y[..., None] == ctl.eos, axis=-1) & real
+    has_eos = jnp.any(is_eos, axis=1)
+    first = jnp.argmax(is_eos, axis=1).astype(jnp.int32)
+    new_len = jnp.minimum(st.n + jnp.where(has_eos, first + 1, count), ctl.max_new)
+    n = st.n + jnp.where(active, count, 0)
+    return dict(out=out, length=jnp.where(active, new_len, st.length), n=n,
+                done=st.done | (active & has_eos) | (n >= ctl.max_new))
 
 
 class Stack:

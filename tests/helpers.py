@@ -162,3 +162,29 @@ def one_device_mesh():
     from sorted_jax.parallel.sharding import make_mesh
 
     return make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def random_batch(vocab_size: int, b: int = 8, t: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """A training batch whose rows differ: random ids, a random length per row (right padding)
+    and a random loss mask inside it, so per-row logic and padding are exercised."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, vocab_size, (b, t)).astype(np.int32)
+    lengths = rng.randint(t // 2, t + 1, b)
+    attn = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    mask = (rng.rand(b, t) > 0.3).astype(np.float32) * attn
+    return {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": mask,
+            "attention_mask": attn}
+
+
+def last_axis_shardings(params: Any) -> Any:
+    """Each leaf split over 8 devices on its last axis where it divides, else replicated."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
+
+    def spec(x):
+        if x.shape[-1] % 8 == 0:
+            return NamedSharding(mesh, PartitionSpec(*([None] * (x.ndim - 1)), ("a", "b")))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(spec, params)

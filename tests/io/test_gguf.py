@@ -28,11 +28,10 @@ import sys
 import tracemalloc
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ASSETS, FAST, REPO, TINY_CONFIG_FILE
+from helpers import ASSETS, FAST, REPO, TINY_CONFIG_FILE, last_axis_shardings
 
 from sorted_jax import convert, generate, train
 from sorted_jax.data.tokenizers import (
@@ -236,18 +235,6 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _shardings(params: dict):
-    """Each leaf split over 8 devices on its last axis where it divides, else replicated."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
-
-    def spec(x):
-        if x.shape[-1] % 8 == 0:
-            return NamedSharding(mesh, PartitionSpec(*([None] * (x.ndim - 1)), ("a", "b")))
-        return NamedSharding(mesh, PartitionSpec())
-
-    return jax.tree.map(spec, params)
 
 
 @pytest.fixture(autouse=True)
@@ -321,7 +308,7 @@ def test_sharded_gguf_load_equals_host(files):
     tracemalloc.start()
     try:
         placed, config, tok = model_io.load_params(files["Q4_K"],
-                                                   shardings=_shardings(params))
+                                                   shardings=last_axis_shardings(params))
         kept, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

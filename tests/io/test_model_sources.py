@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import ASSETS, FAST, TINY_CONFIG_FILE
+from helpers import ASSETS, FAST, TINY_CONFIG_FILE, last_axis_shardings
 
 from sorted_jax import convert, evaluate, generate, ict, train
 from sorted_jax.data.tokenizers import save_tokenizer_files
@@ -114,18 +114,6 @@ def test_hf_dir_loads_as_its_conversion(sources):
     assert snapshot(hf) == before
 
 
-def _shardings(params: dict):
-    """Each leaf split over 8 devices on its last axis where it divides, else replicated."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
-
-    def spec(x):
-        if x.shape[-1] % 8 == 0:
-            return NamedSharding(mesh, PartitionSpec(*([None] * (x.ndim - 1)), ("a", "b")))
-        return NamedSharding(mesh, PartitionSpec())
-
-    return jax.tree.map(spec, params)
 
 
 def test_sharded_load_places_one_leaf_at_a_time(sources):
@@ -135,7 +123,7 @@ def test_sharded_load_places_one_leaf_at_a_time(sources):
     leaf, where a load that first builds the whole model on the host needs 6.5x."""
     _, hf, before, converted = sources
     ref = model_io.load_params(converted)[0]
-    shardings = _shardings(ref)
+    shardings = last_axis_shardings(ref)
     leaf_bytes = [x.nbytes for x in flatten(ref).values()]
     tracemalloc.start()
     try:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import random_params
+from helpers import random_batch, random_params
 
 from sorted_jax.model import lora, modeling, quant
 from sorted_jax.model.config import ConfigError, LlamaConfig
@@ -24,13 +24,7 @@ LR = 1024.0
 
 
 def make_batch(b=8, t=16, seed=0):
-    rng = np.random.RandomState(seed)
-    ids = rng.randint(0, CFG.vocab_size, (b, t)).astype(np.int32)
-    lengths = rng.randint(t // 2, t + 1, b)
-    attn = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
-    mask = (rng.rand(b, t) > 0.3).astype(np.float32) * attn
-    return {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": mask,
-            "attention_mask": attn}
+    return random_batch(CFG.vocab_size, b, t, seed)
 
 
 def lora_params(spec, seed=0, trained=True):

@@ -74,16 +74,19 @@ DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
 
 
 def resolve_attention_impl(impl: str, dtype: Dtype) -> str:
-    """`auto`: cuDNN's fused attention on a GPU in half precision (its fast case), else XLA's
-    reference. `blockwise` (`sorted_jax.model.blockwise_attention`: no `[B, H, T, T]` scores)
-    is chosen by name only: `auto` would take it on CPU once a same-run `bench/train_step.py`
-    A/B shows it faster there, which has not been measured yet (docs/training.md)."""
+    """`auto`: cuDNN's fused attention on a GPU in half precision (its fast case); on CPU the
+    blockwise attention (`sorted_jax.model.blockwise_attention`: no `[B, H, T, T]` scores),
+    which a same-run A/B measured 1.42x faster per SFT step (`bench/train_step.py --size
+    cpu-bench --dtype float32`, docs/benchmarks.md); elsewhere XLA's reference."""
     if impl not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
+        backend = jax.default_backend()
+        if backend == "cpu":
+            return "blockwise"
         half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-        return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+        return "cudnn" if backend == "gpu" and half else "xla"
     return impl
 
 

@@ -48,10 +48,17 @@ def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) 
     spec = lora_run.lora_spec(c)
     lora_run.check_model(spec, mc)
 
+    # Planned on a CPU for a GPU run: also compiled without XLA:CPU's attention scores and bf16
+    # upcasts (`memory_planner`'s docstring). Both compiles then take XLA's reference attention
+    # (what `auto` ran on CPU before it took the blockwise one), whose scores the estimate's
+    # flash stand-in replaces.
+    half = jnp.dtype(DTYPES[c.dtype]).itemsize < 4
+    gpu = jax.default_backend() == "cpu" and half and c.attention_impl in ("auto", "cudnn")
+
     def build(spec: Any) -> SoftSteps:
         model = modeling.make_model(mc, dtype=DTYPES[c.dtype],
                                     param_dtype=lora_run.base_param_dtype(c, spec),
-                                    attention_impl=c.attention_impl,
+                                    attention_impl="xla" if gpu else c.attention_impl,
                                     remat_policy=c.remat_policy, lora=spec)
         tx, _ = make_optimizer(lr=c.optim.lr, total_steps=1000,
                                mu_dtype=run_spec.mu_dtype_of(c),
@@ -63,10 +70,6 @@ def plan_memory(c: ml_collections.ConfigDict, device_memory: str | None = None) 
                          anchor_weights=frozen.anchor_weights(c, tuple(exits)))
 
     steps = build(spec)
-    # Planned on a CPU for a GPU run: also compiled without XLA:CPU's attention scores and bf16
-    # upcasts (`memory_planner`'s docstring).
-    half = jnp.dtype(DTYPES[c.dtype]).itemsize < 4
-    gpu = jax.default_backend() == "cpu" and half and c.attention_impl in ("auto", "cudnn")
     float_base = spec is not None and not spec.quantised
     estimate = build(dataclasses.replace(spec, base_dtype="int8") if float_base else spec) \
         if gpu else None

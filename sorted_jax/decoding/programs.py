@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sorted_jax.decoding.inplace import run_if
 from sorted_jax.decoding.options import Route
 from sorted_jax.decoding.sampling import select, top1_prob
 from sorted_jax.decoding.speculative import PROBE_MIN, spec_round, verify_widths
@@ -267,7 +268,7 @@ class Programs:
 
                 carry = (caches[s], acaches[s], hbuf[s] if has_out else None, logits, decided,
                          exit_idx)
-                carry = jax.lax.cond(jnp.all(decided), lambda c: c, deeper, carry)
+                carry = run_if(~jnp.all(decided), deeper, carry)
                 caches[s], acaches[s], hout, logits, decided, exit_idx = carry
                 if has_out:
                     hbuf[s] = hout
@@ -306,7 +307,8 @@ class Programs:
         adapter) are computed now (lazily), exactly as the full model."""
         stk, w = self.stack, self.ee_chunk
 
-        def single(_):
+        def single(carry):
+            cache, acache, hout, _ = carry
             h = jax.lax.dynamic_slice_in_dim(hin, cur, 1, axis=1)
             p = jax.lax.dynamic_slice_in_dim(slot_pos, cur, 1, axis=1)
             out, c = stk.run(s, params, h, p, None, cache)
@@ -314,7 +316,7 @@ class Programs:
             oa, ac = stk.adapt(s, params, out, p, None, acache)
             return c, ac, ho, oa[:, 0]
 
-        def chunked(_):
+        def chunked(carry):
             def body(carry):
                 c, ac, ho, h_cur = carry
                 start = c.index
@@ -332,11 +334,12 @@ class Programs:
                 return (c.replace(index=end), None if ac is None else ac.replace(index=end),
                         ho, h_cur)
 
-            h0 = jnp.zeros((hin.shape[0], hin.shape[2]), hin.dtype)
-            return jax.lax.while_loop(lambda c: c[0].index <= cur, body,
-                                      (cache, acache, hout, h0))
+            return jax.lax.while_loop(lambda c: c[0].index <= cur, body, carry)
 
-        return jax.lax.cond(cache.index == cur, single, chunked, None)
+        h0 = jnp.zeros((hin.shape[0], hin.shape[2]), hin.dtype)
+        one = cache.index == cur
+        carry = run_if(one, single, (cache, acache, hout, h0))
+        return run_if(~one, chunked, carry)
 
 
 @functools.cache

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sorted_jax.decoding.inplace import run_case, run_if
 from sorted_jax.decoding.sampling import greedy_accept, probs_of, select, speculative_accept
 from sorted_jax.decoding.state import Control, DecodeState, SpecCounts, commit
 
@@ -87,8 +88,52 @@ def plan_drafts(progs: Any, st: DecodeState, ctl: Control, active: Array
 
 
 def spec_round(progs: Any, params: dict, st: DecodeState, ctl: Control) -> DecodeState:
-    """One draft + verify round of `progs` (a `programs.Programs`); every row keeps its own
-    cache length (`KVCache.index` `[B]`), output offset and acceptance (module `engine`)."""
+    """One round of `progs` (a `programs.Programs`): a plain full-model step when no row
+    drafts (`plain_round`), else drafts + one verify pass (`drafted_round`). Every row keeps
+    its own cache length (`KVCache.index` `[B]`), output offset and acceptance (`engine`)."""
+    active = ~st.done
+    n, plain = plan_drafts(progs, st, ctl, active)
+    n_max = jnp.max(jnp.where(active, n, 0))
+    st = run_if(n_max == 0, lambda s: plain_round(progs, params, s, ctl, plain), st)
+    return run_if(n_max > 0, lambda s: drafted_round(progs, params, s, ctl, n, plain, n_max),
+                  st)
+
+
+def plain_round(progs: Any, params: dict, st: DecodeState, ctl: Control, plain: Array
+                ) -> DecodeState:
+    """One token per row through layers [0, k) then [k, L): the full model's step, and
+    exactly what `drafted_round` does with n = 0 (same keys, same counts), minus the draft
+    loop, the verify buffers and the width switch."""
+    stk, wd = progs.stack, progs.max_draft
+    key, _, k_acc = jax.random.split(st.key, 3)
+    active = ~st.done
+    lo, hi = st.caches
+    alo = st.acaches[0]
+    cur = lo.index
+    pos = st.pos[:, None]
+    h, lo = stk.run(0, params, stk.embed(params, st.last[:, None]), pos, None, lo)
+    if alo is not None:  # the adapter's K/V of that token too, so its cache keeps pace
+        _, alo = stk.adapt(0, params, h, pos, None, alo)
+    h, hi = stk.run(1, params, h, pos, None, hi)
+    tok = select(k_acc, stk.head(params, h[:, 0]), ctl.sampling, progs.greedy)
+    act = active.astype(jnp.int32)
+    old = st.stats
+    stats = old.replace(rounds=old.rounds + 1, draft_passes=old.draft_passes + 1,
+                        row_rounds=old.row_rounds + act, plain_rounds=old.plain_rounds + 1)
+    step = act
+    st = st.replace(caches=(lo.replace(index=cur + step), hi.replace(index=cur + step)),
+                    acaches=(None if alo is None else alo.replace(index=cur + step), None),
+                    key=key, stats=stats, plain=plain,
+                    draft_len=jnp.where(active, jnp.clip(st.draft_len + 2, 1, wd),
+                                        st.draft_len))
+    upd = commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl)
+    return st.replace(last=jnp.where(active, tok, st.last), pos=st.pos + step, **upd)
+
+
+def drafted_round(progs: Any, params: dict, st: DecodeState, ctl: Control, n: Array,
+                  plain: Array, n_max: Array) -> DecodeState:
+    """Drafts `n [B]` tokens per row with layers [0, k), verifies them in one pass of
+    layers [k, L), commits each row's accepted prefix and its correction / bonus token."""
     stk, wd, greedy, widths = progs.stack, progs.max_draft, progs.greedy, progs.widths
     key, k_draft, k_acc = jax.random.split(st.key, 3)
     active = ~st.done
@@ -97,8 +142,6 @@ def spec_round(progs: Any, params: dict, st: DecodeState, ctl: Control) -> Decod
     b = st.last.shape[0]
     rows = jnp.arange(b)
     cur = lo.index  # [B]
-    n, plain = plan_drafts(progs, st, ctl, active)
-    n_max = jnp.max(jnp.where(active, n, 0))
     d, v = stk.config.hidden_size, stk.config.vocab_size
 
     def draft_body(c):
@@ -136,7 +179,8 @@ def spec_round(progs: Any, params: dict, st: DecodeState, ctl: Control) -> Decod
     hb = hb.at[rows, n].set(h[:, 0])
 
     def verify(w):
-        def run(hi):
+        def run(c):
+            hi = c[2]
             idx = jnp.arange(w)
             hv, hi = stk.run(1, params, hb[:, :w], st.pos[:, None] + idx,
                              idx[None, :] <= n[:, None], hi)
@@ -149,14 +193,12 @@ def spec_round(progs: Any, params: dict, st: DecodeState, ctl: Control) -> Decod
             else:
                 a, corr = speculative_accept(k_acc, probs_of(logits, ctl.sampling),
                                              qs[:, :w - 1], drafts[:, :w - 1], n)
-            return a, corr, hi
+            return a.astype(jnp.int32), corr.astype(jnp.int32), hi
         return run
 
-    if len(widths) == 1:
-        a, corr, hi = verify(widths[0])(hi)
-    else:
-        branch = jnp.asarray(width_index(widths, wd))[n_max]
-        a, corr, hi = jax.lax.switch(branch, [verify(w) for w in widths], hi)
+    zero = jnp.zeros((b,), jnp.int32)
+    branch = jnp.asarray(width_index(widths, wd))[n_max]
+    a, corr, hi = run_case(branch, [verify(w) for w in widths], (zero, zero, hi))
     if progs.spec_commit == "lockstep":  # every row stops where the slowest row did
         cut = jnp.broadcast_to(jnp.min(jnp.where(active, a, wd)), (b,))
         all_in = jnp.broadcast_to(jnp.all(jnp.where(active, a >= n, True)), (b,))

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from sorted_jax.model import lora
 from sorted_jax.model.blockwise_attention import causal_attention
 from sorted_jax.model.config import LlamaConfig, rope_inv_freq
-from sorted_jax.model.kv_cache import write_slots
+from sorted_jax.model.kv_cache import write_kv
 from sorted_jax.model.lora import LoraSpec
 from sorted_jax.parallel import sharding
 
@@ -149,6 +149,28 @@ class AttentionInputs:
     kv_valid: Array | None = None  # [B, T] bool
 
 
+def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Attention of `q [B, T, N, Dh]` over one layer's cache `k, v [B, K, S, Dh]` under
+    `mask [B, 1, T, S]`: XLA's reference arithmetic (fp32 scores and softmax, probabilities in
+    the cache dtype), with the G = N / K query heads of a KV head folded into its query rows
+    so both dots read the cache as laid out (no per-step transpose of the cache)."""
+    b, t, n, dh = q.shape
+    kv = k.shape[1]
+    g = n // kv
+    qg = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
+    precision = (jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16
+                 else None)
+    scores = jnp.einsum("bkqh,bksh->bkqs", qg, k, precision=precision,
+                        preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(1.0 / np.sqrt(dh))
+    m = jnp.broadcast_to(mask[:, :, None], (b, 1, g, t, mask.shape[-1])).reshape(
+        b, 1, g * t, mask.shape[-1])
+    scores = jnp.where(m, scores, jnp.float32(-0.7 * np.finfo(np.float32).max))
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
+    return out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, n, dh)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
     dtype: Dtype = jnp.float32
@@ -159,7 +181,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, inputs: AttentionInputs, cache: tuple[Array, Array] | None,
                  layer: Array) -> tuple[Array, tuple[Array, Array] | None]:
-        """cache: every layer's (k, v) `[L, B, S, K, Dh]`; this layer writes row `layer`."""
+        """cache: every layer's (k, v) `[L, B, K, S, Dh]`; this layer writes row `layer`."""
         cfg = self.config
         n, k, dh = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
 
@@ -179,22 +201,22 @@ class Attention(nn.Module):
         kk = checkpoint_name(apply_rotary(kk, inputs.cos, inputs.sin), "key_proj")
         v = checkpoint_name(v, "value_proj")
 
+        impl = self.implementation
         if cache is not None:
             # a shared index writes every row's slots at once; a [B] one, each row at its own
-            cache = tuple(write_slots(c, new, inputs.cache_index, layer=layer)
+            cache = tuple(write_kv(c, new, inputs.cache_index, layer)
                           for c, new in zip(cache, (kk, v), strict=True))
             kk, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False).astype(
                 self.dtype) for c in cache)
-
-        impl = self.implementation
-        if impl == "blockwise" and cache is None and inputs.mask is None:  # training, eval
+            out = cached_attention(q, kk, v, inputs.mask)
+        elif impl == "blockwise" and inputs.mask is None:  # training, eval
             out = causal_attention(q, kk, v, kv_lengths=inputs.kv_lengths,
                                    kv_valid=inputs.kv_valid, segment_ids=inputs.segment_ids)
         elif inputs.mask is None:
             out = jax.nn.dot_product_attention(
                 q, kk, v, is_causal=True, key_value_seq_lengths=inputs.kv_lengths,
                 implementation=impl)
-        else:  # a cache or an explicit mask: XLA's reference (blockwise takes no dense mask)
+        else:  # an explicit mask: XLA's reference (blockwise takes no dense mask)
             out = jax.nn.dot_product_attention(
                 q, kk, v, mask=inputs.mask, implementation="xla" if impl == "blockwise" else impl)
         out = nn.with_logical_constraint(out, (BATCH, LENGTH, ACT_HEADS, "head_dim"))

@@ -4,12 +4,15 @@ decoder and batch shape, or given (deterministic runs, tests).
     costs = SpecCosts(draft=0.3, verify={1: 1.0, 2: 1.2, 4: 1.5, 9: 2.4})
     dec = Decoder(params, config, spec_costs=costs)      # else measured at first use
 
-`measure` times single rounds of the compiled program the caller runs (`loop` or `step`)
-from a real prefilled state, with the number of drafts forced (`Control.force_drafts`): n = 0
-(a plain step, width 1), n = w - 1 for every compiled width w, and one more draft count at the
-widest width, whose difference gives one draft pass. Each repeat times every count back to
-back and gives one estimate of the costs; the median over repeats is kept, so a busy machine's
-bursts move single estimates, not the result.
+`measure` times rounds of the compiled program the caller runs (`loop` or `step`) from a real
+prefilled state, with the number of drafts forced (`Control.force_drafts`): n = 0 (a plain
+step, width 1), n = w - 1 for every compiled width w, and one more draft count at the widest
+width, whose difference gives one draft pass. Through `loop` each timing runs up to
+`LOOP_TOKENS` tokens (as many rounds as the forced drafts and the acceptance make, counted by
+the program) less a call that runs none: one round of a small model is shorter than a call's
+own jitter, which made single-round timings overstate wide verify passes about 1.5x at batch 1.
+Each repeat times every count back to back and gives one estimate of the costs; the median
+over repeats is kept, so a busy machine's bursts move single estimates, not the result.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from sorted_jax.core.errors import DecodeError
 from sorted_jax.decoding.speculative import width_index
 
 REPEATS = 7  # back-to-back timings of every draft count; the median estimate is kept
+LOOP_TOKENS = 36  # tokens per timing through `loop` (at most the request's max_new_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +67,10 @@ class SpecCosts:
 def measure(progs: Any, params: dict, st: Any, ctl: Any, run: Callable, *,
             per_call: bool) -> SpecCosts:
     """Costs of `progs`' rounds at the shape of the prefilled state `st` (kept: each timed
-    round runs on a copy), timed through `run(params, state, ctl)` (`progs.loop` or
-    `progs.step`; one round each, since `max_new` is set to 2). `per_call`: the caller pays
-    one call per round (`step`, streaming), so the call's fixed cost belongs to every round;
-    else (`loop`) a call that runs no round is timed and taken off."""
+    run starts from a copy), timed through `run(params, state, ctl)` (`progs.loop` or
+    `progs.step`). `per_call`: the caller pays one call per round (`step`, streaming), so a
+    call is one round and its fixed cost belongs to every round; else (`loop`) a call runs up
+    to `LOOP_TOKENS` tokens, and a call that runs no round is timed and taken off."""
     widths, wd = progs.widths, progs.max_draft
     counts = {0, *(w - 1 for w in widths if w > 1)}
     # two draft counts in the widest width, as far apart as it allows: one draft pass is
@@ -74,16 +78,19 @@ def measure(progs: Any, params: dict, st: Any, ctl: Any, run: Callable, *,
     lo, hi = (widths[-2] if len(widths) > 1 else 1), widths[-1] - 1
     pair = hi > lo >= 1 and width_index(widths, wd)[lo] == len(widths) - 1
     counts = sorted(counts | ({lo} if pair else set()))
-    base = ctl.replace(max_new=jnp.asarray(2, jnp.int32))
+    tokens = 2 if per_call else max(2, min(int(ctl.max_new), LOOP_TOKENS))
+    base = ctl.replace(max_new=jnp.asarray(tokens, jnp.int32))
     idle = jax.tree.map(lambda x: x.copy(), st).replace(done=st.done | True)
 
-    def once(n: int | None) -> float:
+    def once(n: int | None) -> tuple[float, int]:
+        """(seconds, rounds) of one call."""
         copy = jax.tree.map(lambda x: x.copy(), idle if n is None else st)
         ctl_n = base.replace(force_drafts=jnp.asarray(0 if n is None else n, jnp.int32))
         jax.block_until_ready((copy, ctl_n))
         t0 = time.perf_counter()
-        jax.block_until_ready(run(params, copy, ctl_n))
-        return time.perf_counter() - t0
+        out = jax.block_until_ready(run(params, copy, ctl_n))
+        dt = time.perf_counter() - t0
+        return dt, 1 if per_call else int(out.stats.rounds - st.stats.rounds)
 
     timed = [*counts] if per_call else [None, *counts]
     for n in timed:  # compile / warm up
@@ -98,9 +105,10 @@ def measure(progs: Any, params: dict, st: Any, ctl: Any, run: Callable, *,
 
 def _costs(progs: Any, times: dict, per_call: bool, pair: bool, lo: int, hi: int
            ) -> tuple[float, dict[int, float]]:
-    """(draft, verify by width) relative to a plain step, from one set of timings."""
-    fixed = 0.0 if per_call else times.pop(None)
-    t = {n: max(v - fixed, 1e-9) for n, v in times.items()}
+    """(draft, verify by width) relative to a plain step, from one set of (seconds, rounds)
+    timings."""
+    fixed = 0.0 if per_call else times.pop(None)[0]
+    t = {n: max(v - fixed, 1e-9) / max(rounds, 1) for n, (v, rounds) in times.items()}
     plain = t[0]
     if pair:
         draft = (t[hi] - t[lo]) / (hi - lo)

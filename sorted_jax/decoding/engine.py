@@ -413,7 +413,8 @@ def _stats(mode: str, route: Route, raw: Any, tokens: list[list[int]], seconds: 
         return EarlyExitStats(
             mode, total, seconds, avg_exit_layer=float(raw.exit_layer_sum) / max(sum(hist), 1),
             exit_histogram=dict(zip(layers, hist, strict=True)),
-            thresholds=tuple(route.thresholds))
+            thresholds=tuple(route.thresholds), ladder_steps=int(raw.paths[0]),
+            one_loop_steps=int(raw.paths[1]), unchecked_steps=int(raw.paths[2]))
     drafted, rounds, accepted = int(raw.drafted), int(raw.rounds), int(raw.accepted)
     return SpeculativeStats(
         mode, total, seconds, draft_layer=route.bounds[0][1], drafted=drafted,

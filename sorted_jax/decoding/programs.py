@@ -35,6 +35,10 @@ from sorted_jax.model.config import LlamaConfig
 
 Array = jax.Array
 EE_STRETCH_MIN, EE_STRETCH_MAX = 8, 64  # early exit: steps a batch goes unchecked (`_watch`)
+# Early exit: a step runs every segment in one loop (`Programs._eager`) while the ladder's
+# recent steps skipped under this fraction of the layers: about what a loop and a branch per
+# segment cost on a CPU (the ladder measured 1.09-1.15x the full model's step at batch 16).
+EAGER_SAVING = 0.15
 
 
 def _freeze(x: Any) -> Any:
@@ -163,15 +167,24 @@ class Programs:
         stk = self.stack
         b, p = ids.shape
         per_row = self.kind == "speculative"
-        caches = list(stk.init_caches(b, slots, jnp.dtype(self.cache_dtype), per_row=per_row))
-        acaches = list(stk.init_adapter_caches(b, slots, jnp.dtype(self.cache_dtype),
-                                               per_row=per_row))
+        cdt = jnp.dtype(self.cache_dtype)
+        acaches = list(stk.init_adapter_caches(b, slots, cdt, per_row=per_row))
         h = stk.embed(params, ids)
         last_h = []
-        for s in range(len(stk.bounds)):
-            h, caches[s] = stk.run(s, params, h, positions, valid, caches[s])
-            ha, acaches[s] = stk.adapt(s, params, h, positions, valid, acaches[s])
-            last_h.append(ha[:, -1])
+        if per_row:  # a cache per segment
+            caches = list(stk.init_caches(b, slots, cdt, per_row=True))
+            for s in range(len(stk.bounds)):
+                h, caches[s] = stk.run(s, params, h, positions, valid, caches[s])
+                ha, acaches[s] = stk.adapt(s, params, h, positions, valid, acaches[s])
+                last_h.append(ha[:, -1])
+        else:  # one cache, its segments' rows written in turn from slot 0
+            cache = stk.init_shared_cache(b, slots, cdt)
+            for s in range(len(stk.bounds)):
+                h, cache = stk.run(s, params, h, positions, valid,
+                                   cache.replace(index=jnp.zeros((), jnp.int32)), shared=True)
+                ha, acaches[s] = stk.adapt(s, params, h, positions, valid, acaches[s])
+                last_h.append(ha[:, -1])
+            caches = [cache]
         key, k_sel = jax.random.split(key)
         stats: LadderCounts | SpecCounts
         if self.kind == "ladder":
@@ -193,6 +206,7 @@ class Programs:
             draft_len=jnp.full((b,), min(4, self.max_draft), jnp.int32),
             accept=jnp.tile(jnp.asarray([[1.0, 2.0]], jnp.float32), (b, 1)),
             plain=jnp.asarray([0, PROBE_MIN], jnp.int32),
+            frontiers=jnp.full((len(stk.bounds),), p, jnp.int32),
             ee_watch=jnp.asarray([256 * self.bounds[-1][1], 0, 0], jnp.int32),
             stats=stats)
         return st.replace(**commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl))
@@ -207,80 +221,162 @@ class Programs:
             exit_idx = jnp.where(ok, s, exit_idx)
         return logits, exit_idx
 
-    def _exit_stats(self, old, exit_idx, active):
+    def _exit_stats(self, old, exit_idx, active, path=None):
         m = self.exit_layers.shape[0]
         hist = jnp.sum(jax.nn.one_hot(exit_idx, m, dtype=jnp.int32) * active[:, None], axis=0)
         layer_sum = jnp.sum(jnp.where(active, self.exit_layers[exit_idx], 0))
+        paths = (jnp.zeros((3,), jnp.int32) if path is None
+                 else jax.nn.one_hot(path, 3, dtype=jnp.int32) * jnp.any(active))
         if old is None:
-            return LadderCounts(hist, layer_sum)
-        return LadderCounts(old.exit_hist + hist, old.exit_layer_sum + layer_sum)
+            return LadderCounts(hist, layer_sum, paths)
+        return LadderCounts(old.exit_hist + hist, old.exit_layer_sum + layer_sum,
+                            old.paths + paths)
 
     # -- fixed / early exit ------------------------------------------------------------------
     def _ladder_step(self, params, st: DecodeState, ctl: Control) -> DecodeState:
         """One token: segment after segment, each row stopping at its first exit whose
         confidence passes (`engine`). The batch checks only while `ee_watch` says checks pay
-        (below), and an exit's head runs only when the batch checks and the exit's threshold
-        can pass (<= 1): an unchecked step runs the full model's layers plus one head."""
+        (`_watch`), and an exit's head runs only when the batch checks and the exit's
+        threshold can pass (<= 1). While the ladder would skip few layers (some row nearly
+        always needs the deepest segment: large batches) and no segment lags, the step runs
+        every segment in one loop instead (`_eager`: the same exits, logits and K/V, without
+        a loop and a branch per segment)."""
         stk = self.stack
         m = len(stk.bounds)
         key, k_sel = jax.random.split(st.key)
         active = ~st.done
-        caches, acaches, hbuf = list(st.caches), list(st.acaches), list(st.hbuf)
-        cur = caches[0].index
-        h, caches[0] = stk.run(0, params, stk.embed(params, st.last[:, None]),
-                               st.pos[:, None], None, caches[0])
-        ha, acaches[0] = stk.adapt(0, params, h, st.pos[:, None], None, acaches[0])
-        exit_idx = jnp.zeros(st.last.shape, jnp.int32)
+        x = stk.embed(params, st.last[:, None])
         if m == 1:
+            cache, acache = st.caches[0], st.acaches[0]
+            h, cache = stk.run(0, params, x, st.pos[:, None], None, cache, shared=True)
+            ha, acache = stk.adapt(0, params, h, st.pos[:, None], None, acache)
             logits = stk.head(params, ha[:, 0])
+            exit_idx = jnp.zeros(st.last.shape, jnp.int32)
+            st = st.replace(caches=(cache,), acaches=(acache,))
         else:
-            hbuf[0] = jax.lax.dynamic_update_slice_in_dim(hbuf[0], h, cur, axis=1)
-            slot_pos = caches[0].positions
             checking = (st.ee_watch[1] == 0) | (ctl.ee_min_saved <= 0)
             check = active & checking
             shape = (st.last.shape[0], stk.config.vocab_size)
 
-            def checked(s, x):
+            def checked(s, h):
                 """(this exit's rows that pass, its logits: zeros where nobody checks)."""
                 need = jnp.any(check) & (ctl.thresholds[s] <= 1.0)
-                lg = jax.lax.cond(need, lambda x: stk.head(params, x),
-                                  lambda x: jnp.zeros(shape, jnp.float32), x)
+                lg = jax.lax.cond(need, lambda h: stk.head(params, h),
+                                  lambda h: jnp.zeros(shape, jnp.float32), h)
                 return check & need & (top1_prob(lg) >= ctl.thresholds[s]), lg
 
-            decided, logits = checked(0, ha[:, 0])
-            decided = decided | ~active
-            for s in range(1, m):
-                has_out = s < m - 1
-
-                def deeper(carry, s=s, has_out=has_out):
-                    cache, acache, hout, logits, decided, exit_idx = carry
-                    cache, acache, hout, h_cur = self._flush(s, params, cache, acache,
-                                                             hbuf[s - 1], hout, slot_pos, cur,
-                                                             has_out)
-                    if has_out:
-                        passed, lg = checked(s, h_cur)
-                    else:
-                        passed, lg = True, stk.head(params, h_cur)
-                    take = ~decided
-                    logits = jnp.where(take[:, None], lg, logits)
-                    exit_idx = jnp.where(take, s, exit_idx)
-                    return cache, acache, hout, logits, decided | passed, exit_idx
-
-                carry = (caches[s], acaches[s], hbuf[s] if has_out else None, logits, decided,
-                         exit_idx)
-                carry = run_if(~jnp.all(decided), deeper, carry)
-                caches[s], acaches[s], hout, logits, decided, exit_idx = carry
-                if has_out:
-                    hbuf[s] = hout
+            cur = st.frontiers[0]
+            top = self.bounds[-1][1]
+            synced = jnp.all(st.frontiers == cur)
+            # nobody checks: the full model's step; few layers to skip: one loop, then the
+            # checks; else the ladder
+            plain = synced & ~jnp.any(check)
+            eager = synced & ~plain & (st.ee_watch[0] < self._eager_below)
+            carry = (st, jnp.zeros(shape, jnp.float32), jnp.zeros(st.last.shape, jnp.int32))
+            carry = run_if(plain, lambda c: self._eager(params, c[0], x, None, active), carry)
+            carry = run_if(eager, lambda c: self._eager(params, c[0], x, checked, active),
+                           carry)
+            carry = run_if(~plain & ~eager,
+                           lambda c: self._ladder(params, c[0], x, checked, active), carry)
+            st, logits, exit_idx = carry
+            path = jnp.where(plain, 2, jnp.where(eager, 1, 0))
             deepest = jnp.max(jnp.where(active, self.exit_layers[exit_idx], 0))
-            saved = jnp.where(jnp.any(active), self.bounds[-1][1] - deepest, 0)
+            saved = jnp.where(jnp.any(active), top - deepest, 0)
             st = st.replace(ee_watch=self._watch(st.ee_watch, checking, saved,
                                                  ctl.ee_min_saved))
         tok = select(k_sel, logits, ctl.sampling, self.greedy)
-        st = st.replace(caches=tuple(caches), acaches=tuple(acaches), hbuf=tuple(hbuf), key=key,
-                        stats=self._exit_stats(st.stats, exit_idx, active))
+        st = st.replace(key=key, stats=self._exit_stats(st.stats, exit_idx, active,
+                                                        None if m == 1 else path))
         upd = commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl)
         return st.replace(last=tok, pos=st.pos + 1, **upd)
+
+    @property
+    def _eager_below(self) -> int:
+        """`ee_watch`'s mean saving (x 256) under which a step runs `_eager`: EAGER_SAVING of
+        the route's layers."""
+        return int(EAGER_SAVING * 256 * self.bounds[-1][1])
+
+    def _eager(self, params, st: DecodeState, x: Array, checked, active: Array) -> tuple:
+        """Every segment in one loop (no segment lags): then each exit's check, in the
+        ladder's order, or (`checked` None: nobody checks) the last exit's logits alone.
+        (state, logits, exit index per row)."""
+        stk = self.stack
+        m = len(stk.bounds)
+        cur = st.frontiers[0]
+        pos = st.pos[:, None]
+        # an unchecked step needs the exits' states only to keep their adapters' caches
+        collect = checked is not None or any(a is not None for a in stk.adapter_rows[:-1])
+        states, h, cache = stk.run_all(params, x, pos, st.caches[0].replace(index=cur),
+                                       collect=collect)
+        acaches = list(st.acaches)
+        outs = []
+        for s in range(m):
+            if s < m - 1 and states is None:
+                outs.append(None)
+                continue
+            ha, acaches[s] = stk.adapt(s, params, states[s] if s < m - 1 else h, pos, None,
+                                       acaches[s])
+            outs.append(ha[:, 0])
+        st = st.replace(caches=(cache,), acaches=tuple(acaches),
+                        frontiers=jnp.full_like(st.frontiers, cur + 1))
+        if checked is None:
+            return st, stk.head(params, outs[-1]), jnp.full(st.last.shape, m - 1, jnp.int32)
+        decided, logits = checked(0, outs[0])
+        decided = decided | ~active
+        exit_idx = jnp.zeros(st.last.shape, jnp.int32)
+        for s in range(1, m):
+            passed, lg = checked(s, outs[s]) if s < m - 1 else (True, stk.head(params, outs[s]))
+            take = ~decided
+            logits = jnp.where(take[:, None], lg, logits)
+            exit_idx = jnp.where(take, s, exit_idx)
+            decided = decided | passed
+        return st, logits, exit_idx
+
+    def _ladder(self, params, st: DecodeState, x: Array, checked, active: Array) -> tuple:
+        """Segment after segment over the shared cache, a deeper one only while a row has not
+        exited; each flushes its pending slots first (`_flush`). (state, logits, exit index
+        per row)."""
+        stk = self.stack
+        m = len(stk.bounds)
+        fr = st.frontiers
+        cur = fr[0]
+        acaches, hbuf = list(st.acaches), list(st.hbuf)
+        h, cache = stk.run(0, params, x, st.pos[:, None], None,
+                           st.caches[0].replace(index=cur), shared=True)
+        ha, acaches[0] = stk.adapt(0, params, h, st.pos[:, None], None, acaches[0])
+        hbuf[0] = jax.lax.dynamic_update_slice_in_dim(hbuf[0], h, cur, axis=1)
+        slot_pos = cache.positions
+        fr = fr.at[0].set(cur + 1)
+        exit_idx = jnp.zeros(st.last.shape, jnp.int32)
+        decided, logits = checked(0, ha[:, 0])
+        decided = decided | ~active
+        for s in range(1, m):
+            has_out = s < m - 1
+
+            def deeper(carry, s=s, has_out=has_out):
+                cache, fr, acache, hout, logits, decided, exit_idx = carry
+                cache, acache, hout, h_cur = self._flush(
+                    s, params, cache.replace(index=fr[s]), acache, hbuf[s - 1], hout, slot_pos,
+                    cur, has_out)
+                fr = fr.at[s].set(cache.index)
+                if has_out:
+                    passed, lg = checked(s, h_cur)
+                else:
+                    passed, lg = True, stk.head(params, h_cur)
+                take = ~decided
+                logits = jnp.where(take[:, None], lg, logits)
+                exit_idx = jnp.where(take, s, exit_idx)
+                return cache, fr, acache, hout, logits, decided | passed, exit_idx
+
+            carry = (cache, fr, acaches[s], hbuf[s] if has_out else None, logits, decided,
+                     exit_idx)
+            carry = run_if(~jnp.all(decided), deeper, carry)
+            cache, fr, acaches[s], hout, logits, decided, exit_idx = carry
+            if has_out:
+                hbuf[s] = hout
+        st = st.replace(caches=(cache.replace(index=cur + 1),), acaches=tuple(acaches),
+                        hbuf=tuple(hbuf), frontiers=fr)
+        return st, logits, exit_idx
 
     @staticmethod
     def _watch(watch: Array, checking: Array, saved: Array, min_saved: Array) -> Array:
@@ -301,17 +397,17 @@ class Programs:
         return jnp.where(checking, after_check, unchecked).astype(jnp.int32)
 
     def _flush(self, s, params, cache, acache, hin, hout, slot_pos, cur, has_out):
-        """Run segment s over its pending slots [cache.index, cur]; returns the current
-        token's state for segment s's logits (through its exit adapter, if any). Pending slots
-        are tokens that exited below this segment: their K/V here (and in the segment's
-        adapter) are computed now (lazily), exactly as the full model."""
+        """Run segment s over its pending slots [cache.index, cur] of the shared cache;
+        returns the current token's state for segment s's logits (through its exit adapter,
+        if any). Pending slots are tokens that exited below this segment: their K/V here (and
+        in the segment's adapter) are computed now (lazily), exactly as the full model."""
         stk, w = self.stack, self.ee_chunk
 
         def single(carry):
             cache, acache, hout, _ = carry
             h = jax.lax.dynamic_slice_in_dim(hin, cur, 1, axis=1)
             p = jax.lax.dynamic_slice_in_dim(slot_pos, cur, 1, axis=1)
-            out, c = stk.run(s, params, h, p, None, cache)
+            out, c = stk.run(s, params, h, p, None, cache, shared=True)
             ho = jax.lax.dynamic_update_slice_in_dim(hout, out, cur, axis=1) if has_out else None
             oa, ac = stk.adapt(s, params, out, p, None, acache)
             return c, ac, ho, oa[:, 0]
@@ -323,7 +419,7 @@ class Programs:
                 h = jax.lax.dynamic_slice_in_dim(hin, start, w, axis=1)
                 p = jax.lax.dynamic_slice_in_dim(slot_pos, start, w, axis=1)
                 valid = (start + jnp.arange(w) <= cur)[None, :] & (p >= 0)
-                out, c = stk.run(s, params, h, jnp.maximum(p, 0), valid, c)
+                out, c = stk.run(s, params, h, jnp.maximum(p, 0), valid, c, shared=True)
                 if has_out:
                     ho = jax.lax.dynamic_update_slice_in_dim(ho, out, start, axis=1)
                 oa, ac = stk.adapt(s, params, out, jnp.maximum(p, 0), valid, ac)

@@ -44,18 +44,28 @@ class FixedStats(DecodeStats):
 @dataclasses.dataclass(frozen=True)
 class EarlyExitStats(DecodeStats):
     """Tokens per exit layer (`exit_histogram`), their mean (`avg_exit_layer`), and the
-    thresholds of all exits but the last."""
+    thresholds of all exits but the last. How the batch's steps ran: `ladder_steps` segment
+    after segment (deeper ones only while a row needs them), `one_loop_steps` every segment
+    in one loop then the checks (when the ladder would skip few layers), `unchecked_steps`
+    one loop and no checks (the batch check schedule, `ee_min_saving`)."""
 
     avg_exit_layer: float
     exit_histogram: Mapping[int, int]
     thresholds: tuple[float, ...]
+    ladder_steps: int = 0
+    one_loop_steps: int = 0
+    unchecked_steps: int = 0
 
     def merge(self, other: DecodeStats) -> EarlyExitStats:
         assert isinstance(other, EarlyExitStats), other
         hist = {k: self.exit_histogram.get(k, 0) + v for k, v in other.exit_histogram.items()}
         n = max(sum(hist.values()), 1)
-        return dataclasses.replace(self, tokens=self.tokens + other.tokens, exit_histogram=hist,
-                                   avg_exit_layer=sum(k * v for k, v in hist.items()) / n)
+        return dataclasses.replace(
+            self, tokens=self.tokens + other.tokens, exit_histogram=hist,
+            avg_exit_layer=sum(k * v for k, v in hist.items()) / n,
+            ladder_steps=self.ladder_steps + other.ladder_steps,
+            one_loop_steps=self.one_loop_steps + other.one_loop_steps,
+            unchecked_steps=self.unchecked_steps + other.unchecked_steps)
 
 
 @dataclasses.dataclass(frozen=True)

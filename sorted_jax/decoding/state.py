@@ -19,7 +19,12 @@ from sorted_jax.decoding.sampling import SamplingParams
 from sorted_jax.model.config import LlamaConfig
 from sorted_jax.model.exit_adapters import adapter_index
 from sorted_jax.model.kv_cache import KVCache, write_slots
-from sorted_jax.model.modeling import EXIT_ADAPTERS, make_model, run_layer_range
+from sorted_jax.model.modeling import (
+    EXIT_ADAPTERS,
+    make_model,
+    run_layer_range,
+    run_layers_collecting,
+)
 
 Array = jax.Array
 
@@ -46,7 +51,8 @@ class Control:
 
 @flax.struct.dataclass
 class DecodeState:
-    caches: tuple  # one KVCache per segment
+    caches: tuple  # speculative: one KVCache per segment; fixed / early exit: one KVCache of
+    #                all the route's layers, shared by its segments (each its own layers' rows)
     acaches: tuple  # per segment: its exit adapter's one-layer KVCache, or None (no adapter)
     hbuf: tuple  # early exit: hidden state after each exit boundary, [B, S, D] per boundary
     last: Array  # [B] the last generated token (input of the next step)
@@ -59,6 +65,7 @@ class DecodeState:
     draft_len: Array  # [B] speculative adaptive window, per row ("always" drafting)
     accept: Array  # [B, 2] float32 speculative: decayed (accepted, accepted + rejected) per row
     plain: Array  # [2] int32 speculative: (plain rounds in a row, plain rounds before a probe)
+    frontiers: Array  # [num_segments] int32, early exit: each segment's next slot to process
     ee_watch: Array  # [3] int32 early exit: (layers the batch's checked steps skipped, a
     #                  decayed mean x 256; steps left unchecked; the current unchecked stretch)
     stats: LadderCounts | SpecCounts
@@ -70,6 +77,9 @@ class LadderCounts:
 
     exit_hist: Array  # [num_segments] int32
     exit_layer_sum: Array  # [] int32
+    # [3] int32, early exit: steps run as the ladder, as one loop then the checks, as one
+    # loop unchecked (`programs.Programs._ladder_step`)
+    paths: Array
 
 
 @flax.struct.dataclass
@@ -135,10 +145,27 @@ class Stack:
         return (logits[:, 0] if h.ndim == 2 else logits).astype(jnp.float32)
 
     def run(self, s: int, params: dict, h: Array, positions: Array, valid: Array | None,
-            cache: KVCache) -> tuple[Array, KVCache]:
+            cache: KVCache, shared: bool = False) -> tuple[Array, KVCache]:
+        """Segment s over `cache`: its own (`b - a` layers), or `shared` (all the route's
+        layers, row i = layer i) from `cache.index`."""
         a, b = self.bounds[s]
         return run_layer_range(self.model, params, h, a, b, positions=positions,
-                               attention_mask=valid, cache=cache)
+                               attention_mask=valid, cache=cache,
+                               cache_start=0 if shared else a)
+
+    def run_all(self, params: dict, h: Array, positions: Array, cache: KVCache,
+                collect: bool = True) -> tuple[Array | None, Array, KVCache]:
+        """Every segment in one loop over the shared cache: (the state at each exit boundary
+        but the last `[num_segments - 1, B, T, D]`, or None unless `collect`; the last one;
+        the cache)."""
+        top = self.bounds[-1][1]
+        if not collect:
+            h, cache = run_layer_range(self.model, params, h, 0, top, positions=positions,
+                                       cache=cache, cache_start=0)
+            return None, h, cache
+        return run_layers_collecting(self.model, params, h, top,
+                                     tuple(b for _, b in self.bounds[:-1]),
+                                     positions=positions, cache=cache)
 
     def adapt(self, s: int, params: dict, h: Array, positions: Array, valid: Array | None,
               acache: KVCache | None) -> tuple[Array, KVCache | None]:
@@ -153,6 +180,10 @@ class Stack:
     def init_caches(self, batch: int, slots: int, dtype: Any, per_row: bool = False) -> tuple:
         return tuple(KVCache.init(self.config.layers_config(b - a), batch, slots,
                                   dtype, per_row=per_row) for a, b in self.bounds)
+
+    def init_shared_cache(self, batch: int, slots: int, dtype: Any) -> KVCache:
+        """One cache of every layer the route runs, [0, last exit), for its segments."""
+        return KVCache.init(self.config.layers_config(self.bounds[-1][1]), batch, slots, dtype)
 
     def init_adapter_caches(self, batch: int, slots: int, dtype: Any,
                             per_row: bool = False) -> tuple:

@@ -386,16 +386,43 @@ def _advance_cache(cache: KVCache, new_kv: tuple[Array, Array], h: Array,
 
 def run_layer_range(model: Llama, params: dict, h: Array, start: int, stop: int, *,
                     positions: Array | None = None, attention_mask: Array | None = None,
-                    cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+                    cache: KVCache | None = None, cache_start: int | None = None
+                    ) -> tuple[Array, KVCache | None]:
     """Layers `[start, stop)` of the full params' one stacked copy over `h [B, T, D]`.
 
     Decoding runs segments of the stack (a draft `[0, k)`, a verifier `[k, L)`, early-exit
     rungs); slicing `params["layers"][a:b]` per segment would copy those weights (a 7B model's
     layers twice in memory). Here a loop reads layer i in place (a dynamic slice of the
     stacked weights inside the loop body: one layer's worth of temporaries), through the same
-    `DecoderLayer` the training scan runs. `cache` holds `stop - start` layers (its row
-    `i - start` is layer i). Returns the state after layer `stop - 1` and the updated cache.
+    `DecoderLayer` the training scan runs. `cache`'s row `i - cache_start` is layer i
+    (`cache_start` defaults to `start`: a cache of `stop - start` layers; 0: a cache of all
+    layers, shared by segments). Returns the state after layer `stop - 1` and the updated
+    cache.
     """
+    h, new_cache, _ = _layer_loop(model, params, h, start, stop, positions, attention_mask,
+                                  cache, start if cache_start is None else cache_start, ())
+    return h, new_cache
+
+
+def run_layers_collecting(model: Llama, params: dict, h: Array, stop: int,
+                          exits: tuple[int, ...], *, positions: Array | None = None,
+                          attention_mask: Array | None = None, cache: KVCache | None = None
+                          ) -> tuple[Array, Array, KVCache | None]:
+    """Layers `[0, stop)` in one loop (`run_layer_range`, the cache's row i is layer i), also
+    keeping the state after each layer of `exits` (increasing, < stop): (`[len(exits), B, T,
+    D]` exit states, the state after layer `stop - 1`, the updated cache)."""
+    if not exits or list(exits) != sorted(set(exits)) or not 0 < exits[0] <= exits[-1] < stop:
+        raise ValueError(f"exits must increase within 1..{stop - 1}, got {exits}")
+    h, new_cache, states = _layer_loop(model, params, h, 0, stop, positions, attention_mask,
+                                       cache, 0, tuple(exits))
+    return states, h, new_cache
+
+
+def _layer_loop(model: Llama, params: dict, h: Array, start: int, stop: int,
+                positions: Array | None, attention_mask: Array | None, cache: KVCache | None,
+                cache_start: int, exits: tuple[int, ...]
+                ) -> tuple[Array, KVCache | None, Array | None]:
+    """(state after layer stop - 1, updated cache, exit states or None)."""
     big_l = model.config.num_hidden_layers
     if not 0 <= start < stop <= big_l:
         raise ValueError(f"layer range [{start}, {stop}) outside 0..{big_l}")
@@ -405,19 +432,28 @@ def run_layer_range(model: Llama, params: dict, h: Array, start: int, stop: int,
                          attention_impl=resolve_attention_impl(model.attention_impl, model.dtype))
     inputs = LayerInputs(attention, None)
     stacked = params["layers"]
+    # each layer writes its output into the slot of the next exit at or above it (the exit's
+    # own layer writes last), layers above the last exit into a scratch slot: one write a
+    # layer, no read
+    slots = np.where((s := exit_slots(exits, big_l)) < 0, len(exits), s) if exits else None
 
     def body(i: Array, carry: tuple) -> tuple:
-        x, kv = carry
+        x, kv, buf = carry
         weights = jax.tree.map(
             lambda w: jax.lax.dynamic_index_in_dim(w, i, axis=0, keepdims=False), stacked)
-        (x, kv, _, _), _ = layer.apply({"params": weights}, (x, kv, i - start, None), inputs)
-        return x, kv
+        (x, kv, _, _), _ = layer.apply({"params": weights}, (x, kv, i - cache_start, None),
+                                       inputs)
+        if buf is not None:
+            buf = jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype),
+                                                      jnp.asarray(slots)[i], axis=0)
+        return x, kv, buf
 
     kv = None if cache is None else (cache.k, cache.v)
-    h, kv = jax.lax.fori_loop(start, stop, body, (h, kv))
+    buf = jnp.zeros((len(exits) + 1, *h.shape), h.dtype) if exits else None
+    h, kv, buf = jax.lax.fori_loop(start, stop, body, (h, kv, buf))
     new_cache = None if cache is None else _advance_cache(cache, kv, h, positions,
                                                           attention_mask)
-    return h, new_cache
+    return h, new_cache, None if buf is None else buf[:-1]
 
 
 def slice_layers(params: dict, start: int, stop: int) -> dict:

@@ -241,6 +241,7 @@ def test_early_exit_skipping_equals_reference(params):
     dec = decoder(params, ee_min_saving=0.3, ee_chunk=2)
     every = decoder(params, ee_min_saving=0.0, ee_chunk=2)
     discriminated = False
+    paths = np.zeros(3, int)  # steps of the paper's rule run as: ladder, one loop, unchecked
     # confidences of this near-uniform model (vocab 96) lie around 0.03-0.07: thresholds
     # where some, many or few tokens exit early
     for th in ([0.045, 0.04], [0.05, 0.045], [0.06, 0.04], [0.055, 0.05]):
@@ -250,12 +251,18 @@ def test_early_exit_skipping_equals_reference(params):
         assert got.stats.avg_exit_layer == pytest.approx(np.mean(layers))
         # the schedule skipped checks, except where nearly every token exits early
         assert (unchecked > 0) == (th != [0.045, 0.04]), (th, unchecked)
+        assert (got.stats.unchecked_steps > 0) == (unchecked > 0)
         ref0, layers0, _ = ee_reference(params, GQA_4L, prompts, exits, th, 0.0)
         assert min(layers0) < 4  # some token exits early under the paper's rule
-        assert every.generate(prompts, mode="early-exit", exits=exits, thresholds=th,
-                              **KW).tokens == ref0
+        res0 = every.generate(prompts, mode="early-exit", exits=exits, thresholds=th, **KW)
+        assert res0.tokens == ref0
+        st = res0.stats
+        paths += (st.ladder_steps, st.one_loop_steps, st.unchecked_steps)
         discriminated |= ref0 != ref
     assert discriminated  # skipping changed some token: the check above can fail
+    # both ways of running a checked step ran (and gave the reference's tokens), never an
+    # unchecked one under the paper's rule
+    assert paths[0] > 0 and paths[1] > 0 and paths[2] == 0, paths
     # thresholds above 1 can never pass: no head runs below the last exit, output = full
     full = dec.generate(prompts, **KW)
     assert dec.generate(prompts, mode="early-exit", exits=exits, thresholds=[1.5, 1.5],

@@ -274,7 +274,15 @@ class Programs:
             eager = synced & ~plain & (st.ee_watch[0] < self._eager_below)
             carry = (st, jnp.zeros(shape, jnp.float32), jnp.zeros(st.last.shape, jnp.int32))
             carry = run_if(plain, lambda c: self._eager(params, c[0], x, None, active), carry)
-            carry = run_if(eager, lambda c: self._eager(params, c[0], x, checked, active),
+            def check_all(hs):
+                """`checked` for the stacked states `[m - 1, B, D]` of every exit but the
+                last: (rows that pass `[m - 1, B]`, logits `[m - 1, B, V]`)."""
+                k, b = hs.shape[:2]
+                lg = stk.head(params, hs.reshape(k * b, -1)).reshape(k, b, -1)
+                th = ctl.thresholds[:k, None]
+                return check[None] & (th <= 1.0) & (top1_prob(lg) >= th), lg
+
+            carry = run_if(eager, lambda c: self._eager(params, c[0], x, check_all, active),
                            carry)
             carry = run_if(~plain & ~eager,
                            lambda c: self._ladder(params, c[0], x, checked, active), carry)
@@ -297,9 +305,9 @@ class Programs:
         return int(EAGER_SAVING * 256 * self.bounds[-1][1])
 
     def _eager(self, params, st: DecodeState, x: Array, checked, active: Array) -> tuple:
-        """Every segment in one loop (no segment lags): then each exit's check, in the
-        ladder's order, or (`checked` None: nobody checks) the last exit's logits alone.
-        (state, logits, exit index per row)."""
+        """Every segment in one loop (no segment lags): then every exit's check at once
+        (`checked` of the stacked exit states), or (`checked` None: nobody checks) the last
+        exit's logits alone. (state, logits, exit index per row)."""
         stk = self.stack
         m = len(stk.bounds)
         cur = st.frontiers[0]
@@ -321,16 +329,16 @@ class Programs:
                         frontiers=jnp.full_like(st.frontiers, cur + 1))
         if checked is None:
             return st, stk.head(params, outs[-1]), jnp.full(st.last.shape, m - 1, jnp.int32)
-        decided, logits = checked(0, outs[0])
-        decided = decided | ~active
-        exit_idx = jnp.zeros(st.last.shape, jnp.int32)
-        for s in range(1, m):
-            passed, lg = checked(s, outs[s]) if s < m - 1 else (True, stk.head(params, outs[s]))
-            take = ~decided
-            logits = jnp.where(take[:, None], lg, logits)
-            exit_idx = jnp.where(take, s, exit_idx)
-            decided = decided | passed
-        return st, logits, exit_idx
+        # every exit's check at once (one head over the stacked states): each row takes its
+        # first passing exit, else the last; finished rows count as decided at the first, as
+        # in the ladder
+        ok, lg = checked(jnp.stack(outs[:-1]))
+        ok = ok.at[0].set(ok[0] | ~active)
+        first = jnp.argmax(ok, axis=0).astype(jnp.int32)
+        early = jnp.any(ok, axis=0)
+        chosen = jnp.take_along_axis(lg, first[None, :, None], axis=0)[0]
+        logits = jnp.where(early[:, None], chosen, stk.head(params, outs[-1]))
+        return st, logits, jnp.where(early, first, m - 1)
 
     def _ladder(self, params, st: DecodeState, x: Array, checked, active: Array) -> tuple:
         """Segment after segment over the shared cache, a deeper one only while a row has not

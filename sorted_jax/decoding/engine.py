@@ -9,14 +9,18 @@ compiled programs are `programs.Programs` values (shared by every decoder of the
 shape and layout); results are typed (`results`). One engine serves all modes.
 
 The decoder stack is cut into *segments* of consecutive layers `[a, b)`, each a loop over
-layers a..b-1 of the one stacked copy of the weights, with its own `KVCache` (same slots, own
-`index`), so running a segment costs exactly its layers:
+layers a..b-1 of the one stacked copy of the weights writing its own layers' K/V (speculative:
+a `KVCache` per segment; fixed and early exit: one `KVCache` of all the route's layers, each
+segment its own rows and its own frontier), so running a segment costs exactly its layers:
 
 * ``fixed`` (depth k): one segment `[0, k)`; every token costs k layers + the head.
 * ``early-exit`` (exits e1 < e2 < ... < em): segments `[0, e1), [e1, e2), ...`; a token runs
   segment after segment and stops at the first exit whose top-1 probability reaches its
-  threshold (the last exit always accepts). Deeper segments run under `lax.cond`, so skipped
-  layers cost nothing for that token.
+  threshold (the last exit always accepts). Deeper segments run under a branch
+  (`inplace.run_if`), so skipped layers cost nothing for that token. When the batch's recent
+  steps skipped few layers (some row nearly always needs the last exit) and no segment lags,
+  a step runs every segment in one loop and then every exit's check at once: the same exits,
+  logits and K/V, without a loop and a branch per segment.
 * ``speculative`` (draft depth k): segments `[0, k)` (the draft, which is also the bottom of
   the full model) and `[k, L)`. Verification *reuses* the draft's work: the draft wrote layers
   [0, k)'s K/V for the last committed token and the drafts d_1..d_{n-1} and kept their
@@ -40,7 +44,7 @@ depth and early exit write the same cache slot in every row each step (one share
 
 **Early-exit K/V policy: lazy, exact.** A token that exits at e_s has no K/V yet in the layers
 above e_s. Its hidden state after each computed segment is kept in a per-segment buffer
-(`hbuf`, [B, S, D] per exit boundary), and each segment keeps a frontier (its cache `index`):
+(`hbuf`, [B, S, D] per exit boundary), and each segment keeps a frontier (`frontiers[s]`):
 the first slot it has not processed. When a later token needs segment s, segment s first runs
 over all its pending slots `[frontier, current]` in one pass (chunks of `ee_chunk` slots), which
 writes the skipped tokens' K/V and computes the current token in the same causal pass. Every

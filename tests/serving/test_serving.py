@@ -161,6 +161,28 @@ def test_requests_join_a_running_speculative_batch():
         sched.close()
 
 
+def test_a_small_speculative_batch_drains_when_more_wait_than_fit():
+    """A batch of 2 rows with 3 requests waiting for its 1 free row takes none of them: it
+    drains and the next batch takes all 3 in a bucket of 4 (joining one at a time kept a burst
+    in the first batch's few rows)."""
+    dec = FakeDecoder(joinable=True)
+    sched = Scheduler(dec, ByteTok(), ServeSettings(max_batch=4, max_queue=8), eos=[2])
+    try:
+        short, long_ = DecodeOptions(max_new_tokens=2), DecodeOptions(max_new_tokens=6)
+        first = [sched.submit([1], long_), sched.submit([1], short)]
+        deadline = time.monotonic() + 5
+        while not dec.batches and time.monotonic() < deadline:
+            time.sleep(0.01)
+        later = [sched.submit([1], short) for _ in range(3)]
+        dec.gate.set()
+        texts = [_drain(j)[0] for j in first + later]
+        assert texts == ["cdefgh", "cd", "cd", "cd", "cd"]
+        assert dec.batches[0][0] == 2 and dec.runs[0].inserted == []
+        assert [b for b, _ in dec.batches] == [2, 4]
+    finally:
+        sched.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Request bodies (sorted_jax.serving.requests: no HTTP framework, no model)
 

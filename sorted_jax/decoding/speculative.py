@@ -120,14 +120,13 @@ def plain_round(progs: Any, params: dict, st: DecodeState, ctl: Control, plain: 
     old = st.stats
     stats = old.replace(rounds=old.rounds + 1, draft_passes=old.draft_passes + 1,
                         row_rounds=old.row_rounds + act, plain_rounds=old.plain_rounds + 1)
-    step = act
-    st = st.replace(caches=(lo.replace(index=cur + step), hi.replace(index=cur + step)),
-                    acaches=(None if alo is None else alo.replace(index=cur + step), None),
+    st = st.replace(caches=(lo.replace(index=cur + act), hi.replace(index=cur + act)),
+                    acaches=(None if alo is None else alo.replace(index=cur + act), None),
                     key=key, stats=stats, plain=plain,
                     draft_len=jnp.where(active, jnp.clip(st.draft_len + 2, 1, wd),
                                         st.draft_len))
     upd = commit(st, tok[:, None], jnp.ones((), jnp.int32), ctl)
-    return st.replace(last=jnp.where(active, tok, st.last), pos=st.pos + step, **upd)
+    return st.replace(last=jnp.where(active, tok, st.last), pos=st.pos + act, **upd)
 
 
 def drafted_round(progs: Any, params: dict, st: DecodeState, ctl: Control, n: Array,

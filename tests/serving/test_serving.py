@@ -140,17 +140,25 @@ def test_full_queue_timeout_and_shutdown():
         sched.submit([1], opts)
 
 
+def _speculative_batch_running(max_batch: int):
+    """(decoder, scheduler, jobs): a joinable batch started for a 6-token and a 2-token request,
+    its rounds held by the decoder's gate."""
+    dec = FakeDecoder(joinable=True)
+    sched = Scheduler(dec, ByteTok(), ServeSettings(max_batch=max_batch, max_queue=8), eos=[2])
+    first = [sched.submit([1], DecodeOptions(max_new_tokens=6)),
+             sched.submit([1], DecodeOptions(max_new_tokens=2))]
+    deadline = time.monotonic() + 5
+    while not dec.batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return dec, sched, first
+
+
 def test_requests_join_a_running_speculative_batch():
     """A freed row of a (per-row) speculative batch takes the next waiting request of the
     same settings at the next round; a longer request waits for the next batch."""
-    dec = FakeDecoder(joinable=True)
-    sched = Scheduler(dec, ByteTok(), ServeSettings(max_batch=2, max_queue=8), eos=[2])
+    dec, sched, first = _speculative_batch_running(max_batch=2)
+    short, long_ = DecodeOptions(max_new_tokens=2), DecodeOptions(max_new_tokens=6)
     try:
-        short, long_ = DecodeOptions(max_new_tokens=2), DecodeOptions(max_new_tokens=6)
-        first = [sched.submit([1], long_), sched.submit([1], short)]
-        deadline = time.monotonic() + 5
-        while not dec.batches and time.monotonic() < deadline:
-            time.sleep(0.01)
         later = [sched.submit([1], short), sched.submit([1], long_.replace(max_new_tokens=9))]
         dec.gate.set()
         texts = [_drain(j)[0] for j in first + later]
@@ -165,14 +173,9 @@ def test_a_small_speculative_batch_drains_when_more_wait_than_fit():
     """A batch of 2 rows with 3 requests waiting for its 1 free row takes none of them: it
     drains and the next batch takes all 3 in a bucket of 4 (joining one at a time kept a burst
     in the first batch's few rows)."""
-    dec = FakeDecoder(joinable=True)
-    sched = Scheduler(dec, ByteTok(), ServeSettings(max_batch=4, max_queue=8), eos=[2])
+    dec, sched, first = _speculative_batch_running(max_batch=4)
+    short = DecodeOptions(max_new_tokens=2)
     try:
-        short, long_ = DecodeOptions(max_new_tokens=2), DecodeOptions(max_new_tokens=6)
-        first = [sched.submit([1], long_), sched.submit([1], short)]
-        deadline = time.monotonic() + 5
-        while not dec.batches and time.monotonic() < deadline:
-            time.sleep(0.01)
         later = [sched.submit([1], short) for _ in range(3)]
         dec.gate.set()
         texts = [_drain(j)[0] for j in first + later]
